@@ -1,0 +1,63 @@
+"""``chunk_factorization_memory``: the chunked, differentiable op for training and prefill."""
+
+from __future__ import annotations
+
+import torch
+
+from fla_factmem.ops.factorization_memory.chunk_torch import DEFAULT_CHUNK_SIZE, chunk_factorization_memory_torch
+from fla_factmem.ops.factorization_memory.routing import compute_dtype, update_and_merge_weights
+from fla_factmem.ops.factorization_memory.validation import check_chunk_size, host_offsets, validate_inputs
+from fla_factmem.utils import warn_once
+
+
+def chunk_factorization_memory(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    topk: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Factorization Memory in chunked form (SPEC section 2), differentiable in every input.
+
+    Each token routes itself over the M memory states with
+    :math:`\alpha_t = \mathrm{softmax}(\mathrm{logits}_t)` (re-normalised over its top-``topk``
+    logits in the sparse variant), writes :math:`h_t[j] = (1 - \eta_t\alpha_t[j]) h_{t-1}[j]
+    + \eta_t\alpha_t[j] v_t` and reads :math:`o_t = \sum_j \mu_t\alpha_t[j] h_t[j]`.
+
+    Args:
+        v: ``[B, T, H, V]`` values written into the memory.
+        logits: ``[B, T, H, M]`` routing logits (already divided by the temperature).
+        eta: ``[B, T, H]`` update rates in [0, 1].
+        mu: ``[B, T, H]`` merge rates in [0, 1].
+        topk: ``None`` for dense routing, or K in [1, M] for the sparse variant (K = M is dense).
+        initial_state: ``[N, H, M, V]`` memory before the first token; zeros if None.
+            Gradients flow into it.
+        output_final_state: whether to return the memory after the last token.
+        cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
+        chunk_size: tokens per chunk; None picks the implementation's default
+            (16 on the PyTorch path, whose memory grows with T * chunk_size * M).
+
+    Returns:
+        ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
+        in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
+        Inputs may be float32, bfloat16 or float16; accumulation is in float32.
+    """
+    validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE
+    check_chunk_size(chunk_size)
+    if v.is_cuda:
+        warn_once(
+            "chunk_torch_on_cuda",
+            "fla_factmem: chunk_factorization_memory has no Triton kernel for this input yet; "
+            "running the PyTorch chunked path, which is slow and memory-hungry on the GPU.",
+        )
+    offsets = host_offsets(cu_seqlens, v.shape[1])
+    dtype = compute_dtype(v, logits, eta, mu, initial_state)
+    theta, phi = update_and_merge_weights(logits, eta, mu, topk, dtype)
+    o, final_state = chunk_factorization_memory_torch(v.to(dtype), theta, phi, initial_state, offsets, chunk_size)
+    return o.to(v.dtype), final_state if output_final_state else None

@@ -1,0 +1,53 @@
+"""``fused_recurrent_factorization_memory``: token by token, for decoding."""
+
+from __future__ import annotations
+
+import torch
+
+from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
+from fla_factmem.ops.factorization_memory.routing import compute_dtype, update_and_merge_weights
+from fla_factmem.ops.factorization_memory.validation import host_offsets, validate_inputs
+from fla_factmem.utils import warn_once
+
+
+def fused_recurrent_factorization_memory(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    topk: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Factorization Memory one token at a time, meant for decoding (T = 1 up to short prompts).
+
+    Same arguments, semantics and results as :func:`chunk_factorization_memory`; pass the
+    state returned by the previous call as ``initial_state`` in place of a cache.
+
+    Args:
+        v: ``[B, T, H, V]`` values written into the memory.
+        logits: ``[B, T, H, M]`` routing logits (already divided by the temperature).
+        eta: ``[B, T, H]`` update rates in [0, 1].
+        mu: ``[B, T, H]`` merge rates in [0, 1].
+        topk: ``None`` for dense routing, or K in [1, M] for the sparse variant.
+        initial_state: ``[N, H, M, V]`` memory before the first token; zeros if None.
+        output_final_state: whether to return the memory after the last token.
+        cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
+
+    Returns:
+        ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
+        in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
+    """
+    validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
+    if v.is_cuda:
+        warn_once(
+            "recurrent_torch_on_cuda",
+            "fla_factmem: fused_recurrent_factorization_memory has no Triton kernel for this input yet; "
+            "running the PyTorch token loop, which is slow on the GPU.",
+        )
+    offsets = host_offsets(cu_seqlens, v.shape[1])
+    dtype = compute_dtype(v, logits, eta, mu, initial_state)
+    theta, phi = update_and_merge_weights(logits, eta, mu, topk, dtype)
+    o, final_state = recurrent_factorization_memory_torch(v.to(dtype), theta, phi, initial_state, offsets)
+    return o.to(v.dtype), final_state if output_final_state else None

@@ -1,0 +1,58 @@
+"""Routing weights of Factorization Memory (SPEC section 2, steps 1 and 2), in PyTorch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32: the precision of accumulation and states."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def affinity(logits: torch.Tensor, topk: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The affinity alpha of every token over the M memory states.
+
+    Args:
+        logits: ``[..., M]`` routing logits.
+        topk: ``None`` (or M) for the dense softmax; K < M re-normalises the softmax over
+            the K largest logits of each token and gives the other states weight 0. The
+            choice of states carries no gradient; the weights of the chosen ones do.
+        dtype: precision of the result.
+
+    Returns:
+        ``[..., M]`` weights that sum to one over the last dim.
+    """
+    logits = logits.to(dtype)
+    M = logits.shape[-1]
+    if topk is None or topk == M:
+        return logits.softmax(-1)
+    top, idx = logits.topk(topk, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
+
+
+def update_and_merge_weights(
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    topk: int | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta = eta * alpha and phi = mu * alpha.
+
+    Args:
+        logits: ``[B, T, H, M]``.
+        eta, mu: ``[B, T, H]``.
+
+    Returns:
+        ``(theta, phi)``, each ``[B, T, H, M]`` in ``dtype``.
+    """
+    alpha = affinity(logits, topk, dtype)
+    return eta.to(dtype)[..., None] * alpha, mu.to(dtype)[..., None] * alpha
+
+
+def sequence_spans(B: int, T: int, offsets: list[int] | None) -> list[tuple[int, int, int]]:
+    """``(batch index, start, end)`` of every sequence: one per batch row, or one per packed sequence."""
+    if offsets is None:
+        return [(b, 0, T) for b in range(B)]
+    return [(0, bos, eos) for bos, eos in zip(offsets[:-1], offsets[1:])]

@@ -1,0 +1,119 @@
+"""Input checks shared by every Factorization Memory op.
+
+Everything here reads tensor metadata only (shapes, dtypes, devices), so no check
+forces a GPU sync. The values of ``cu_seqlens`` are checked by
+:func:`check_cu_seqlens_values` wherever an implementation already holds them on
+the host.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPE_NAMES = "float32, bfloat16, float16 (or float64 on the PyTorch paths)"
+
+
+class Dims(NamedTuple):
+    """The sizes of one call: batch, length, heads, memory states, state width, sequences."""
+
+    B: int
+    T: int
+    H: int
+    M: int
+    V: int
+    N: int
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"`{name}` must be a floating tensor of dtype {_DTYPE_NAMES}; got {x.dtype}")
+
+
+def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"`{name}` is on {x.device} but `v` is on {device}; all inputs must share one device")
+
+
+def validate_inputs(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    topk: int | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> Dims:
+    """Checks the arguments of a Factorization Memory op and returns their sizes.
+
+    Raises ``TypeError`` or ``ValueError`` naming the offending argument.
+    """
+    for name, x in (("v", v), ("logits", logits), ("eta", eta), ("mu", mu)):
+        _check_float(name, x)
+    if v.ndim != 4:
+        raise ValueError(f"`v` must have shape [B, T, H, V]; got {v.ndim} dims {tuple(v.shape)}")
+    B, T, H, V = v.shape
+    if logits.ndim != 4 or tuple(logits.shape[:3]) != (B, T, H):
+        raise ValueError(f"`logits` must have shape [B, T, H, M] = [{B}, {T}, {H}, M]; got {tuple(logits.shape)}")
+    M = logits.shape[-1]
+    for name, x in (("eta", eta), ("mu", mu)):
+        if tuple(x.shape) != (B, T, H):
+            raise ValueError(f"`{name}` must have shape [B, T, H] = [{B}, {T}, {H}]; got {tuple(x.shape)}")
+    if T < 1 or H < 1 or V < 1 or M < 1:
+        raise ValueError(f"T, H, V and M must be >= 1; got T={T}, H={H}, V={V}, M={M}")
+    for name, x in (("logits", logits), ("eta", eta), ("mu", mu)):
+        _check_device(name, x, v.device)
+
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, int):
+            raise TypeError(f"`topk` must be None or an int; got {type(topk).__name__}")
+        if not 1 <= topk <= M:
+            raise ValueError(f"`topk` must satisfy 1 <= topk <= M = {M}; got {topk}")
+
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"`cu_seqlens` must be a torch.Tensor; got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"`cu_seqlens` must be int32 or int64; got {cu_seqlens.dtype}")
+        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"`cu_seqlens` must be 1-D with N + 1 >= 2 entries; got shape {tuple(cu_seqlens.shape)}")
+        if B != 1:
+            raise ValueError(f"with `cu_seqlens` the batch must be packed into B = 1; got B = {B}")
+        _check_device("cu_seqlens", cu_seqlens, v.device)
+        N = cu_seqlens.numel() - 1
+
+    if initial_state is not None:
+        _check_float("initial_state", initial_state)
+        if tuple(initial_state.shape) != (N, H, M, V):
+            raise ValueError(
+                f"`initial_state` must have shape [N, H, M, V] = [{N}, {H}, {M}, {V}]; got {tuple(initial_state.shape)}"
+            )
+        _check_device("initial_state", initial_state, v.device)
+    return Dims(B, T, H, M, V, N)
+
+
+def check_cu_seqlens_values(offsets: Sequence[int], T: int) -> None:
+    """Checks host-side ``cu_seqlens`` values: they run from 0 to T and never decrease."""
+    if offsets[0] != 0 or offsets[-1] != T:
+        raise ValueError(f"`cu_seqlens` must start at 0 and end at T = {T}; got {offsets[0]} ... {offsets[-1]}")
+    if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"`cu_seqlens` must be non-decreasing; got {list(offsets)}")
+
+
+def host_offsets(cu_seqlens: torch.Tensor | None, T: int) -> list[int] | None:
+    """The checked host copy of ``cu_seqlens`` for the PyTorch paths (a device sync for CUDA tensors)."""
+    if cu_seqlens is None:
+        return None
+    offsets = cu_seqlens.tolist()
+    check_cu_seqlens_values(offsets, T)
+    return offsets
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int; got {chunk_size!r}")

@@ -1,0 +1,61 @@
+"""Input makers and comparisons shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_inputs(B, T, H, M, V, dtype=torch.float32, device="cpu", logit_scale=1.0, with_state=True, N=None):
+    """Random (v, logits, eta, mu, h0) leaf tensors that require grad; h0 is float32 [N, H, M, V]."""
+
+    def leaf(x):
+        return x.to(device).requires_grad_()
+
+    v = leaf(torch.randn(B, T, H, V, dtype=dtype))
+    logits = leaf((torch.randn(B, T, H, M) * logit_scale).to(dtype))
+    eta = leaf(torch.rand(B, T, H, dtype=dtype))
+    mu = leaf(torch.rand(B, T, H, dtype=dtype))
+    h0 = leaf(torch.randn(N or B, H, M, V)) if with_state else None
+    return v, logits, eta, mu, h0
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64; an all-zero reference is measured against an RMS of 1e-8."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-8 * ref.numel() ** 0.5)).item()
+
+
+def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(x).all(), f"{name}: NaN or Inf in the result"
+    err = rel_err(x, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def run_with_grads(fn, inputs, topk, dout=None, dht=None, **kwargs):
+    """Runs ``fn`` on (v, logits, eta, mu, h0), backpropagates ``dout`` (and ``dht`` into the final
+    state) and returns the output, the final state and the gradients of every input."""
+    v, logits, eta, mu, h0 = inputs
+    for x in inputs:
+        if x is not None:
+            x.grad = None
+    o, ht = fn(v, logits, eta, mu, topk=topk, initial_state=h0, output_final_state=True, **kwargs)
+    dout = torch.randn_like(o) if dout is None else dout
+    dht = torch.randn_like(ht) if dht is None else dht
+    ((o * dout).sum() + (ht * dht).sum()).backward()
+    grads = [None if x is None else x.grad.clone() for x in inputs]
+    return o.detach(), ht.detach(), grads, dout, dht
+
+
+GRAD_NAMES = ("dv", "dlogits", "deta", "dmu", "dh0")
+
+
+def assert_matches(fn, ref_fn, inputs, topk, fwd_tol, bwd_tol, cu_seqlens=None, **kwargs):
+    """``fn`` (called with ``kwargs``) and ``ref_fn`` give the same output, final state and input gradients."""
+    o_ref, ht_ref, g_ref, dout, dht = run_with_grads(ref_fn, inputs, topk, cu_seqlens=cu_seqlens)
+    o, ht, g, _, _ = run_with_grads(fn, inputs, topk, dout=dout, dht=dht, cu_seqlens=cu_seqlens, **kwargs)
+    assert_close("o", o, o_ref, fwd_tol)
+    assert_close("final state", ht, ht_ref, fwd_tol)
+    for name, a, b in zip(GRAD_NAMES, g, g_ref):
+        if b is not None:
+            assert_close(name, a, b, bwd_tol)
