@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fla_factmem.ops.factorization_memory.chunk_torch import DEFAULT_CHUNK_SIZE, chunk_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.routing import compute_dtype, update_and_merge_weights
-from fla_factmem.ops.factorization_memory.validation import check_chunk_size, host_offsets, validate_inputs
+from fla_factmem.ops.factorization_memory.routing import run_on_weights
+from fla_factmem.ops.factorization_memory.validation import check_chunk_size, validate_inputs
 from fla_factmem.utils import warn_once
 
 
@@ -56,8 +56,4 @@ def chunk_factorization_memory(
             "fla_factmem: chunk_factorization_memory has no Triton kernel for this input yet; "
             "running the PyTorch chunked path, which is slow and memory-hungry on the GPU.",
         )
-    offsets = host_offsets(cu_seqlens, v.shape[1])
-    dtype = compute_dtype(v, logits, eta, mu, initial_state)
-    theta, phi = update_and_merge_weights(logits, eta, mu, topk, dtype)
-    o, final_state = chunk_factorization_memory_torch(v.to(dtype), theta, phi, initial_state, offsets, chunk_size)
-    return o.to(v.dtype), final_state if output_final_state else None
+    return run_on_weights(chunk_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size)

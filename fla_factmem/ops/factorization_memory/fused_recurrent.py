@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.routing import compute_dtype, update_and_merge_weights
-from fla_factmem.ops.factorization_memory.validation import host_offsets, validate_inputs
+from fla_factmem.ops.factorization_memory.routing import run_on_weights
+from fla_factmem.ops.factorization_memory.validation import validate_inputs
 from fla_factmem.utils import warn_once
 
 
@@ -46,8 +46,4 @@ def fused_recurrent_factorization_memory(
             "fla_factmem: fused_recurrent_factorization_memory has no Triton kernel for this input yet; "
             "running the PyTorch token loop, which is slow on the GPU.",
         )
-    offsets = host_offsets(cu_seqlens, v.shape[1])
-    dtype = compute_dtype(v, logits, eta, mu, initial_state)
-    theta, phi = update_and_merge_weights(logits, eta, mu, topk, dtype)
-    o, final_state = recurrent_factorization_memory_torch(v.to(dtype), theta, phi, initial_state, offsets)
-    return o.to(v.dtype), final_state if output_final_state else None
+    return run_on_weights(recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens)

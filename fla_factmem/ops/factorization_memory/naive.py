@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from fla_factmem.ops.factorization_memory.routing import compute_dtype, sequence_spans, update_and_merge_weights
-from fla_factmem.ops.factorization_memory.validation import host_offsets, validate_inputs
+from fla_factmem.ops.factorization_memory.routing import run_on_weights, sequence_spans
+from fla_factmem.ops.factorization_memory.validation import validate_inputs
 
 
 def recurrent_factorization_memory_torch(
@@ -81,8 +81,4 @@ def naive_factorization_memory(
         in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
     """
     validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
-    offsets = host_offsets(cu_seqlens, v.shape[1])
-    dtype = compute_dtype(v, logits, eta, mu, initial_state)
-    theta, phi = update_and_merge_weights(logits, eta, mu, topk, dtype)
-    o, final_state = recurrent_factorization_memory_torch(v.to(dtype), theta, phi, initial_state, offsets)
-    return o.to(v.dtype), final_state if output_final_state else None
+    return run_on_weights(recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from fla_factmem.ops.factorization_memory.validation import host_offsets
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -56,3 +60,24 @@ def sequence_spans(B: int, T: int, offsets: list[int] | None) -> list[tuple[int,
     if offsets is None:
         return [(b, 0, T) for b in range(B)]
     return [(0, bos, eos) for bos, eos in zip(offsets[:-1], offsets[1:])]
+
+
+def run_on_weights(
+    impl: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    topk: int | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    **impl_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs a PyTorch implementation ``impl(v, theta, phi, initial_state, offsets, **impl_kwargs)``
+    in the compute dtype and returns ``(o in v's dtype, final state or None)``."""
+    offsets = host_offsets(cu_seqlens, v.shape[1])
+    dtype = compute_dtype(v, logits, eta, mu, initial_state)
+    theta, phi = update_and_merge_weights(logits, eta, mu, topk, dtype)
+    o, final_state = impl(v.to(dtype), theta, phi, initial_state, offsets, **impl_kwargs)
+    return o.to(v.dtype), final_state if output_final_state else None
