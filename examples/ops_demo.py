@@ -50,13 +50,16 @@ def main():
         errs = [rel_err(g, x.grad) for g, x in zip(grads, (v, logits, eta, mu))]
         for x in (v, logits, eta, mu):
             x.grad = None
-        print(f"  {name:>12}: chunked forward+backward {elapsed * 1e3:8.1f} ms | rel. error vs definition: "
-              f"o {rel_err(o, o_ref):.1e}, grads (v, logits, eta, mu) {', '.join(f'{e:.1e}' for e in errs)}")
+        print(
+            f"  {name:>12}: chunked forward+backward {elapsed * 1e3:8.1f} ms | rel. error vs definition: "
+            f"o {rel_err(o, o_ref):.1e}, grads (v, logits, eta, mu) {', '.join(f'{e:.1e}' for e in errs)}"
+        )
 
         with torch.no_grad():
             step = [x[:, -1:] for x in (v, logits, eta, mu)]
-            o_step, state = fused_recurrent_factorization_memory(*step, topk=topk, initial_state=state,
-                                                                 output_final_state=True)
+            o_step, state = fused_recurrent_factorization_memory(
+                *step, topk=topk, initial_state=state, output_final_state=True
+            )
         print(f"  {name:>12}: decoded one more token from the final state, |o| = {o_step.norm():.3f}")
 
 

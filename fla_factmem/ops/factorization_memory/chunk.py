@@ -56,4 +56,15 @@ def chunk_factorization_memory(
             "fla_factmem: chunk_factorization_memory has no Triton kernel for this input yet; "
             "running the PyTorch chunked path, which is slow and memory-hungry on the GPU.",
         )
-    return run_on_weights(chunk_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size)
+    return run_on_weights(
+        chunk_factorization_memory_torch,
+        v,
+        logits,
+        eta,
+        mu,
+        topk,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        chunk_size=chunk_size,
+    )

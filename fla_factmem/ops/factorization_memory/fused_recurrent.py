@@ -46,4 +46,6 @@ def fused_recurrent_factorization_memory(
             "fla_factmem: fused_recurrent_factorization_memory has no Triton kernel for this input yet; "
             "running the PyTorch token loop, which is slow on the GPU.",
         )
-    return run_on_weights(recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens)
+    return run_on_weights(
+        recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
+    )

@@ -81,4 +81,6 @@ def naive_factorization_memory(
         in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
     """
     validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
-    return run_on_weights(recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens)
+    return run_on_weights(
+        recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
+    )

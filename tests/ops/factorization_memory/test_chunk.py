@@ -12,21 +12,22 @@ FWD_TOL, BWD_TOL = 1e-5, 1e-4
 @pytest.mark.parametrize(
     ("B", "T", "H", "M", "V", "topk", "chunk_size"),
     [
-        (2, 1, 2, 8, 4, None, 16),     # T = 1
-        (2, 37, 2, 8, 4, None, 16),    # T not a multiple of the chunk
+        (2, 1, 2, 8, 4, None, 16),  # T = 1
+        (2, 37, 2, 8, 4, None, 16),  # T not a multiple of the chunk
         (1, 64, 3, 16, 8, None, 16),
-        (2, 50, 2, 16, 8, 1, 16),      # K = 1
+        (2, 50, 2, 16, 8, 1, 16),  # K = 1
         (2, 50, 2, 16, 8, 4, 8),
-        (2, 50, 2, 16, 8, 16, 16),     # K = M
-        (1, 100, 1, 1, 4, None, 32),   # M = 1
-        (1, 33, 2, 32, 16, 8, 64),     # one partial chunk
+        (2, 50, 2, 16, 8, 16, 16),  # K = M
+        (1, 100, 1, 1, 4, None, 32),  # M = 1
+        (1, 33, 2, 32, 16, 8, 64),  # one partial chunk
     ],
 )
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunk_matches_naive(B, T, H, M, V, topk, chunk_size, with_state):
     inputs = make_inputs(B, T, H, M, V, logit_scale=2.0, with_state=with_state)
-    assert_matches(chunk_factorization_memory, naive_factorization_memory, inputs, topk, FWD_TOL, BWD_TOL,
-                   chunk_size=chunk_size)
+    assert_matches(
+        chunk_factorization_memory, naive_factorization_memory, inputs, topk, FWD_TOL, BWD_TOL, chunk_size=chunk_size
+    )
 
 
 def test_topk_m_equals_dense():
@@ -81,8 +82,9 @@ def test_full_overwrite_eta_one_one_hot(topk):
     with torch.no_grad():
         logits.copy_(torch.nn.functional.one_hot(torch.randint(M, (B, T, H)), M) * 1000.0)
         eta.fill_(1.0)
-    assert_matches(chunk_factorization_memory, naive_factorization_memory, (v, logits, eta, mu, h0), topk,
-                   FWD_TOL, BWD_TOL)
+    assert_matches(
+        chunk_factorization_memory, naive_factorization_memory, (v, logits, eta, mu, h0), topk, FWD_TOL, BWD_TOL
+    )
     o, _ = chunk_factorization_memory(v, logits, eta, mu, topk, h0)
     assert_close("o", o, mu[..., None] * v, 1e-6)
 
@@ -92,8 +94,9 @@ def test_eta_zero_keeps_the_memory():
     v, logits, eta, mu, h0 = make_inputs(B, T, H, M, V)
     with torch.no_grad():
         eta.zero_()
-    assert_matches(chunk_factorization_memory, naive_factorization_memory, (v, logits, eta, mu, h0), None,
-                   FWD_TOL, BWD_TOL)
+    assert_matches(
+        chunk_factorization_memory, naive_factorization_memory, (v, logits, eta, mu, h0), None, FWD_TOL, BWD_TOL
+    )
     _, ht = chunk_factorization_memory(v, logits, eta, mu, None, h0, True)
     assert torch.equal(ht, h0.detach())
 

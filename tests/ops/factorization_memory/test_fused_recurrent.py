@@ -31,5 +31,6 @@ def test_token_by_token_decoding_equals_one_chunked_run(topk):
 def test_fused_recurrent_varlen():
     offsets = torch.tensor([0, 3, 4, 10])
     inputs = make_inputs(1, 10, 2, 8, 4, N=3)
-    assert_matches(fused_recurrent_factorization_memory, naive_factorization_memory, inputs, 2, 1e-6, 1e-5,
-                   cu_seqlens=offsets)
+    assert_matches(
+        fused_recurrent_factorization_memory, naive_factorization_memory, inputs, 2, 1e-6, 1e-5, cu_seqlens=offsets
+    )

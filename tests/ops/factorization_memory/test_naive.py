@@ -50,8 +50,12 @@ def test_naive_matches_float64_loop(topk, with_state):
 
 def test_naive_float64_inputs_compute_in_float64():
     B, T, H, M, V = 1, 7, 1, 5, 4
-    args = (torch.randn(B, T, H, V).double(), torch.randn(B, T, H, M).double(), torch.rand(B, T, H).double(),
-            torch.rand(B, T, H).double())
+    args = (
+        torch.randn(B, T, H, V).double(),
+        torch.randn(B, T, H, M).double(),
+        torch.rand(B, T, H).double(),
+        torch.rand(B, T, H).double(),
+    )
     o, hT = naive_factorization_memory(*args, topk=2, output_final_state=True)
     o_ref, hT_ref = float64_loop(*args, 2, None)
     assert o.dtype == torch.float64 and hT.dtype == torch.float64
@@ -65,6 +69,13 @@ def test_inactive_rows_untouched_by_naive():
     h0 = torch.randn(B, H, M, V)
     logits = torch.randn(B, T, H, M)
     logits[..., :4] += 100  # rows 4.. are never in the top 2
-    _, hT = naive_factorization_memory(torch.randn(B, T, H, V), logits, torch.rand(B, T, H), torch.rand(B, T, H),
-                                       topk=2, initial_state=h0, output_final_state=True)
+    _, hT = naive_factorization_memory(
+        torch.randn(B, T, H, V),
+        logits,
+        torch.rand(B, T, H),
+        torch.rand(B, T, H),
+        topk=2,
+        initial_state=h0,
+        output_final_state=True,
+    )
     assert torch.equal(hT[..., 4:, :], h0[..., 4:, :])

@@ -10,8 +10,9 @@ B, T, H, M, V = 2, 6, 2, 4, 3
 
 
 def good():
-    return dict(v=torch.randn(B, T, H, V), logits=torch.randn(B, T, H, M), eta=torch.rand(B, T, H),
-                mu=torch.rand(B, T, H))
+    return dict(
+        v=torch.randn(B, T, H, V), logits=torch.randn(B, T, H, M), eta=torch.rand(B, T, H), mu=torch.rand(B, T, H)
+    )
 
 
 CASES = [
@@ -30,8 +31,14 @@ CASES = [
     ("state shape", dict(initial_state=torch.zeros(B, H, M, V + 1)), ValueError, "`initial_state` must have shape"),
     ("state dtype", dict(initial_state=torch.zeros(B, H, M, V, dtype=torch.int32)), TypeError, "`initial_state`"),
     ("cu_seqlens with B > 1", dict(cu_seqlens=torch.tensor([0, T])), ValueError, "B = 1"),
-    ("empty T", dict(v=torch.randn(B, 0, H, V), logits=torch.randn(B, 0, H, M), eta=torch.rand(B, 0, H),
-                     mu=torch.rand(B, 0, H)), ValueError, "must be >= 1"),
+    (
+        "empty T",
+        dict(
+            v=torch.randn(B, 0, H, V), logits=torch.randn(B, 0, H, M), eta=torch.rand(B, 0, H), mu=torch.rand(B, 0, H)
+        ),
+        ValueError,
+        "must be >= 1",
+    ),
 ]
 
 
@@ -44,8 +51,9 @@ def test_bad_input_is_refused(op, what, change, error, message):
 
 
 def packed():
-    return dict(v=torch.randn(1, T, H, V), logits=torch.randn(1, T, H, M), eta=torch.rand(1, T, H),
-                mu=torch.rand(1, T, H))
+    return dict(
+        v=torch.randn(1, T, H, V), logits=torch.randn(1, T, H, M), eta=torch.rand(1, T, H), mu=torch.rand(1, T, H)
+    )
 
 
 @pytest.mark.parametrize("op", OPS)
