@@ -5,9 +5,43 @@ from __future__ import annotations
 import torch
 
 from fla_factmem.ops.factorization_memory.chunk_torch import DEFAULT_CHUNK_SIZE, chunk_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.routing import run_on_weights
+from fla_factmem.ops.factorization_memory.launch import chunk_fwd
+from fla_factmem.ops.factorization_memory.routing import run_on_weights, runs_dense_triton, slow_path_reason
 from fla_factmem.ops.factorization_memory.validation import check_chunk_size, validate_inputs
 from fla_factmem.utils import warn_once
+
+
+class ChunkFactorizationMemoryFunction(torch.autograd.Function):
+    """Dense op on CUDA: Triton forward; the backward recomputes through the PyTorch chunked path."""
+
+    @staticmethod
+    def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
+        o, final_state = chunk_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
+        ctx.save_for_backward(v, logits, eta, mu, initial_state, cu_seqlens)
+        return o, final_state
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        warn_once(
+            "chunk_backward_torch",
+            "fla_factmem: the dense Triton backward is not written yet; the backward of "
+            "chunk_factorization_memory recomputes through the PyTorch chunked path, which is slow and "
+            "memory-hungry on the GPU.",
+        )
+        v, logits, eta, mu, initial_state, cu_seqlens = ctx.saved_tensors
+        inputs = [x.detach().requires_grad_(x.requires_grad) if x is not None else None
+                  for x in (v, logits, eta, mu, initial_state)]
+        with torch.enable_grad():
+            o, ht = run_on_weights(chunk_factorization_memory_torch, *inputs[:4], None, inputs[4], True, cu_seqlens,
+                                   chunk_size=DEFAULT_CHUNK_SIZE)
+            outputs, grads_out = [o], [do]
+            if dht is not None:
+                outputs.append(ht)
+                grads_out.append(dht)
+            wanted = [x for x in inputs if x is not None and x.requires_grad]
+            found = iter(torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True)) if wanted else iter(())
+        grads = [next(found) if x is not None and x.requires_grad else None for x in inputs]
+        return (*grads, None, None)
 
 
 def chunk_factorization_memory(
@@ -28,6 +62,10 @@ def chunk_factorization_memory(
     logits in the sparse variant), writes :math:`h_t[j] = (1 - \eta_t\alpha_t[j]) h_{t-1}[j]
     + \eta_t\alpha_t[j] v_t` and reads :math:`o_t = \sum_j \mu_t\alpha_t[j] h_t[j]`.
 
+    On CUDA, dense calls (``topk`` None or M, M <= 256) run the Triton forward kernel, which
+    derives the routing weights and decays on chip; other calls, and every call on the CPU,
+    run the PyTorch chunked path (on CUDA it warns once).
+
     Args:
         v: ``[B, T, H, V]`` values written into the memory.
         logits: ``[B, T, H, M]`` routing logits (already divided by the temperature).
@@ -38,8 +76,9 @@ def chunk_factorization_memory(
             Gradients flow into it.
         output_final_state: whether to return the memory after the last token.
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
-        chunk_size: tokens per chunk; None picks the implementation's default
-            (16 on the PyTorch path, whose memory grows with T * chunk_size * M).
+            Its values are checked on the PyTorch path only (a check on the GPU would sync).
+        chunk_size: tokens per chunk of the PyTorch path (default 16; its memory grows with
+            T * chunk_size * M); the Triton kernels walk sub-chunks of 16 and ignore it.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
@@ -50,21 +89,18 @@ def chunk_factorization_memory(
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     check_chunk_size(chunk_size)
+    if runs_dense_triton(v, logits, topk, eta, mu, initial_state):
+        o, final_state = ChunkFactorizationMemoryFunction.apply(
+            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens
+        )
+        return o, final_state
     if v.is_cuda:
         warn_once(
             "chunk_torch_on_cuda",
-            "fla_factmem: chunk_factorization_memory has no Triton kernel for this input yet; "
-            "running the PyTorch chunked path, which is slow and memory-hungry on the GPU.",
+            f"fla_factmem: chunk_factorization_memory runs the PyTorch chunked path on the GPU because "
+            f"{slow_path_reason(v, logits, topk)}; it is slow and memory-hungry there.",
         )
     return run_on_weights(
         chunk_factorization_memory_torch,
-        v,
-        logits,
-        eta,
-        mu,
-        topk,
-        initial_state,
-        output_final_state,
-        cu_seqlens,
-        chunk_size=chunk_size,
+        v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size,
     )

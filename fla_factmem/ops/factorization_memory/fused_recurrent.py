@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.routing import run_on_weights
+from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd
+from fla_factmem.ops.factorization_memory.routing import run_on_weights, runs_dense_triton, slow_path_reason
 from fla_factmem.ops.factorization_memory.validation import validate_inputs
 from fla_factmem.utils import warn_once
 
@@ -23,7 +24,9 @@ def fused_recurrent_factorization_memory(
     r"""Factorization Memory one token at a time, meant for decoding (T = 1 up to short prompts).
 
     Same arguments, semantics and results as :func:`chunk_factorization_memory`; pass the
-    state returned by the previous call as ``initial_state`` in place of a cache.
+    state returned by the previous call as ``initial_state`` in place of a cache. On CUDA,
+    dense calls without autograd run one Triton launch for all sequences and heads (no host
+    sync, so it can be captured in a CUDA graph); other calls run the PyTorch token loop.
 
     Args:
         v: ``[B, T, H, V]`` values written into the memory.
@@ -40,11 +43,16 @@ def fused_recurrent_factorization_memory(
         in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
     """
     validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
+    inputs = (v, logits, eta, mu, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if runs_dense_triton(v, logits, topk, eta, mu, initial_state) and not needs_grad:
+        return fused_recurrent_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
     if v.is_cuda:
+        reason = "its Triton kernel has no backward" if needs_grad else slow_path_reason(v, logits, topk)
         warn_once(
             "recurrent_torch_on_cuda",
-            "fla_factmem: fused_recurrent_factorization_memory has no Triton kernel for this input yet; "
-            "running the PyTorch token loop, which is slow on the GPU.",
+            f"fla_factmem: fused_recurrent_factorization_memory runs the PyTorch token loop on the GPU because "
+            f"{reason}; it is slow there (train with chunk_factorization_memory).",
         )
     return run_on_weights(
         recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens

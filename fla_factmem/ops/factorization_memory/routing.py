@@ -81,3 +81,26 @@ def run_on_weights(
     theta, phi = update_and_merge_weights(logits, eta, mu, topk, dtype)
     o, final_state = impl(v.to(dtype), theta, phi, initial_state, offsets, **impl_kwargs)
     return o.to(v.dtype), final_state if output_final_state else None
+
+
+def runs_dense_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> bool:
+    """Whether the dense Triton kernels take this call: CUDA tensors, dense routing (topk None
+    or M), M <= 256 and no float64 input."""
+    M = logits.shape[-1]
+    tensors = (v, logits, *others)
+    return (
+        v.is_cuda
+        and (topk is None or topk == M)
+        and M <= 256
+        and all(t is None or t.dtype != torch.float64 for t in tensors)
+    )
+
+
+def slow_path_reason(v: torch.Tensor, logits: torch.Tensor, topk: int | None) -> str:
+    """Why a CUDA call fell to a PyTorch path, for the one-time warning."""
+    M = logits.shape[-1]
+    if topk is not None and topk < M:
+        return "the sparse (topk < M) variant has no Triton kernel yet"
+    if M > 256:
+        return f"M = {M} > 256 has no dense Triton kernel"
+    return "float64 inputs have no Triton kernel"

@@ -1,0 +1,68 @@
+"""Triton decoding kernel of dense Factorization Memory: token by token, one launch for all
+sequences and heads. A program owns one (sequence, head, block of value columns) with all M
+rows of the memory in registers; per token it reads M logits, eta, mu and V values, and the
+state is read and written once per call."""
+
+import triton
+import triton.language as tl
+
+
+@triton.heuristics(
+    {
+        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
+        "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
+        "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T"])
+def fused_recurrent_fwd_kernel(
+    v,
+    logits,
+    eta,
+    mu,
+    h0,
+    o,
+    ht,
+    cu_seqlens,
+    T,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    V: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+
+    o_m = tl.arange(0, BM)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_m, m_v = o_m < M, o_v < V
+    state_offsets = (i_nh.to(tl.int64) * M + o_m[:, None]) * V + o_v[None, :]
+    m_state = m_m[:, None] & m_v[None, :]
+    h = tl.zeros([BM, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        h += tl.load(h0 + state_offsets, mask=m_state, other=0.0).to(tl.float32)
+
+    for t in range(bos, eos):
+        tok = t * H + i_h
+        x = tl.load(logits + tok * M + o_m, mask=m_m, other=float("-inf")).to(tl.float32)
+        alpha = tl.exp(x - tl.max(x, 0))
+        alpha = alpha / tl.sum(alpha, 0)
+        theta = tl.load(eta + tok).to(tl.float32) * alpha
+        phi = tl.load(mu + tok).to(tl.float32) * alpha
+        v_t = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        h = (1.0 - theta[:, None]) * h + theta[:, None] * v_t[None, :]
+        o_t = tl.sum(phi[:, None] * h, 0)
+        tl.store(o + tok * V + o_v, o_t.to(o.dtype.element_ty), mask=m_v)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + state_offsets, h, mask=m_state)

@@ -1,0 +1,89 @@
+"""Host side of the Triton kernels: shapes, block sizes and launches."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from fla_factmem.ops.factorization_memory.chunk_kernels import chunk_fwd_kernel, logsumexp_kernel
+from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import fused_recurrent_fwd_kernel
+
+SUB_CHUNK = 16  # BT: tokens per step of the kernels' walk (the smallest tl.dot tile)
+MAX_BLOCK_M = 64  # rows of the memory per program: bounds the [BT, BT, BM] pairwise-decay tile
+MAX_M = 256
+
+
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, M]`` logits -> ``[B, T, H]`` float32 log-sum-exp over M."""
+    logits = logits.contiguous()
+    M = logits.shape[-1]
+    lse = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    n_rows = lse.numel()
+    BR = 16
+    logsumexp_kernel[(triton.cdiv(n_rows, BR),)](logits, lse, n_rows, M=M, BR=BR, BM=triton.next_power_of_2(M))
+    return lse
+
+
+def chunk_fwd(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or None)``."""
+    B, T, H, V = v.shape
+    M = logits.shape[-1]
+    if M > MAX_M:
+        raise ValueError(f"the dense Triton kernels take M <= {MAX_M}; got M = {M}")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    v, logits, eta, mu = (x.contiguous() for x in (v, logits, eta, mu))
+    lse = logsumexp(logits)
+
+    BM = min(triton.next_power_of_2(M), MAX_BLOCK_M)
+    BV = min(triton.next_power_of_2(V), 16 if M <= 64 else 32)
+    NM, NV = triton.cdiv(M, BM), triton.cdiv(V, BV)
+    if NM == 1:
+        o = torch.empty_like(v)
+    else:
+        o = torch.empty(NM, B, T, H, V, dtype=torch.float32, device=v.device)
+    ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    precision = "ieee" if v.dtype == torch.float32 else "tf32"
+    chunk_fwd_kernel[(NV, NM, N * H)](
+        v, logits, lse, eta, mu, h0, o, ht, cu_seqlens, T, B * T * H * V,
+        H=H, M=M, V=V, BT=SUB_CHUNK, BM=BM, BV=BV, DOT_PRECISION=precision,
+        num_warps=4,
+    )
+    if NM > 1:
+        o = o.sum(0).to(v.dtype)
+    return o, ht
+
+
+def fused_recurrent_fwd(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense token-by-token forward for decoding; no autograd. Shapes as in the public op."""
+    B, T, H, V = v.shape
+    M = logits.shape[-1]
+    if M > MAX_M:
+        raise ValueError(f"the dense Triton kernels take M <= {MAX_M}; got M = {M}")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    v, logits, eta, mu = (x.contiguous() for x in (v, logits, eta, mu))
+    o = torch.empty_like(v)
+    ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    BM = triton.next_power_of_2(M)
+    BV = min(triton.next_power_of_2(V), max(16, 4096 // BM))
+    fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=4
+    )
+    return o, ht
