@@ -136,7 +136,7 @@ def decode_cases(B, H, M, V):
 def main():
     parser = argparse.ArgumentParser(description="Factorization Memory op benchmarks")
     parser.add_argument("--out", default="results/ops")
-    parser.add_argument("--quick", action="store_true", help="T = 4096 only")
+    parser.add_argument("--quick", action="store_true", help="T = 4096, M in {64, 256}, ops fm, fm_via_gla, gla")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -144,11 +144,12 @@ def main():
 
     rows = []
     Ts = [4096] if args.quick else [2048, 4096, 16384]
+    Ms = (64, 256) if args.quick else (64, 128, 256)
     for T in Ts:
-        for M in (64, 128, 256):
+        for M in Ms:
             for name, fn in training_cases(4, T, 8, M, 64, torch.bfloat16).items():
-                if name == "sdpa" and M != 64:
-                    continue  # does not depend on M
+                if (name == "sdpa" and M != Ms[0]) or (args.quick and name not in ("fm", "fm_via_gla", "gla")):
+                    continue  # sdpa does not depend on M
                 fwd, both, err = time_case(fn)
                 rows.append(dict(T=T, M=M, op=name, fwd_ms=fwd, fwd_bwd_ms=both, error=err))
                 print(f"T={T:6d} M={M:4d} {name:12s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  {err}", flush=True)
@@ -178,7 +179,7 @@ def main():
     print("| T | M | " + " | ".join(ops) + " |")
     print("|---|---|" + "---|" * len(ops))
     for T in Ts:
-        for M in (64, 128, 256):
+        for M in Ms:
             cells = []
             for op in ops:
                 r = next((r for r in rows if r["T"] == T and r["M"] == M and r["op"] == op), None)

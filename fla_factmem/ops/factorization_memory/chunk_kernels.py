@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 # log(1 - theta + DECAY_FLOOR) keeps theta = 1 finite; the same floor as the PyTorch path.
-DECAY_FLOOR: tl.constexpr = 1e-30
+DECAY_FLOOR = tl.constexpr(1e-30)
 
 
 @triton.jit
