@@ -32,8 +32,12 @@ def chunk_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
+    block_v: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or None)``."""
+    """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or None)``.
+    ``block_v``, ``num_warps`` and ``num_stages`` override the launch configuration (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     if M > MAX_M:
@@ -43,7 +47,7 @@ def chunk_fwd(
     lse = logsumexp(logits)
 
     BM = min(triton.next_power_of_2(M), MAX_BLOCK_M)
-    BV = min(triton.next_power_of_2(V), 16 if M <= 64 else 32)
+    BV = block_v or min(triton.next_power_of_2(V), 16 if M <= 64 else 32)
     NM, NV = triton.cdiv(M, BM), triton.cdiv(V, BV)
     if NM == 1:
         o = torch.empty_like(v)
@@ -55,7 +59,7 @@ def chunk_fwd(
     chunk_fwd_kernel[(NV, NM, N * H)](
         v, logits, lse, eta, mu, h0, o, ht, cu_seqlens, T, B * T * H * V,
         H=H, M=M, V=V, BT=SUB_CHUNK, BM=BM, BV=BV, DOT_PRECISION=precision,
-        num_warps=4,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if NM > 1:
         o = o.sum(0).to(v.dtype)
@@ -70,8 +74,11 @@ def fused_recurrent_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
+    block_v: int | None = None,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense token-by-token forward for decoding; no autograd. Shapes as in the public op."""
+    """Dense token-by-token forward for decoding; no autograd. Shapes as in the public op.
+    ``block_v`` and ``num_warps`` override the launch configuration (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     if M > MAX_M:
@@ -82,8 +89,8 @@ def fused_recurrent_fwd(
     ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     BM = triton.next_power_of_2(M)
-    BV = min(triton.next_power_of_2(V), max(16, 4096 // BM))
+    BV = block_v or min(triton.next_power_of_2(V), max(16, 4096 // BM))
     fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=4
+        v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps
     )
     return o, ht
