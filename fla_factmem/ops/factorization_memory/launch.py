@@ -33,8 +33,8 @@ def chunk_fwd(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     block_v: int | None = None,
-    num_warps: int = 4,
-    num_stages: int | None = None,
+    num_warps: int = 8,
+    num_stages: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or None)``.
     ``block_v``, ``num_warps`` and ``num_stages`` override the launch configuration (for tuning)."""
@@ -47,7 +47,9 @@ def chunk_fwd(
     lse = logsumexp(logits)
 
     BM = min(triton.next_power_of_2(M), MAX_BLOCK_M)
-    BV = block_v or min(triton.next_power_of_2(V), 16 if M <= 64 else 32)
+    # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): one program per 64 value
+    # columns, 8 warps, no software pipelining of the walk
+    BV = block_v or min(triton.next_power_of_2(V), 64)
     NM, NV = triton.cdiv(M, BM), triton.cdiv(V, BV)
     if NM == 1:
         o = torch.empty_like(v)
@@ -59,7 +61,7 @@ def chunk_fwd(
     chunk_fwd_kernel[(NV, NM, N * H)](
         v, logits, lse, eta, mu, h0, o, ht, cu_seqlens, T, B * T * H * V,
         H=H, M=M, V=V, BT=SUB_CHUNK, BM=BM, BV=BV, DOT_PRECISION=precision,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if NM > 1:
         o = o.sum(0).to(v.dtype)
@@ -89,7 +91,7 @@ def fused_recurrent_fwd(
     ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     BM = triton.next_power_of_2(M)
-    BV = block_v or min(triton.next_power_of_2(V), max(16, 4096 // BM))
+    BV = block_v or min(triton.next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
     fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps
     )
