@@ -78,8 +78,9 @@ def time_case(fn):
         fwd = triton.testing.do_bench(lambda: fn(), warmup=25, rep=100, return_mode="median")
         out = fn()
         grad = torch.randn_like(out)
-        both = triton.testing.do_bench(lambda: fn().backward(grad), warmup=25, rep=100, return_mode="median",
-                                       grad_to_none=None)
+        both = triton.testing.do_bench(
+            lambda: fn().backward(grad), warmup=25, rep=100, return_mode="median", grad_to_none=None
+        )
         return fwd, both, ""
     except Exception as e:  # a kernel refused or miscompiled by the installed Triton
         return float("nan"), float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
@@ -125,11 +126,14 @@ def decode_cases(B, H, M, V):
     state_bytes = 2 * state.numel() * 4
     io_bytes = sum(x.numel() * x.element_size() for x in (v, logits, eta, mu)) + v.numel() * 2
     return {
-        "fm": (lambda: fused_recurrent_factorization_memory(v, logits, eta, mu, None, state, True),
-               state_bytes + io_bytes),
-        "gla_fused_recurrent": (lambda: fused_recurrent_gla(q, k, v, gk=g, scale=1.0, initial_state=state,
-                                                            output_final_state=True),
-                                state_bytes + io_bytes + 3 * q.numel() * 2),
+        "fm": (
+            lambda: fused_recurrent_factorization_memory(v, logits, eta, mu, None, state, True),
+            state_bytes + io_bytes,
+        ),
+        "gla_fused_recurrent": (
+            lambda: fused_recurrent_gla(q, k, v, gk=g, scale=1.0, initial_state=state, output_final_state=True),
+            state_bytes + io_bytes + 3 * q.numel() * 2,
+        ),
     }
 
 
@@ -160,10 +164,14 @@ def main():
         for name, (fn, nbytes) in decode_cases(64, 8, M, 64).items():
             g_ms = graph_time(fn)
             w_ms = wall_time(fn)
-            decode.append(dict(M=M, op=name, graph_us=g_ms * 1e3, eager_wall_us=w_ms * 1e3,
-                               GBps=nbytes / (g_ms * 1e-3) / 1e9))
-            print(f"decode M={M:4d} {name:20s} graph {g_ms * 1e3:7.1f} us  eager {w_ms * 1e3:7.1f} us  "
-                  f"{decode[-1]['GBps']:7.0f} GB/s", flush=True)
+            decode.append(
+                dict(M=M, op=name, graph_us=g_ms * 1e3, eager_wall_us=w_ms * 1e3, GBps=nbytes / (g_ms * 1e-3) / 1e9)
+            )
+            print(
+                f"decode M={M:4d} {name:20s} graph {g_ms * 1e3:7.1f} us  eager {w_ms * 1e3:7.1f} us  "
+                f"{decode[-1]['GBps']:7.0f} GB/s",
+                flush=True,
+            )
 
     with open(os.path.join(args.out, "training.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -183,8 +191,9 @@ def main():
             cells = []
             for op in ops:
                 r = next((r for r in rows if r["T"] == T and r["M"] == M and r["op"] == op), None)
-                cells.append("-" if r is None else ("fails" if r["error"] else
-                                                    f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}"))
+                cells.append(
+                    "-" if r is None else ("fails" if r["error"] else f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}")
+                )
             print(f"| {T} | {M} | " + " | ".join(cells) + " |")
     print(f"\n## decode, B=64 H=8 V=64, fp32 state ({gpu})")
     print("| M | op | CUDA-graph kernel us | eager wall us | GB/s |\n|---|---|---|---|---|")

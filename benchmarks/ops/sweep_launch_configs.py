@@ -14,9 +14,13 @@ from fla_factmem.ops.factorization_memory.launch import chunk_fwd, fused_recurre
 
 def inputs(B, T, H, M, V):
     dev, dt = "cuda", torch.bfloat16
-    return (torch.randn(B, T, H, V, device=dev, dtype=dt), (2 * torch.randn(B, T, H, M, device=dev)).to(dt),
-            torch.rand(B, T, H, device=dev, dtype=dt), torch.rand(B, T, H, device=dev, dtype=dt),
-            torch.randn(B, H, M, V, device=dev))
+    return (
+        torch.randn(B, T, H, V, device=dev, dtype=dt),
+        (2 * torch.randn(B, T, H, M, device=dev)).to(dt),
+        torch.rand(B, T, H, device=dev, dtype=dt),
+        torch.rand(B, T, H, device=dev, dtype=dt),
+        torch.randn(B, H, M, V, device=dev),
+    )
 
 
 def sweep(name, fn, args, grid):
@@ -38,8 +42,9 @@ def main():
     print(torch.cuda.get_device_name())
     for M in (64, 256):
         v, lg, e, m, h0 = inputs(4, 4096, 8, M, 64)
-        grid = [dict(block_v=bv, num_warps=w, num_stages=s)
-                for bv, w, s in itertools.product((16, 32, 64), (4, 8), (1, 2))]
+        grid = [
+            dict(block_v=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (1, 2))
+        ]
         sweep(f"chunk_fwd M={M}", lambda *a, **k: chunk_fwd(*a, False, None, **k), (v, lg, e, m, h0), grid)
         v, lg, e, m, h0 = inputs(64, 1, 8, M, 64)
         grid = [dict(block_v=bv, num_warps=w) for bv, w in itertools.product((4, 8, 16, 32), (1, 2, 4))]

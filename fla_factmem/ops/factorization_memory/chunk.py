@@ -29,11 +29,20 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
             "memory-hungry on the GPU.",
         )
         v, logits, eta, mu, initial_state, cu_seqlens = ctx.saved_tensors
-        inputs = [x.detach().requires_grad_(x.requires_grad) if x is not None else None
-                  for x in (v, logits, eta, mu, initial_state)]
+        inputs = [
+            x.detach().requires_grad_(x.requires_grad) if x is not None else None
+            for x in (v, logits, eta, mu, initial_state)
+        ]
         with torch.enable_grad():
-            o, ht = run_on_weights(chunk_factorization_memory_torch, *inputs[:4], None, inputs[4], True, cu_seqlens,
-                                   chunk_size=DEFAULT_CHUNK_SIZE)
+            o, ht = run_on_weights(
+                chunk_factorization_memory_torch,
+                *inputs[:4],
+                None,
+                inputs[4],
+                True,
+                cu_seqlens,
+                chunk_size=DEFAULT_CHUNK_SIZE,
+            )
             outputs, grads_out = [o], [do]
             if dht is not None:
                 outputs.append(ht)
@@ -102,5 +111,13 @@ def chunk_factorization_memory(
         )
     return run_on_weights(
         chunk_factorization_memory_torch,
-        v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size,
+        v,
+        logits,
+        eta,
+        mu,
+        topk,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        chunk_size=chunk_size,
     )

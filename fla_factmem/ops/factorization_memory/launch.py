@@ -59,9 +59,26 @@ def chunk_fwd(
     h0 = initial_state.contiguous() if initial_state is not None else None
     precision = "ieee" if v.dtype == torch.float32 else "tf32"
     chunk_fwd_kernel[(NV, NM, N * H)](
-        v, logits, lse, eta, mu, h0, o, ht, cu_seqlens, T, B * T * H * V,
-        H=H, M=M, V=V, BT=SUB_CHUNK, BM=BM, BV=BV, DOT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        v,
+        logits,
+        lse,
+        eta,
+        mu,
+        h0,
+        o,
+        ht,
+        cu_seqlens,
+        T,
+        B * T * H * V,
+        H=H,
+        M=M,
+        V=V,
+        BT=SUB_CHUNK,
+        BM=BM,
+        BV=BV,
+        DOT_PRECISION=precision,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if NM > 1:
         o = o.sum(0).to(v.dtype)

@@ -26,8 +26,10 @@ def float64_reference(v, logits, eta, mu, h0, cu_seqlens=None):
 )
 @pytest.mark.parametrize("with_state", [False, True])
 def test_kernel_matches_definition(kernel, B, T, H, M, V, with_state):
-    v, logits, eta, mu, h0 = (x.detach() if x is not None else None
-                              for x in make_inputs(B, T, H, M, V, logit_scale=2.0, with_state=with_state))
+    v, logits, eta, mu, h0 = (
+        x.detach() if x is not None else None
+        for x in make_inputs(B, T, H, M, V, logit_scale=2.0, with_state=with_state)
+    )
     o, ht = kernel(v, logits, eta, mu, h0, True, None)
     o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, None, h0, True)
     assert_close("o", o, o_ref, 1e-5)
@@ -64,8 +66,13 @@ def test_kernel_edge_numerics(kernel, case):
 
 # ---------------------------------------------------------------- GPU, real shapes
 
-CUDA_SHAPES = [(2, 1000, 4, 64, 64), (1, 2049, 2, 256, 64), (2, 300, 2, 16, 32), (1, 500, 2, 100, 128),
-               (1, 257, 1, 32, 256)]
+CUDA_SHAPES = [
+    (2, 1000, 4, 64, 64),
+    (1, 2049, 2, 256, 64),
+    (2, 300, 2, 16, 32),
+    (1, 500, 2, 100, 128),
+    (1, 257, 1, 32, 256),
+]
 
 
 @pytest.mark.cuda
