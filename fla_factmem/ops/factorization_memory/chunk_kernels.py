@@ -23,6 +23,13 @@ factored through a reference point, which is what keeps theta = 1 exact.
 import triton
 import triton.language as tl
 
+# the optional arguments every kernel of this op takes, as compile-time switches
+STATE_AND_VARLEN_SWITCHES = {
+    "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
+    "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
+    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+}
+
 # log(1 - theta + DECAY_FLOOR) keeps theta = 1 finite; the same floor as the PyTorch path.
 DECAY_FLOOR = tl.constexpr(1e-30)
 
@@ -42,13 +49,7 @@ def logsumexp_kernel(logits, lse, n_rows, M: tl.constexpr, BR: tl.constexpr, BM:
     tl.store(lse + rows, top + tl.log(total), mask=rows < n_rows)
 
 
-@triton.heuristics(
-    {
-        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
-        "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
-        "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
-    }
-)
+@triton.heuristics(STATE_AND_VARLEN_SWITCHES)
 @triton.jit(do_not_specialize=["T"])
 def chunk_fwd_kernel(
     v,

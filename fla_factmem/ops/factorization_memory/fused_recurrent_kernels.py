@@ -6,14 +6,10 @@ state is read and written once per call."""
 import triton
 import triton.language as tl
 
+from fla_factmem.ops.factorization_memory.chunk_kernels import STATE_AND_VARLEN_SWITCHES
 
-@triton.heuristics(
-    {
-        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
-        "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
-        "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
-    }
-)
+
+@triton.heuristics(STATE_AND_VARLEN_SWITCHES)
 @triton.jit(do_not_specialize=["T"])
 def fused_recurrent_fwd_kernel(
     v,

@@ -24,6 +24,19 @@ def logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return lse
 
 
+def _prepare(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
+    """Checks M, makes the inputs contiguous and allocates the final state:
+    ``(v, logits, eta, mu, h0, ht, N)`` with N the number of sequences."""
+    B, _, H, V = v.shape
+    M = logits.shape[-1]
+    if M > MAX_M:
+        raise ValueError(f"the dense Triton kernels take M <= {MAX_M}; got M = {M}")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    return (*(x.contiguous() for x in (v, logits, eta, mu)), h0, ht, N)
+
+
 def chunk_fwd(
     v: torch.Tensor,
     logits: torch.Tensor,
@@ -40,10 +53,7 @@ def chunk_fwd(
     ``block_v``, ``num_warps`` and ``num_stages`` override the launch configuration (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
-    if M > MAX_M:
-        raise ValueError(f"the dense Triton kernels take M <= {MAX_M}; got M = {M}")
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    v, logits, eta, mu = (x.contiguous() for x in (v, logits, eta, mu))
+    v, logits, eta, mu, h0, ht, N = _prepare(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
     lse = logsumexp(logits)
 
     BM = min(triton.next_power_of_2(M), MAX_BLOCK_M)
@@ -55,8 +65,6 @@ def chunk_fwd(
         o = torch.empty_like(v)
     else:
         o = torch.empty(NM, B, T, H, V, dtype=torch.float32, device=v.device)
-    ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
-    h0 = initial_state.contiguous() if initial_state is not None else None
     precision = "ieee" if v.dtype == torch.float32 else "tf32"
     chunk_fwd_kernel[(NV, NM, N * H)](
         v,
@@ -100,13 +108,8 @@ def fused_recurrent_fwd(
     ``block_v`` and ``num_warps`` override the launch configuration (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
-    if M > MAX_M:
-        raise ValueError(f"the dense Triton kernels take M <= {MAX_M}; got M = {M}")
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    v, logits, eta, mu = (x.contiguous() for x in (v, logits, eta, mu))
+    v, logits, eta, mu, h0, ht, N = _prepare(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
     o = torch.empty_like(v)
-    ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
-    h0 = initial_state.contiguous() if initial_state is not None else None
     BM = triton.next_power_of_2(M)
     BV = block_v or min(triton.next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
     fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
