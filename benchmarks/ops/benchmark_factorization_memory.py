@@ -27,14 +27,14 @@ import torch.nn.functional as F
 import triton
 
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
-
-DECAY_FLOOR = 1e-30
+from fla_factmem.ops.factorization_memory.chunk_torch import DECAY_FLOOR
+from fla_factmem.ops.factorization_memory.routing import update_and_merge_weights
 
 
 def fm_weights(logits, eta, mu):
-    alpha = logits.float().softmax(-1)
-    theta = eta.float()[..., None] * alpha
-    return mu.float()[..., None] * alpha, theta, torch.log(1 - theta + DECAY_FLOOR)
+    """(q, k, g) of the GLA route: phi, theta and log(1 - theta), built in PyTorch."""
+    theta, phi = update_and_merge_weights(logits, eta, mu, None, torch.float32)
+    return phi, theta, torch.log(1 - theta + DECAY_FLOOR)
 
 
 def training_cases(B, T, H, M, V, dtype):

@@ -35,6 +35,18 @@ DECAY_FLOOR = tl.constexpr(1e-30)
 
 
 @triton.jit
+def sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    """First and one-past-last flat token index of sequence i_n: packed, or row i_n of [B, T]."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
 def logsumexp_kernel(logits, lse, n_rows, M: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr):
     """lse[r] = log sum_j exp(logits[r, j]) for rows of a contiguous [n_rows, M] tensor."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -78,12 +90,7 @@ def chunk_fwd_kernel(
     output itself in v's dtype when one block covers all M rows."""
     i_v, i_m, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     length = eos - bos
 
     o_m = i_m * BM + tl.arange(0, BM)

@@ -6,7 +6,7 @@ state is read and written once per call."""
 import triton
 import triton.language as tl
 
-from fla_factmem.ops.factorization_memory.chunk_kernels import STATE_AND_VARLEN_SWITCHES
+from fla_factmem.ops.factorization_memory.chunk_kernels import STATE_AND_VARLEN_SWITCHES, sequence_bounds
 
 
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
@@ -32,12 +32,7 @@ def fused_recurrent_fwd_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
 
     o_m = tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)

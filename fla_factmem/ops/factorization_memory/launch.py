@@ -7,10 +7,10 @@ import triton
 
 from fla_factmem.ops.factorization_memory.chunk_kernels import chunk_fwd_kernel, logsumexp_kernel
 from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import fused_recurrent_fwd_kernel
+from fla_factmem.ops.factorization_memory.routing import DENSE_TRITON_MAX_M
 
 SUB_CHUNK = 16  # BT: tokens per step of the kernels' walk (the smallest tl.dot tile)
 MAX_BLOCK_M = 64  # rows of the memory per program: bounds the [BT, BT, BM] pairwise-decay tile
-MAX_M = 256
 
 
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:
@@ -29,8 +29,8 @@ def _prepare(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
     ``(v, logits, eta, mu, h0, ht, N)`` with N the number of sequences."""
     B, _, H, V = v.shape
     M = logits.shape[-1]
-    if M > MAX_M:
-        raise ValueError(f"the dense Triton kernels take M <= {MAX_M}; got M = {M}")
+    if M > DENSE_TRITON_MAX_M:
+        raise ValueError(f"the dense Triton kernels take M <= {DENSE_TRITON_MAX_M}; got M = {M}")
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None

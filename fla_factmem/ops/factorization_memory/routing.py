@@ -8,6 +8,8 @@ import torch
 
 from fla_factmem.ops.factorization_memory.validation import host_offsets
 
+DENSE_TRITON_MAX_M = 256  # the dense kernels hold [BT, BT, min(M, 64)] decays and all M rows in decode
+
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32: the precision of accumulation and states."""
@@ -85,13 +87,13 @@ def run_on_weights(
 
 def runs_dense_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> bool:
     """Whether the dense Triton kernels take this call: CUDA tensors, dense routing (topk None
-    or M), M <= 256 and no float64 input."""
+    or M), M <= DENSE_TRITON_MAX_M and no float64 input."""
     M = logits.shape[-1]
     tensors = (v, logits, *others)
     return (
         v.is_cuda
         and (topk is None or topk == M)
-        and M <= 256
+        and M <= DENSE_TRITON_MAX_M
         and all(t is None or t.dtype != torch.float64 for t in tensors)
     )
 
@@ -101,6 +103,6 @@ def slow_path_reason(v: torch.Tensor, logits: torch.Tensor, topk: int | None) ->
     M = logits.shape[-1]
     if topk is not None and topk < M:
         return "the sparse (topk < M) variant has no Triton kernel yet"
-    if M > 256:
-        return f"M = {M} > 256 has no dense Triton kernel"
+    if M > DENSE_TRITON_MAX_M:
+        return f"M = {M} > {DENSE_TRITON_MAX_M} has no dense Triton kernel"
     return "float64 inputs have no Triton kernel"

@@ -19,6 +19,20 @@ def float64_reference(v, logits, eta, mu, h0, cu_seqlens=None):
     return run_on_weights(chunk_factorization_memory_torch, *args[:4], None, args[4], True, cu_seqlens)
 
 
+def edge_case_inputs(case, B, T, H, M, V, device):
+    """Inputs of SPEC section 3's edge cases: theta = 1 with one-hot routing ("overwrite"),
+    eta = 0, logit differences of ~50 ("near_one_hot"); anything else is plain random."""
+    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(B, T, H, M, V, device=device))
+    if case == "overwrite":
+        logits = torch.nn.functional.one_hot(torch.randint(M, (B, T, H), device=device), M) * 1000.0
+        eta = torch.ones_like(eta)
+    elif case == "eta_zero":
+        eta = torch.zeros_like(eta)
+    elif case == "near_one_hot":
+        logits = torch.randn(B, T, H, M, device=device) * 50
+    return v, logits, eta, mu, h0
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
     ("B", "T", "H", "M", "V"),
@@ -49,15 +63,7 @@ def test_kernel_varlen(kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot"])
 def test_kernel_edge_numerics(kernel, case):
-    B, T, H, M, V = 1, 40, 2, 16, 16
-    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(B, T, H, M, V))
-    if case == "overwrite":
-        logits = torch.nn.functional.one_hot(torch.randint(M, (B, T, H)), M) * 1000.0
-        eta = torch.ones_like(eta)
-    elif case == "eta_zero":
-        eta = torch.zeros_like(eta)
-    else:
-        logits = torch.randn(B, T, H, M) * 50
+    v, logits, eta, mu, h0 = edge_case_inputs(case, 1, 40, 2, 16, 16, "cpu")
     o, ht = kernel(v, logits, eta, mu, h0, True, None)
     o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, None, h0, True)
     assert_close("o", o, o_ref, 1e-5)
@@ -110,17 +116,8 @@ def test_cuda_varlen_and_states():
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "long"])
 def test_cuda_edge_numerics(case):
-    B, T, H, M, V = 1, 4096, 2, 64, 64
-    if case == "long":
-        T, H = 200_000, 1
-    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(B, T, H, M, V, device="cuda"))
-    if case == "overwrite":
-        logits = torch.nn.functional.one_hot(torch.randint(M, (B, T, H), device="cuda"), M) * 1000.0
-        eta = torch.ones_like(eta)
-    elif case == "eta_zero":
-        eta = torch.zeros_like(eta)
-    elif case == "near_one_hot":
-        logits = torch.randn(B, T, H, M, device="cuda") * 50
+    T, H = (200_000, 1) if case == "long" else (4096, 2)
+    v, logits, eta, mu, h0 = edge_case_inputs(case, 1, T, H, 64, 64, "cuda")
     o, ht = chunk_factorization_memory(v, logits, eta, mu, None, h0, True)
     o_ref, ht_ref = float64_reference(v, logits, eta, mu, h0)
     assert_close("o", o, o_ref, 1e-5)
