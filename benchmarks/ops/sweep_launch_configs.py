@@ -1,5 +1,6 @@
 """Times the dense kernels' launch configurations at the benchmark shapes (bf16, B=4, T=4096,
-H=8, V=64 for the chunked forward; B=64, H=8, V=64 decode), each checked against the default.
+H=8, V=64 for the chunked forward and backward; B=64, H=8, V=64 decode), each checked
+against the default, and splits the default forward and backward into their stages.
 
     python benchmarks/ops/sweep_launch_configs.py
 """
@@ -9,7 +10,14 @@ import itertools
 import torch
 import triton
 
-from fla_factmem.ops.factorization_memory.launch import chunk_fwd, fused_recurrent_fwd
+from fla_factmem.ops.factorization_memory.launch import (
+    chunk_bwd,
+    chunk_fwd,
+    chunk_layout,
+    chunk_states,
+    fused_recurrent_fwd,
+    logsumexp,
+)
 
 
 def inputs(B, T, H, M, V):
@@ -23,32 +31,59 @@ def inputs(B, T, H, M, V):
     )
 
 
-def sweep(name, fn, args, grid):
-    ref = fn(*args)[0].float()
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def sweep(name, fn, grid):
+    ref = [x.float() for x in fn() if x is not None]
     results = []
     for cfg in grid:
         try:
-            out = fn(*args, **cfg)[0].float()
-            err = ((out - ref).norm() / ref.norm()).item()
-            ms = triton.testing.do_bench(lambda: fn(*args, **cfg), warmup=10, rep=50, return_mode="median")
-            results.append((ms, err, cfg))
+            out = [x.float() for x in fn(**cfg) if x is not None]
+            err = max(((a - b).norm() / b.norm()).item() for a, b in zip(out, ref))
+            results.append((bench(lambda: fn(**cfg)), err, cfg))
         except Exception as e:
             print(f"{name} {cfg}: {type(e).__name__} {str(e).splitlines()[0][:80]}")
-    for ms, err, cfg in sorted(results, key=lambda r: r[0])[:6]:
+    for ms, err, cfg in sorted(results, key=lambda r: r[0])[:5]:
         print(f"{name} {ms * 1e3:9.1f} us  err {err:.1e}  {cfg}", flush=True)
+
+
+def stages(B, T, H, M, V, v, lg, e, m, h0):
+    """Medians of each launch of the default forward and backward."""
+    lse = logsumexp(lg)
+    layout = chunk_layout(B, T, None)
+    do = torch.randn_like(v)
+    o, ht, saved = chunk_fwd(v, lg, e, m, h0, True, None)
+    parts = {
+        "logsumexp": lambda: logsumexp(lg),
+        "fwd states (increment+scan)": lambda: chunk_states(v, lg, lse, e, m, h0, True, layout, None, B, False),
+        "fwd total": lambda: chunk_fwd(v, lg, e, m, h0, True, None),
+        "bwd states (increment+scan)": lambda: chunk_states(do, lg, lse, e, m, None, True, layout, None, B, True),
+        "bwd total": lambda: chunk_bwd(v, lg, e, m, saved, do, None, None, True),
+    }
+    for name, fn in parts.items():
+        print(f"M={M} {name:30s} {bench(fn) * 1e3:9.1f} us", flush=True)
 
 
 def main():
     print(torch.cuda.get_device_name())
     for M in (64, 256):
-        v, lg, e, m, h0 = inputs(4, 4096, 8, M, 64)
+        B, T, H, V = 4, 4096, 8, 64
+        v, lg, e, m, h0 = inputs(B, T, H, M, V)
+        stages(B, T, H, M, V, v, lg, e, m, h0)
         grid = [
-            dict(block_v=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (1, 2))
+            dict(block_m=bm, block_v=bv, num_warps=w)
+            for bm, bv, w in itertools.product((32, 64), (32, 64), (4, 8))
         ]
-        sweep(f"chunk_fwd M={M}", lambda *a, **k: chunk_fwd(*a, False, None, **k), (v, lg, e, m, h0), grid)
+        sweep(f"chunk_fwd M={M}", lambda **k: chunk_fwd(v, lg, e, m, h0, True, None, **k)[:2], grid)
+        _, _, saved = chunk_fwd(v, lg, e, m, h0, True, None)
+        do = torch.randn_like(v)
+        grid = [dict(block_m=bm, num_warps=w) for bm, w in itertools.product((16, 32, 64), (4, 8))]
+        sweep(f"chunk_bwd M={M}", lambda **k: chunk_bwd(v, lg, e, m, saved, do, None, None, True, **k), grid)
         v, lg, e, m, h0 = inputs(64, 1, 8, M, 64)
         grid = [dict(block_v=bv, num_warps=w) for bv, w in itertools.product((4, 8, 16, 32), (1, 2, 4))]
-        sweep(f"decode M={M}", lambda *a, **k: fused_recurrent_fwd(*a, True, None, **k), (v, lg, e, m, h0), grid)
+        sweep(f"decode M={M}", lambda **k: fused_recurrent_fwd(v, lg, e, m, h0, True, None, **k), grid)
 
 
 if __name__ == "__main__":

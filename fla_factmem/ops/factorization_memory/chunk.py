@@ -5,52 +5,30 @@ from __future__ import annotations
 import torch
 
 from fla_factmem.ops.factorization_memory.chunk_torch import DEFAULT_CHUNK_SIZE, chunk_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.launch import chunk_fwd
+from fla_factmem.ops.factorization_memory.launch import SavedForBackward, chunk_bwd, chunk_fwd
 from fla_factmem.ops.factorization_memory.routing import run_on_weights, runs_dense_triton, slow_path_reason
 from fla_factmem.ops.factorization_memory.validation import check_chunk_size, validate_inputs
 from fla_factmem.utils import warn_once
 
 
 class ChunkFactorizationMemoryFunction(torch.autograd.Function):
-    """Dense op on CUDA: Triton forward; the backward recomputes through the PyTorch chunked path."""
+    """Dense op on CUDA: Triton kernels both ways. Saves the inputs, the per-token
+    log-sum-exp and the memory at each chunk's start ([NT_total, H, M, V] float32)."""
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
-        o, final_state = chunk_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
-        ctx.save_for_backward(v, logits, eta, mu, initial_state, cu_seqlens)
+        o, final_state, saved = chunk_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
+        ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.states)
+        ctx.layout = saved.layout
+        ctx.needs_dh0 = initial_state is not None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        warn_once(
-            "chunk_backward_torch",
-            "fla_factmem: the dense Triton backward is not written yet; the backward of "
-            "chunk_factorization_memory recomputes through the PyTorch chunked path, which is slow and "
-            "memory-hungry on the GPU.",
-        )
-        v, logits, eta, mu, initial_state, cu_seqlens = ctx.saved_tensors
-        inputs = [
-            x.detach().requires_grad_(x.requires_grad) if x is not None else None
-            for x in (v, logits, eta, mu, initial_state)
-        ]
-        with torch.enable_grad():
-            o, ht = run_on_weights(
-                chunk_factorization_memory_torch,
-                *inputs[:4],
-                None,
-                inputs[4],
-                True,
-                cu_seqlens,
-                chunk_size=DEFAULT_CHUNK_SIZE,
-            )
-            outputs, grads_out = [o], [do]
-            if dht is not None:
-                outputs.append(ht)
-                grads_out.append(dht)
-            wanted = [x for x in inputs if x is not None and x.requires_grad]
-            found = iter(torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True)) if wanted else iter(())
-        grads = [next(found) if x is not None and x.requires_grad else None for x in inputs]
-        return (*grads, None, None)
+        v, logits, eta, mu, cu_seqlens, lse, states = ctx.saved_tensors
+        saved = SavedForBackward(lse, states, ctx.layout)
+        dv, dlogits, deta, dmu, dh0 = chunk_bwd(v, logits, eta, mu, saved, do, dht, cu_seqlens, ctx.needs_dh0)
+        return dv, dlogits, deta, dmu, dh0, None, None
 
 
 def chunk_factorization_memory(
@@ -71,9 +49,9 @@ def chunk_factorization_memory(
     logits in the sparse variant), writes :math:`h_t[j] = (1 - \eta_t\alpha_t[j]) h_{t-1}[j]
     + \eta_t\alpha_t[j] v_t` and reads :math:`o_t = \sum_j \mu_t\alpha_t[j] h_t[j]`.
 
-    On CUDA, dense calls (``topk`` None or M, M <= 256) run the Triton forward kernel, which
-    derives the routing weights and decays on chip; other calls, and every call on the CPU,
-    run the PyTorch chunked path (on CUDA it warns once).
+    On CUDA, dense calls (``topk`` None or M, M <= 256) run the Triton kernels, forward and
+    backward, which derive the routing weights and decays on chip; other calls, and every
+    call on the CPU, run the PyTorch chunked path (on CUDA it warns once).
 
     Args:
         v: ``[B, T, H, V]`` values written into the memory.
@@ -87,7 +65,8 @@ def chunk_factorization_memory(
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
             Its values are checked on the PyTorch path only (a check on the GPU would sync).
         chunk_size: tokens per chunk of the PyTorch path (default 16; its memory grows with
-            T * chunk_size * M); the Triton kernels walk sub-chunks of 16 and ignore it.
+            T * chunk_size * M); the Triton kernels use chunks of 64 and sub-chunks of 16 and
+            ignore it.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``

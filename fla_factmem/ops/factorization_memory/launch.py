@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
+from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
-from fla_factmem.ops.factorization_memory.chunk_kernels import chunk_fwd_kernel, logsumexp_kernel
+from fla_factmem.ops.factorization_memory.chunk_bwd_kernels import chunk_bwd_kernel
+from fla_factmem.ops.factorization_memory.chunk_kernels import (
+    chunk_fwd_o_kernel,
+    chunk_state_increment_kernel,
+    chunk_state_scan_kernel,
+    logsumexp_kernel,
+)
 from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import fused_recurrent_fwd_kernel
 from fla_factmem.ops.factorization_memory.routing import DENSE_TRITON_MAX_M
 
-SUB_CHUNK = 16  # BT: tokens per step of the kernels' walk (the smallest tl.dot tile)
-MAX_BLOCK_M = 64  # rows of the memory per program: bounds the [BT, BT, BM] pairwise-decay tile
+CHUNK = 64  # BT: tokens per chunk of the state scan
+SUB_CHUNK = 16  # BS: tokens per step of the output kernel's walk, per program of the gradient kernel
+
+
+class ChunkLayout(NamedTuple):
+    """How the sequences split into chunks: NT chunks per sequence (equal lengths), or the
+    chunk_indices [NT_total, 2] and chunk_offsets [N + 1] of FLA for packed sequences."""
+
+    NT: int
+    NT_total: int
+    chunk_indices: torch.Tensor | None
+    chunk_offsets: torch.Tensor | None
+
+
+def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkLayout:
+    if cu_seqlens is None:
+        NT = triton.cdiv(T, CHUNK)
+        return ChunkLayout(NT, B * NT, None, None)
+    # FLA's helpers, cached per cu_seqlens tensor; counting the chunks reads the lengths on the host once
+    chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
+    return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, CHUNK))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots; bf16/fp16 inputs get tf32, well inside their own precision."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:
@@ -24,17 +57,61 @@ def logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return lse
 
 
-def _prepare(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
-    """Checks M, makes the inputs contiguous and allocates the final state:
-    ``(v, logits, eta, mu, h0, ht, N)`` with N the number of sequences."""
-    B, _, H, V = v.shape
+def _prepare(v, logits, eta, mu, initial_state, cu_seqlens):
+    """Checks M and makes the inputs contiguous: ``(v, logits, eta, mu, h0, N)``, N sequences."""
     M = logits.shape[-1]
     if M > DENSE_TRITON_MAX_M:
         raise ValueError(f"the dense Triton kernels take M <= {DENSE_TRITON_MAX_M}; got M = {M}")
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
+    N = v.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     h0 = initial_state.contiguous() if initial_state is not None else None
-    return (*(x.contiguous() for x in (v, logits, eta, mu)), h0, ht, N)
+    return (*(x.contiguous() for x in (v, logits, eta, mu)), h0, N)
+
+
+def chunk_states(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    start: torch.Tensor | None,
+    store_end: bool,
+    layout: ChunkLayout,
+    cu_seqlens: torch.Tensor | None,
+    N: int,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-chunk states ``[NT_total, H, M, V]`` float32 and the state at the far end ``[N, H, M, V]``.
+
+    Forward (``x = v``, ``start`` = initial state): the memory at each chunk's start, and the
+    final state. ``reverse`` (``x = do``, ``start`` = gradient on the final state): the gradient
+    on the memory at each chunk's end from the tokens after it, and the gradient on the
+    initial state.
+    """
+    _, T, H, V = x.shape
+    M = logits.shape[-1]
+    states = torch.empty(layout.NT_total, H, M, V, dtype=torch.float32, device=x.device)
+    decays = torch.empty(layout.NT_total, H, M, dtype=torch.float32, device=x.device)
+    BM, BV = min(triton.next_power_of_2(M), 64), min(triton.next_power_of_2(V), 64)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(V, BV), layout.NT_total, H)
+    chunk_state_increment_kernel[grid](
+        x, logits, lse, eta, mu, states, decays, layout.chunk_indices, cu_seqlens, T, layout.NT,
+        H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse, DOT_PRECISION=dot_precision(x.dtype),
+        num_warps=4,
+    )  # fmt: skip
+    end = torch.empty(N, H, M, V, dtype=torch.float32, device=x.device) if store_end else None
+    BM, BV = min(triton.next_power_of_2(M), 16), min(triton.next_power_of_2(V), 32)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(V, BV), N, H)
+    chunk_state_scan_kernel[grid](
+        states, decays, start, end, layout.chunk_offsets, cu_seqlens, layout.NT,
+        H=H, M=M, V=V, BM=BM, BV=BV, REVERSE=reverse, num_warps=2,
+    )  # fmt: skip
+    return states, end
+
+
+class SavedForBackward(NamedTuple):
+    lse: torch.Tensor
+    states: torch.Tensor
+    layout: ChunkLayout
 
 
 def chunk_fwd(
@@ -45,52 +122,69 @@ def chunk_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
-    block_v: int | None = None,
-    num_warps: int = 8,
-    num_stages: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or None)``.
-    ``block_v``, ``num_warps`` and ``num_stages`` override the launch configuration (for tuning)."""
+    block_m: int = 64,
+    block_v: int = 64,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor | None, SavedForBackward]:
+    """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or
+    None, what the backward needs)``. ``block_m``, ``block_v`` and ``num_warps`` set the output
+    kernel's launch (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
-    v, logits, eta, mu, h0, ht, N = _prepare(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
+    v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens)
     lse = logsumexp(logits)
+    layout = chunk_layout(B, T, cu_seqlens)
+    states, ht = chunk_states(v, logits, lse, eta, mu, h0, output_final_state, layout, cu_seqlens, N, reverse=False)
 
-    BM = min(triton.next_power_of_2(M), MAX_BLOCK_M)
-    # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): one program per 64 value
-    # columns, 8 warps, no software pipelining of the walk
-    BV = block_v or min(triton.next_power_of_2(V), 64)
+    BM, BV = min(triton.next_power_of_2(M), block_m), min(triton.next_power_of_2(V), block_v)
     NM, NV = triton.cdiv(M, BM), triton.cdiv(V, BV)
-    if NM == 1:
-        o = torch.empty_like(v)
-    else:
-        o = torch.empty(NM, B, T, H, V, dtype=torch.float32, device=v.device)
-    precision = "ieee" if v.dtype == torch.float32 else "tf32"
-    chunk_fwd_kernel[(NV, NM, N * H)](
-        v,
-        logits,
-        lse,
-        eta,
-        mu,
-        h0,
-        o,
-        ht,
-        cu_seqlens,
-        T,
-        B * T * H * V,
-        H=H,
-        M=M,
-        V=V,
-        BT=SUB_CHUNK,
-        BM=BM,
-        BV=BV,
-        DOT_PRECISION=precision,
+    # blocks of rows write partial outputs, summed here
+    o = torch.empty_like(v) if NM == 1 else torch.empty(NM, *v.shape, dtype=torch.float32, device=v.device)
+    chunk_fwd_o_kernel[(layout.NT_total, H, NM * NV)](
+        v, logits, lse, eta, mu, states, o, layout.chunk_indices, cu_seqlens, T, layout.NT, v.numel(),
+        H=H, M=M, V=V, BT=CHUNK, BS=SUB_CHUNK, BM=BM, BV=BV, DOT_PRECISION=dot_precision(v.dtype),
         num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    )  # fmt: skip
     if NM > 1:
         o = o.sum(0).to(v.dtype)
-    return o, ht
+    return o, ht, SavedForBackward(lse, states, layout)
+
+
+def chunk_bwd(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    saved: SavedForBackward,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    needs_dh0: bool,
+    block_m: int = 64,
+    num_warps: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dense backward from the forward's inputs and ``saved``: ``(dv, dlogits, deta, dmu, dh0)``
+    in the layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``).
+    ``block_m`` and ``num_warps`` set the gradient kernel's launch (for tuning)."""
+    B, T, H, V = v.shape
+    M = logits.shape[-1]
+    v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens)
+    do = do.contiguous()
+    dht = dht.contiguous() if dht is not None else None
+    lse, states, layout = saved
+    grad_states, dh0 = chunk_states(do, logits, lse, eta, mu, dht, needs_dh0, layout, cu_seqlens, N, reverse=True)
+
+    dv, dlogits, deta, dmu = (torch.empty_like(x) for x in (v, logits, eta, mu))
+    BM = min(triton.next_power_of_2(M), block_m)
+    # the softmax needs whole rows: with several blocks of rows, dalpha waits in a scratch
+    dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if M > BM else None
+    chunk_bwd_kernel[(layout.NT_total * (CHUNK // SUB_CHUNK), H)](
+        v, logits, lse, eta, mu, do, states, grad_states, dv, dlogits, deta, dmu, dalpha,
+        layout.chunk_indices, cu_seqlens, T, layout.NT,
+        H=H, M=M, V=V, BT=CHUNK, BS=SUB_CHUNK, BM=BM, BV=triton.next_power_of_2(V),
+        DOT_PRECISION=dot_precision(v.dtype), num_warps=num_warps,
+    )  # fmt: skip
+    return dv, dlogits, deta, dmu, dh0
 
 
 def fused_recurrent_fwd(
@@ -108,7 +202,8 @@ def fused_recurrent_fwd(
     ``block_v`` and ``num_warps`` override the launch configuration (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
-    v, logits, eta, mu, h0, ht, N = _prepare(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
+    v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens)
+    ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
     o = torch.empty_like(v)
     BM = triton.next_power_of_2(M)
     BV = block_v or min(triton.next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256

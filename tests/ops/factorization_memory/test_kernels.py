@@ -5,12 +5,24 @@ import pytest
 import torch
 
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory, naive_factorization_memory
+from fla_factmem.ops.factorization_memory.chunk import ChunkFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.launch import chunk_fwd, fused_recurrent_fwd
 from fla_factmem.ops.factorization_memory.routing import run_on_weights
-from tests.utils import assert_close, assert_matches, make_inputs
+from tests.utils import GRAD_NAMES, assert_close, assert_matches, make_inputs, run_with_grads
 
-KERNELS = [chunk_fwd, fused_recurrent_fwd]
+
+def chunk_kernels_forward(*args):
+    return chunk_fwd(*args)[:2]
+
+
+KERNELS = [chunk_kernels_forward, fused_recurrent_fwd]
+
+
+def triton_chunk(v, logits, eta, mu, topk=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The Triton forward and backward kernels on any device (the public op takes them on CUDA only)."""
+    assert topk is None
+    return ChunkFactorizationMemoryFunction.apply(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
 
 
 def float64_reference(v, logits, eta, mu, h0, cu_seqlens=None):
@@ -21,7 +33,8 @@ def float64_reference(v, logits, eta, mu, h0, cu_seqlens=None):
 
 def edge_case_inputs(case, B, T, H, M, V, device):
     """Inputs of SPEC section 3's edge cases: theta = 1 with one-hot routing ("overwrite"),
-    eta = 0, logit differences of ~50 ("near_one_hot"); anything else is plain random."""
+    eta = 0, logit differences of ~50 ("near_one_hot"), theta just below 1 ("saturating": logit
+    differences of ~20 and eta in [0.9, 1]); anything else is plain random. Leaves that require grad."""
     v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(B, T, H, M, V, device=device))
     if case == "overwrite":
         logits = torch.nn.functional.one_hot(torch.randint(M, (B, T, H), device=device), M) * 1000.0
@@ -30,7 +43,10 @@ def edge_case_inputs(case, B, T, H, M, V, device):
         eta = torch.zeros_like(eta)
     elif case == "near_one_hot":
         logits = torch.randn(B, T, H, M, device=device) * 50
-    return v, logits, eta, mu, h0
+    elif case == "saturating":
+        logits = torch.randn(B, T, H, M, device=device) * 20
+        eta = 0.9 + 0.1 * torch.rand_like(eta)
+    return tuple(x.float().requires_grad_() for x in (v, logits, eta, mu, h0))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -63,11 +79,34 @@ def test_kernel_varlen(kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot"])
 def test_kernel_edge_numerics(kernel, case):
-    v, logits, eta, mu, h0 = edge_case_inputs(case, 1, 40, 2, 16, 16, "cpu")
+    v, logits, eta, mu, h0 = (x.detach() for x in edge_case_inputs(case, 1, 40, 2, 16, 16, "cpu"))
     o, ht = kernel(v, logits, eta, mu, h0, True, None)
     o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, None, h0, True)
     assert_close("o", o, o_ref, 1e-5)
     assert_close("final state", ht, ht_ref, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("B", "T", "H", "M", "V"),
+    # T = 1; a partial chunk; M and V not powers of two; several chunks, several blocks of M rows
+    [(2, 1, 2, 16, 16), (1, 37, 2, 16, 16), (1, 70, 1, 24, 20), (1, 130, 1, 80, 16)],
+)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_kernels_gradients(B, T, H, M, V, with_state):
+    inputs = make_inputs(B, T, H, M, V, logit_scale=2.0, with_state=with_state)
+    assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4)
+
+
+def test_chunk_kernels_gradients_varlen():
+    offsets = torch.tensor([0, 18, 18, 19, 90], dtype=torch.int32)
+    inputs = make_inputs(1, 90, 2, 16, 16, N=4)
+    assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4, cu_seqlens=offsets)
+
+
+@pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "saturating"])
+def test_chunk_kernels_gradients_edge_numerics(case):
+    inputs = edge_case_inputs(case, 1, 80, 1, 16, 16, "cpu")
+    assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4)
 
 
 # ---------------------------------------------------------------- GPU, real shapes
@@ -81,45 +120,59 @@ CUDA_SHAPES = [
 ]
 
 
+def assert_matches_float64(fn, inputs, fwd_tol, bwd_tol, cu_seqlens=None):
+    """``fn``'s output, final state and input gradients against the PyTorch chunked path in float64."""
+    o, ht, grads, dout, dht = run_with_grads(fn, inputs, None, cu_seqlens=cu_seqlens)
+    leaves = [x.detach().double().requires_grad_() if x is not None else None for x in inputs]
+    o_ref, ht_ref = run_on_weights(chunk_factorization_memory_torch, *leaves[:4], None, leaves[4], True, cu_seqlens)
+    wanted = [x for x in leaves if x is not None]
+    found = iter(torch.autograd.grad((o_ref, ht_ref), wanted, (dout.double(), dht.double())))
+    assert o.dtype == inputs[0].dtype and ht.dtype == torch.float32
+    assert_close("o", o, o_ref, fwd_tol)
+    assert_close("final state", ht, ht_ref, fwd_tol)
+    for name, x, g in zip(GRAD_NAMES, inputs, grads):
+        if x is not None:
+            assert g.dtype == x.dtype, f"{name}: dtype {g.dtype} != {x.dtype}"
+            assert_close(name, g, next(found), bwd_tol)
+
+
+GRAD_TOLERANCES = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 1e-2), (torch.float16, 1e-2, 1e-2)]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(("B", "T", "H", "M", "V"), CUDA_SHAPES)
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
-def test_cuda_chunk_forward(B, T, H, M, V, dtype, tol):
-    v, logits, eta, mu, h0 = make_inputs(B, T, H, M, V, dtype=dtype, device="cuda", logit_scale=2.0)
-    o, ht = chunk_factorization_memory(v, logits, eta, mu, None, h0, True)
-    o_ref, ht_ref = float64_reference(v, logits, eta, mu, h0)
-    assert o.dtype == dtype and ht.dtype == torch.float32
-    assert_close("o", o, o_ref, tol)
-    assert_close("final state", ht, ht_ref, tol)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_chunk_backward(dtype):
-    inputs = make_inputs(2, 300, 2, 64, 64, dtype=dtype, device="cuda")
-    tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
-    assert_matches(chunk_factorization_memory, naive_factorization_memory, inputs, None, *tol)
+@pytest.mark.parametrize(("dtype", "fwd_tol", "bwd_tol"), GRAD_TOLERANCES)
+def test_cuda_chunk_backward(B, T, H, M, V, dtype, fwd_tol, bwd_tol):
+    inputs = make_inputs(B, T, H, M, V, dtype=dtype, device="cuda", logit_scale=2.0)
+    assert_matches_float64(chunk_factorization_memory, inputs, fwd_tol, bwd_tol)
 
 
 @pytest.mark.cuda
 def test_cuda_varlen_and_states():
     offsets = torch.tensor([0, 700, 701, 701, 2000, 2100], device="cuda")
-    v, logits, eta, mu, h0 = make_inputs(1, 2100, 4, 64, 64, device="cuda", N=5)
-    for fn in (chunk_factorization_memory, fused_recurrent_factorization_memory):
-        with torch.no_grad():
-            o, ht = fn(v, logits, eta, mu, None, h0, True, cu_seqlens=offsets)
-        o_ref, ht_ref = float64_reference(v, logits, eta, mu, h0, offsets)
-        assert_close(f"{fn.__name__} o", o, o_ref, 1e-5)
-        assert_close(f"{fn.__name__} final state", ht, ht_ref, 1e-5)
+    inputs = make_inputs(1, 2100, 4, 64, 64, device="cuda", N=5)
+    assert_matches_float64(chunk_factorization_memory, inputs, 1e-5, 1e-4, cu_seqlens=offsets)
+    v, logits, eta, mu, h0 = (x.detach() for x in inputs)
+    o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, None, h0, True, cu_seqlens=offsets)
+    o_ref, ht_ref = float64_reference(v, logits, eta, mu, h0, offsets)
+    assert_close("fused_recurrent o", o, o_ref, 1e-5)
+    assert_close("fused_recurrent final state", ht, ht_ref, 1e-5)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "long"])
+@pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "saturating"])
 def test_cuda_edge_numerics(case):
-    T, H = (200_000, 1) if case == "long" else (4096, 2)
-    v, logits, eta, mu, h0 = edge_case_inputs(case, 1, T, H, 64, 64, "cuda")
-    o, ht = chunk_factorization_memory(v, logits, eta, mu, None, h0, True)
-    o_ref, ht_ref = float64_reference(v, logits, eta, mu, h0)
+    inputs = edge_case_inputs(case, 1, 4096, 2, 64, 64, "cuda")
+    assert_matches_float64(chunk_factorization_memory, inputs, 1e-5, 1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_long_sequence():
+    inputs = edge_case_inputs("long", 1, 200_000, 1, 64, 64, "cuda")
+    o, ht, grads, _, _ = run_with_grads(chunk_factorization_memory, inputs, None)
+    for name, g in zip(GRAD_NAMES, grads):
+        assert torch.isfinite(g).all(), f"{name}: NaN or Inf"
+    o_ref, ht_ref = float64_reference(*inputs)
     assert_close("o", o, o_ref, 1e-5)
     assert_close("final state", ht, ht_ref, 1e-5)
 
