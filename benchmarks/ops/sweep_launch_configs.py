@@ -73,8 +73,7 @@ def main():
         v, lg, e, m, h0 = inputs(B, T, H, M, V)
         stages(B, T, H, M, V, v, lg, e, m, h0)
         grid = [
-            dict(block_m=bm, block_v=bv, num_warps=w)
-            for bm, bv, w in itertools.product((32, 64), (32, 64), (4, 8))
+            dict(block_m=bm, block_v=bv, num_warps=w) for bm, bv, w in itertools.product((32, 64), (32, 64), (4, 8))
         ]
         sweep(f"chunk_fwd M={M}", lambda **k: chunk_fwd(v, lg, e, m, h0, True, None, **k)[:2], grid)
         _, _, saved = chunk_fwd(v, lg, e, m, h0, True, None)

@@ -230,7 +230,9 @@ def chunk_state_scan_kernel(
         c_next = c + step
         row_next = (c_next * H + i_h) * M + o_m
         m_next = m_m & (o_m * 0 + i + 1 < count)
-        inc_next = tl.load(states + row_next[:, None] * V + o_v[None, :], mask=m_next[:, None] & m_v[None, :], other=0.0)
+        inc_next = tl.load(
+            states + row_next[:, None] * V + o_v[None, :], mask=m_next[:, None] & m_v[None, :], other=0.0
+        )
         decay_next = tl.load(decays + row_next, mask=m_next, other=0.0)
         tl.store(states + row[:, None] * V + o_v[None, :], s, mask=m_state)
         s = s * decay[:, None] + inc

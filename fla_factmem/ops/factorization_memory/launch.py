@@ -160,12 +160,12 @@ def chunk_bwd(
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     needs_dh0: bool,
-    block_m: int = 64,
-    num_warps: int = 8,
+    block_m: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Dense backward from the forward's inputs and ``saved``: ``(dv, dlogits, deta, dmu, dh0)``
     in the layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``).
-    ``block_m`` and ``num_warps`` set the gradient kernel's launch (for tuning)."""
+    ``block_m`` and ``num_warps`` override the gradient kernel's launch (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens)
@@ -175,6 +175,10 @@ def chunk_bwd(
     grad_states, dh0 = chunk_states(do, logits, lse, eta, mu, dht, needs_dh0, layout, cu_seqlens, N, reverse=True)
 
     dv, dlogits, deta, dmu = (torch.empty_like(x) for x in (v, logits, eta, mu))
+    # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): one block of 64 rows
+    # on 8 warps while M <= 64, blocks of 32 rows on 4 warps beyond
+    block_m = block_m or (64 if M <= 64 else 32)
+    num_warps = num_warps or (8 if M <= 64 else 4)
     BM = min(triton.next_power_of_2(M), block_m)
     # the softmax needs whole rows: with several blocks of rows, dalpha waits in a scratch
     dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if M > BM else None
