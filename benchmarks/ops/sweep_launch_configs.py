@@ -54,7 +54,7 @@ def stages(B, T, H, M, V, v, lg, e, m, h0):
     lse = logsumexp(lg)
     layout = chunk_layout(B, T, None)
     do = torch.randn_like(v)
-    o, ht, saved = chunk_fwd(v, lg, e, m, h0, True, None)
+    *_, saved = chunk_fwd(v, lg, e, m, h0, True, None)
     parts = {
         "logsumexp": lambda: logsumexp(lg),
         "fwd states (increment+scan)": lambda: chunk_states(v, lg, lse, e, m, h0, True, layout, None, B, False),
