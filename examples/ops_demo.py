@@ -4,7 +4,7 @@
 
 Runs the chunked op dense and sparse on random inputs, compares it and its gradients with
 the step-by-step definition, and decodes a few tokens with the recurrent op from the
-chunked op's final state. Replaced by a small training run once the model lands.
+chunked op's final state.
 """
 
 import argparse

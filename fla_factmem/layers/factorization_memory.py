@@ -1,0 +1,162 @@
+"""The Factorization Memory mixer layer (SPEC section 4), with FLA's layer interface."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
+
+from fla_factmem.modules import FusedRMSNormGated, ShortConvolution
+from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
+
+MODES = ("chunk", "fused_recurrent")
+RECURRENT_MAX_LEN = 64  # inputs this short, without autograd (decoding), take the token-by-token kernel
+
+
+class FactorizationMemory(nn.Module):
+    r"""Factorization Memory (arXiv 2511.00315): a Mamba-2-style mixer around an M x V memory per head.
+
+    From ``x`` ``[B, T, hidden_size]``, per head:
+    ``v = SiLU(short_conv(v_proj(x)))`` (SiLU alone without the short convolution),
+    ``logits = a_proj(x) / temperature``, ``eta = sigmoid(eta_proj(x))``,
+    ``mu = sigmoid(mu_proj(x))``; the memory op turns them into ``o`` ``[B, T, H, V]``; then
+    ``y = o_proj(g_norm(o, g_proj(x)))``, where ``g_norm`` is a SiLU-gated RMS norm over all
+    heads together (so the per-head merge rate ``mu`` keeps its meaning).
+
+    Initialisation: PyTorch's defaults when built alone; inside the models, FLA's scheme
+    (normal(0, initializer_range) weights, zero biases). Zero biases give eta = mu = 1/2 and,
+    with small routing weights, near-uniform routing: every state starts as a slow moving
+    average (theta about 1 / (2M) per token) and learns to specialise.
+
+    Args:
+        hidden_size: width D of the input and output.
+        num_heads: heads H.
+        head_dim: width V of one memory state; ``hidden_size // num_heads`` by default.
+        num_memories: memory states M per head.
+        topk: None for dense routing; K in [1, M] for the sparse variant (K = M is dense).
+        temperature: routing logits are divided by it.
+        mode: ``chunk`` or ``fused_recurrent``; short inputs without autograd (decoding) use
+            ``fused_recurrent`` whatever the mode.
+        use_short_conv: causal depthwise convolution on v, as in Mamba-2.
+        conv_size: its width.
+        conv_bias: whether it has a bias.
+        norm_eps: epsilon of the output norm.
+        layer_idx: the layer's index in the model; needed with a cache.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        num_heads: int = 4,
+        head_dim: int | None = None,
+        num_memories: int = 64,
+        topk: int | None = None,
+        temperature: float = 1.0,
+        mode: str = "chunk",
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        norm_eps: float = 1e-5,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        if head_dim is None:
+            if hidden_size % num_heads != 0:
+                raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}; give head_dim")
+            head_dim = hidden_size // num_heads
+        for name, value in (
+            ("hidden_size", hidden_size),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("num_memories", num_memories),
+            ("conv_size", conv_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int; got {value!r}")
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_memories):
+            raise ValueError(f"`topk` must be None or an int in [1, num_memories={num_memories}]; got {topk!r}")
+        if not temperature > 0:
+            raise ValueError(f"`temperature` must be positive; got {temperature!r}")
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}")
+
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.num_memories, self.topk, self.temperature = num_memories, topk, temperature
+        self.mode, self.use_short_conv, self.conv_size = mode, use_short_conv, conv_size
+        self.layer_idx = layer_idx
+        value_dim = num_heads * head_dim
+
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        if use_short_conv:
+            self.v_conv1d = ShortConvolution(value_dim, conv_size, bias=conv_bias, activation="silu")
+        self.a_proj = nn.Linear(hidden_size, num_heads * num_memories, bias=False)  # the paper's W_alpha
+        self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.mu_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)  # the output gate z
+        self.g_norm = FusedRMSNormGated(value_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, object]:
+        """
+        Args:
+            hidden_states: ``[B, T, hidden_size]``.
+            attention_mask: optional ``[B, T]`` (or ``[B, past + T]`` when decoding) 0/1 padding mask.
+            past_key_values: FLA ``Cache``; this layer keeps ``recurrent_state`` ``[N, H, M, V]``
+                float32 and ``conv_state`` ``[N, H * V, conv_size]`` in it.
+            use_cache: whether to write the states after this call into the cache.
+            cu_seqlens (kwarg): ``[N + 1]`` offsets of sequences packed along T, with B = 1.
+
+        Returns:
+            ``(y [B, T, hidden_size], None, past_key_values)``.
+        """
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "attention_mask must be a [batch_size, seq_len] 0/1 padding mask; "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        batch_size, q_len, _ = hidden_states.shape
+        short_decode = q_len <= RECURRENT_MAX_LEN and not torch.is_grad_enabled()
+        mode = "fused_recurrent" if short_decode else self.mode
+
+        last_state = get_layer_cache(self, past_key_values)
+        hidden_states, indices, cu_seqlens = unpad_hidden_states(
+            hidden_states, kwargs.get("cu_seqlens"), attention_mask, q_len
+        )
+
+        v, conv_state = self.v_proj(hidden_states), None
+        if self.use_short_conv:
+            conv_state = last_state["conv_state"] if last_state is not None else None
+            v, conv_state = self.v_conv1d(x=v, cache=conv_state, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        else:
+            v = F.silu(v)
+        v = rearrange(v, "... (h d) -> ... h d", d=self.head_dim)
+        logits = rearrange(self.a_proj(hidden_states), "... (h m) -> ... h m", m=self.num_memories) / self.temperature
+        eta = torch.sigmoid(self.eta_proj(hidden_states))
+        mu = torch.sigmoid(self.mu_proj(hidden_states))
+
+        memory_op = fused_recurrent_factorization_memory if mode == "fused_recurrent" else chunk_factorization_memory
+        o, recurrent_state = memory_op(
+            v,
+            logits,
+            eta,
+            mu,
+            topk=self.topk,
+            initial_state=last_state["recurrent_state"] if last_state is not None else None,
+            output_final_state=use_cache,
+            cu_seqlens=cu_seqlens,
+        )
+        update_layer_cache(self, past_key_values, recurrent_state=recurrent_state, conv_state=conv_state, offset=q_len)
+
+        o = self.g_norm(rearrange(o, "... h d -> ... (h d)"), self.g_proj(hidden_states))
+        o = repad_hidden_states(self.o_proj(o), indices, batch_size, q_len)
+        return o, None, past_key_values

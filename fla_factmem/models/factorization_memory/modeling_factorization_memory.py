@@ -1,0 +1,115 @@
+"""Factorization Memory language models: pure or hybrid stacks on FLA's model base classes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
+from fla.models.modeling_utils import FLAForCausalLM, FLAModel, FLAPreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from fla_factmem.models.factorization_memory.configuration_factorization_memory import FactorizationMemoryConfig
+from fla_factmem.models.mixers import build_mixer, mixer_entry
+from fla_factmem.modules import GatedMLP, RMSNorm
+
+
+class FactorizationMemoryBlock(GradientCheckpointingLayer):
+    """Pre-norm block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``; ``[B, T, D]`` to ``[B, T, D]``."""
+
+    def __init__(self, config: FactorizationMemoryConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = build_mixer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GatedMLP(
+            hidden_size=config.hidden_size,
+            hidden_ratio=config.hidden_ratio,
+            intermediate_size=config.intermediate_size,
+            hidden_act=config.hidden_act,
+            fuse_swiglu=config.fuse_swiglu,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        attnres_states=None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states, attentions, past_key_values = self.attn(
+            hidden_states=self.attn_norm(hidden_states),
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        hidden_states, residual = self.mlp_norm(hidden_states, residual, True)
+        hidden_states = residual + self.mlp(hidden_states, **kwargs)
+        # FLAModel's loop also threads attention-residual states, which these blocks do not use
+        return hidden_states, attentions, past_key_values, attnres_states
+
+
+class FactorizationMemoryPreTrainedModel(FLAPreTrainedModel):
+    config_class = FactorizationMemoryConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FactorizationMemoryBlock"]
+    _supports_cache_class = True
+
+
+class FactorizationMemoryModel(FactorizationMemoryPreTrainedModel, FLAModel):
+    """Embeddings, ``num_hidden_layers`` blocks and a final norm. ``forward(input_ids [B, T], ...)``
+    returns ``last_hidden_state`` ``[B, T, hidden_size]`` and the cache (FLA's ``Cache``)."""
+
+    def __init__(self, config: FactorizationMemoryConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [FactorizationMemoryBlock(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.use_attnres = False
+        self.cuda_only_mixers = sorted({name for name in config.layer_types if mixer_entry(name).needs_cuda})
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        if self.cuda_only_mixers and device.type != "cuda":
+            raise RuntimeError(
+                f"the mixers {self.cuda_only_mixers} run FLA's Triton kernels, which need CUDA tensors; "
+                f"got inputs on {device}. On the CPU use 'factorization_memory' and 'attention' layers."
+            )
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+
+
+class FactorizationMemoryForCausalLM(
+    FactorizationMemoryPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin
+):
+    """``FactorizationMemoryModel`` with a language-model head: ``forward(input_ids [B, T],
+    labels=None, ...)`` returns ``logits`` ``[B, T, vocab_size]`` and, with labels, the
+    next-token loss; ``generate`` decodes with the cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: FactorizationMemoryConfig):
+        super().__init__(config)
+        self.model = FactorizationMemoryModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def criterion(self) -> nn.Module | None:
+        # None lets FLA pick its fused (Triton) loss; on the CPU the same loss comes from PyTorch
+        return None if self.lm_head.weight.is_cuda else nn.CrossEntropyLoss()

@@ -1,0 +1,138 @@
+"""The token mixers a hybrid stack can use, by name, and ``register_mixer`` to add more."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from fla_factmem.layers import Attention, FactorizationMemory
+
+MixerFactory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class MixerEntry:
+    factory: MixerFactory
+    needs_cuda: bool
+
+
+_MIXERS: dict[str, MixerEntry] = {}
+
+
+def register_mixer(name: str, factory: MixerFactory, needs_cuda: bool = False, overwrite: bool = False) -> None:
+    """Makes ``name`` usable in ``FactorizationMemoryConfig.layer_types``.
+
+    Args:
+        name: the mixer's name in configs.
+        factory: ``factory(config, layer_idx, **options) -> nn.Module``, where ``options`` are
+            ``config.mixer_options.get(name, {})``. The module must follow FLA's layer
+            interface: ``forward(hidden_states, attention_mask=None, past_key_values=None,
+            use_cache=False, output_attentions=False, **kwargs)`` returning
+            ``(output [B, T, hidden_size], attentions or None, past_key_values)``, and keep its
+            cache entries under its ``layer_idx``.
+        needs_cuda: the mixer only runs on CUDA tensors (for instance FLA's Triton layers);
+            the model then refuses CPU inputs with a clear message instead of a Triton error.
+        overwrite: replace an existing entry of the same name.
+    """
+    if name in _MIXERS and not overwrite:
+        raise ValueError(f"a mixer named {name!r} is already registered; pass overwrite=True to replace it")
+    _MIXERS[name] = MixerEntry(factory, needs_cuda)
+
+
+def registered_mixers() -> list[str]:
+    """The names usable in ``layer_types``."""
+    return sorted(_MIXERS)
+
+
+def mixer_entry(name: str) -> MixerEntry:
+    if name not in _MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; registered: {registered_mixers()} (see register_mixer)")
+    return _MIXERS[name]
+
+
+def build_mixer(config, layer_idx: int) -> nn.Module:
+    """The mixer of layer ``layer_idx``: ``config.layer_types[layer_idx]`` built with its options."""
+    name = config.layer_types[layer_idx]
+    return mixer_entry(name).factory(config, layer_idx, **config.options_of(layer_idx))
+
+
+def _factorization_memory(config, layer_idx, **options):
+    kwargs = dict(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        head_dim=config.head_dim,
+        num_memories=config.num_memories,
+        topk=config.topk,
+        temperature=config.routing_temperature,
+        mode=config.attn_mode,
+        use_short_conv=config.use_short_conv,
+        conv_size=config.conv_size,
+        norm_eps=config.norm_eps,
+    )
+    return FactorizationMemory(**(kwargs | options), layer_idx=layer_idx)
+
+
+def _attention(config, layer_idx, **options):
+    # FLA's own layer where flash-attn is installed; ours (same parameters) on PyTorch SDPA otherwise
+    from fla.layers import attn as fla_attn
+
+    kwargs = dict(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        max_position_embeddings=config.max_position_embeddings,
+    )
+    layer = fla_attn.Attention if fla_attn.flash_attn_func is not None else Attention
+    return layer(**(kwargs | options), layer_idx=layer_idx)
+
+
+def _fla_mixer(class_name: str, derived: Callable[..., dict]) -> MixerFactory:
+    def factory(config, layer_idx, **options):
+        import fla.layers
+
+        return getattr(fla.layers, class_name)(**(derived(config) | options), layer_idx=layer_idx)
+
+    factory.__name__ = f"fla_{class_name}"
+    return factory
+
+
+register_mixer("factorization_memory", _factorization_memory)
+register_mixer("attention", _attention)
+# FLA's linear mixers, sized from hidden_size and num_heads so that a bare name works
+register_mixer(
+    "gla",
+    _fla_mixer(
+        "GatedLinearAttention", lambda c: dict(hidden_size=c.hidden_size, num_heads=c.num_heads, norm_eps=c.norm_eps)
+    ),
+    needs_cuda=True,
+)
+register_mixer(
+    "delta_net",
+    _fla_mixer("DeltaNet", lambda c: dict(hidden_size=c.hidden_size, num_heads=c.num_heads, norm_eps=c.norm_eps)),
+    needs_cuda=True,
+)
+register_mixer(
+    "gated_deltanet",
+    _fla_mixer(
+        "GatedDeltaNet",
+        lambda c: dict(
+            hidden_size=c.hidden_size, num_heads=c.num_heads, head_dim=c.hidden_size // c.num_heads, norm_eps=c.norm_eps
+        ),
+    ),
+    needs_cuda=True,
+)
+register_mixer(
+    "mamba2",
+    _fla_mixer(
+        "Mamba2",
+        lambda c: dict(
+            hidden_size=c.hidden_size,
+            num_heads=c.num_heads,
+            head_dim=2 * c.hidden_size // c.num_heads,
+            expand=2,
+            norm_eps=c.norm_eps,
+        ),
+    ),
+    needs_cuda=True,
+)

@@ -1,0 +1,155 @@
+"""The FactorizationMemory layer: against a direct composition of its projections and the
+naive op, padded and packed batches against per-sequence runs, both modes, and the cache."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fla.models.cache_utils import Cache
+
+from fla_factmem.layers import FactorizationMemory
+from fla_factmem.ops import naive_factorization_memory
+from tests.utils import assert_close
+
+D, H, V, M = 32, 2, 8, 6
+
+
+def make_layer(topk=None, use_short_conv=True, mode="chunk", **kwargs):
+    layer = FactorizationMemory(
+        hidden_size=D,
+        num_heads=H,
+        head_dim=V,
+        num_memories=M,
+        topk=topk,
+        temperature=0.7,
+        use_short_conv=use_short_conv,
+        mode=mode,
+        layer_idx=0,
+        **kwargs,
+    )
+    with torch.no_grad():  # non-trivial norm weight and rate biases, so the test sees them
+        layer.g_norm.weight.normal_()
+        layer.eta_proj.bias.normal_()
+        layer.mu_proj.bias.normal_()
+    return layer
+
+
+def compose(layer, x):
+    """The layer written out from SPEC section 4 with the naive op."""
+    H, V, M = layer.num_heads, layer.head_dim, layer.num_memories
+    v = layer.v_proj(x)
+    if layer.use_short_conv:
+        conv = layer.v_conv1d
+        v = F.conv1d(F.pad(v.transpose(1, 2), (layer.conv_size - 1, 0)), conv.weight, conv.bias, groups=v.shape[-1])
+        v = v.transpose(1, 2)
+    v = F.silu(v).unflatten(-1, (H, V))
+    logits = layer.a_proj(x).unflatten(-1, (H, M)) / layer.temperature
+    eta, mu = torch.sigmoid(layer.eta_proj(x)), torch.sigmoid(layer.mu_proj(x))
+    o, _ = naive_factorization_memory(v, logits, eta, mu, topk=layer.topk)
+    o = o.flatten(-2)
+    o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + layer.g_norm.eps) * layer.g_norm.weight
+    return layer.o_proj(o * F.silu(layer.g_proj(x)))
+
+
+@pytest.mark.parametrize("topk", [None, 1, 3, M])
+@pytest.mark.parametrize("use_short_conv", [True, False])
+@pytest.mark.parametrize("T", [1, 19, 70])
+def test_layer_equals_composition_of_projections_and_naive_op(topk, use_short_conv, T):
+    layer = make_layer(topk, use_short_conv)
+    x = torch.randn(2, T, D, requires_grad=True)
+    y, attentions, cache = layer(x)
+    assert attentions is None and cache is None
+    ref = compose(layer, x)
+    assert_close("y", y, ref, 1e-5)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad((y * g).sum(), x)
+    (dx_ref,) = torch.autograd.grad((ref * g).sum(), x)
+    assert_close("dx", dx, dx_ref, 1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_per_sequence_runs(side):
+    layer = make_layer(topk=2)
+    lengths = [7, 3, 12]
+    xs = [torch.randn(1, n, D) for n in lengths]
+    T = max(lengths)
+    x = torch.zeros(len(xs), T, D)
+    mask = torch.zeros(len(xs), T, dtype=torch.long)
+    for i, (xi, n) in enumerate(zip(xs, lengths)):
+        span = slice(T - n, T) if side == "left" else slice(0, n)
+        x[i, span], mask[i, span] = xi[0], 1
+    y, _, _ = layer(x, attention_mask=mask)
+    for i, (xi, n) in enumerate(zip(xs, lengths)):
+        span = slice(T - n, T) if side == "left" else slice(0, n)
+        assert_close(f"y[{i}]", y[i : i + 1, span], layer(xi)[0], 1e-5)
+        assert torch.all(y[i, mask[i] == 0] == 0)
+
+
+def test_cu_seqlens_equals_per_sequence_runs():
+    layer = make_layer()
+    lengths = [5, 1, 66, 9]
+    xs = [torch.randn(1, n, D) for n in lengths]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    y, _, _ = layer(torch.cat(xs, 1), cu_seqlens=cu_seqlens)
+    for i, xi in enumerate(xs):
+        assert_close(f"y[{i}]", y[:, cu_seqlens[i] : cu_seqlens[i + 1]], layer(xi)[0], 1e-5)
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_chunk_mode_equals_fused_recurrent_mode(topk):
+    chunk = make_layer(topk, mode="chunk")
+    recurrent = make_layer(topk, mode="fused_recurrent")
+    recurrent.load_state_dict(chunk.state_dict())
+    x = torch.randn(2, 80, D)  # longer than the short-input threshold, so each layer keeps its mode
+    assert_close("y", recurrent(x)[0], chunk(x)[0], 1e-5)
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_cache_continues_the_sequence(topk):
+    """A prefill then token-by-token decoding through FLA's Cache equals one pass."""
+    layer = make_layer(topk).eval()
+    x = torch.randn(2, 12, D)
+    with torch.no_grad():
+        full = layer(x)[0]
+        cache = Cache()
+        pieces = [layer(x[:, :5], past_key_values=cache, use_cache=True)[0]]
+        for t in range(5, 12):
+            pieces.append(layer(x[:, t : t + 1], past_key_values=cache, use_cache=True)[0])
+    assert_close("y", torch.cat(pieces, 1), full, 1e-5)
+    assert cache[0]["recurrent_state"].shape == (2, H, M, V)
+    assert cache[0]["conv_state"].shape == (2, H * V, 4)
+    assert cache.get_seq_length(0) == 12
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_memories=0), "num_memories"),
+        (dict(topk=7), "topk"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(mode="parallel"), "mode"),
+        (dict(hidden_size=31, head_dim=None), "divisible"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message):
+    base = dict(hidden_size=D, num_heads=H, head_dim=V, num_memories=M)
+    with pytest.raises(ValueError, match=message):
+        FactorizationMemory(**(base | kwargs))
+
+
+def test_three_dimensional_attention_mask_is_refused():
+    with pytest.raises(ValueError, match="padding mask"):
+        make_layer()(torch.randn(1, 4, D), attention_mask=torch.ones(1, 4, 4))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("topk", [None, 3])
+def test_layer_on_gpu_equals_composition(dtype, topk):
+    """On the GPU the layer runs FLA's modules and the Triton kernels (dense); the composition
+    runs under the same autocast, so the two differ only where their kernels round."""
+    layer = FactorizationMemory(hidden_size=256, num_heads=4, num_memories=64, topk=topk, layer_idx=0).cuda()
+    x = torch.randn(2, 300, 256, device="cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        y = layer(x)[0]
+        ref = compose(layer, x)
+    assert_close("y", y, ref, 1e-4 if dtype == torch.float32 else 2e-2)
