@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from fla_factmem.layers.utils import check_padding_mask
 from fla_factmem.modules import RMSNorm, RotaryEmbedding
 from fla_factmem.ops.factorization_memory.validation import host_offsets
 
@@ -97,11 +98,7 @@ class Attention(nn.Module):
         Returns:
             ``(y [B, T, hidden_size], None, past_key_values)``.
         """
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                "attention_mask must be a [batch_size, seq_len] 0/1 padding mask; "
-                f"got shape {tuple(attention_mask.shape)}"
-            )
+        check_padding_mask(attention_mask)
         batch_size, q_len, _ = hidden_states.shape
         q = rearrange(self.q_proj(hidden_states), "... (h d) -> ... h d", d=self.head_dim)
         k = rearrange(self.k_proj(hidden_states), "... (h d) -> ... h d", d=self.head_dim)

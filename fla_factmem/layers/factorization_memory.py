@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
+from fla_factmem.layers.utils import check_padding_mask
 from fla_factmem.modules import FusedRMSNormGated, ShortConvolution
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
 
@@ -119,11 +120,7 @@ class FactorizationMemory(nn.Module):
         Returns:
             ``(y [B, T, hidden_size], None, past_key_values)``.
         """
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                "attention_mask must be a [batch_size, seq_len] 0/1 padding mask; "
-                f"got shape {tuple(attention_mask.shape)}"
-            )
+        check_padding_mask(attention_mask)
         batch_size, q_len, _ = hidden_states.shape
         short_decode = q_len <= RECURRENT_MAX_LEN and not torch.is_grad_enabled()
         mode = "fused_recurrent" if short_decode else self.mode

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd
+from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.routing import run_on_weights, runs_dense_triton, slow_path_reason
 from fla_factmem.ops.factorization_memory.validation import validate_inputs
 from fla_factmem.utils import warn_once
