@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from fla.ops.utils.index import prepare_position_ids
 
 from fla_factmem.layers.utils import check_padding_mask
 from fla_factmem.modules import RMSNorm, RotaryEmbedding
@@ -138,10 +139,7 @@ class Attention(nn.Module):
     def _positions(batch_size, q_len, past_len, attention_mask, cu_seqlens, device) -> torch.Tensor:
         """RoPE positions ``[B, T]``: packed sequences restart at 0 and padding is not counted."""
         if cu_seqlens is not None:
-            index = torch.arange(q_len, device=device)
-            cu_seqlens = cu_seqlens.to(device)
-            starts = cu_seqlens[torch.searchsorted(cu_seqlens, index, right=True) - 1]
-            return (index - starts)[None]
+            return prepare_position_ids(cu_seqlens.to(device))[None]
         if attention_mask is None:
             return (past_len + torch.arange(q_len, device=device))[None].expand(batch_size, -1)
         # tokens before the mask's span, if any, count as real

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import fla.layers
 import torch.nn as nn
+from fla.layers import attn as fla_attn
 
 from fla_factmem.layers import Attention, FactorizationMemory
 
@@ -76,8 +78,6 @@ def _factorization_memory(config, layer_idx, **options):
 
 def _attention(config, layer_idx, **options):
     # FLA's own layer where flash-attn is installed; ours (same parameters) on PyTorch SDPA otherwise
-    from fla.layers import attn as fla_attn
-
     kwargs = dict(
         hidden_size=config.hidden_size,
         num_heads=config.num_heads,
@@ -89,8 +89,6 @@ def _attention(config, layer_idx, **options):
 
 def _fla_mixer(class_name: str, derived: Callable[..., dict]) -> MixerFactory:
     def factory(config, layer_idx, **options):
-        import fla.layers
-
         return getattr(fla.layers, class_name)(**(derived(config) | options), layer_idx=layer_idx)
 
     factory.__name__ = f"fla_{class_name}"
