@@ -13,20 +13,20 @@ from fla_factmem.utils import warn_once
 
 class ChunkFactorizationMemoryFunction(torch.autograd.Function):
     """Dense op on CUDA: Triton kernels both ways. Saves the inputs, the per-token
-    log-sum-exp and the memory at each chunk's start ([NT_total, H, M, V] float32)."""
+    log-sum-exp and dominant row and the memory at each chunk's start ([NT_total, H, M, V] float32)."""
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
         o, final_state, saved = chunk_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
-        ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.states)
+        ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.dominant, saved.states)
         ctx.layout = saved.layout
         ctx.needs_dh0 = initial_state is not None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        v, logits, eta, mu, cu_seqlens, lse, states = ctx.saved_tensors
-        saved = SavedForBackward(lse, states, ctx.layout)
+        v, logits, eta, mu, cu_seqlens, lse, dominant, states = ctx.saved_tensors
+        saved = SavedForBackward(lse, dominant, states, ctx.layout)
         dv, dlogits, deta, dmu, dh0 = chunk_bwd(v, logits, eta, mu, saved, do, dht, cu_seqlens, ctx.needs_dh0)
         return dv, dlogits, deta, dmu, dh0, None, None
 

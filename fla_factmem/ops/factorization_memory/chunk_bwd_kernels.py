@@ -1,21 +1,28 @@
-"""Triton backward kernel of dense Factorization Memory, one program per sub-chunk.
+"""Triton backward kernels of dense Factorization Memory, parallel over chunks.
 
-With the memory at every chunk's start (saved by the forward) and the gradient on the memory
-at every chunk's end (the reverse scan of ``chunk_kernels.py``), a program rebuilds the
-memory at the start of its 16-token sub-chunk, h, and the gradient on it at the sub-chunk's
-end, dh, and then, per row j and token t, with D_t the gradient on h_t and b the
-cumulative log-decay inside the sub-chunk:
+With the memory at every chunk's start h (saved by the forward) and the gradient on the memory
+at every chunk's end dh (the reverse scan of ``chunk_kernels.py``), the gradients are, per row
+j and token t of a chunk, with D_t the gradient on h_t:
 
     dphi_t[j]   = <do_t, h_t[j]>
     dtheta_t[j] = <D_t[j], v_t> - <D_t[j], h_{t-1}[j]>
     dv_t        = sum_j theta_t[j] D_t[j]
 
-The decay term <D_t, h_{t-1}> comes from the gradient on the log-decay,
-dg_t = (1 - theta_t) <D_t, h_{t-1}>, a suffix sum inside the sub-chunk (as in GLA), divided
-by 1 - theta_t. That division loses every digit as theta -> 1, so the one row per token
-that can have theta > 1/2 (sum_j theta_t[j] = eta_t <= 1) is computed directly instead,
-from its own row of h and dh. The chain rule through theta = eta * alpha, phi = mu * alpha
-and the softmax gives the gradients on logits, eta and mu.
+The intra-chunk pairs go through the same levels as the forward's scores (exponents <= 0,
+matrix products only). The decay term <D_t, h_{t-1}> comes from the gradient on the
+log-decay, dg_t = (1 - theta_t) <D_t, h_{t-1}>, a suffix sum over the chunk (as in GLA),
+divided by 1 - theta_t. That division loses every digit as theta -> 1, so the one row per
+token that can have theta > 1/2 (sum_j theta_t[j] = eta_t <= 1; ``logsumexp_kernel`` finds
+it) is computed directly instead, from its own row of h and dh. The chain rule through
+theta = eta * alpha, phi = mu * alpha and the softmax gives the gradients on logits, eta and mu.
+
+Three kernels, so that none holds more than a few [BT, BT] tiles:
+1. ``chunk_bwd_dominant_kernel``: <D_t[j], h_{t-1}[j]> for the dominant rows (most chunks
+   have none and return at once).
+2. ``chunk_bwd_dqk_kernel``, per (chunk, head, block of rows): dphi, dtheta, and from them the
+   gradient on alpha; the gradients on logits, eta and mu when one block holds all M rows.
+3. ``chunk_bwd_dv_kernel``, per (chunk, head): dv, and with several blocks of rows the softmax
+   backward over whole rows from kernel 2's scratch.
 """
 
 import triton
@@ -23,29 +30,75 @@ import triton.language as tl
 
 from fla_factmem.ops.factorization_memory.chunk_kernels import (
     VARLEN_SWITCH,
-    advance_state,
-    carry_gradient_back,
     chunk_coordinates,
+    level_pairs,
+    next_log_decay,
+    pair_decay_factors,
     routing_gates,
 )
 
 
+@triton.jit
+def dominant_row_products(
+    v_t, do_t, logits, lse, eta, mu, states, grad_states, tok, m_t, m_next, j_dom, state_row0,
+    H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """<D_t[j], h_{t-1}[j]> for the dominant row j = j_dom[t] of each token of the chunk that has
+    one, else 0: [BT]. The [x, t] tiles hold row j_dom[t] at token x, gathered from the logits."""
+    o_t = tl.arange(0, BT)
+    o_v = tl.arange(0, BV)
+    has = j_dom >= 0
+    j = tl.maximum(j_dom, 0)
+    _, theta, phi, g, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, j, has, M)
+    g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, j, has, M, H)
+    x_i, t_i = o_t[:, None], o_t[None, :]
+    rows = (state_row0 + j)[:, None] * V + o_v[None, :]
+    m_rows = has[:, None] & (o_v < V)[None, :]
+
+    # h_{t-1}[j] = exp(g_1 + ... + g_{t-1}) h[j] + sum_{s<t} theta_s exp(g_{s+1} + ... + g_{t-1}) v_s
+    decay_start = tl.exp(tl.sum(tl.where(x_i < t_i, g, 0.0), 0))
+    gaps = tl.cumsum(tl.where(x_i + 1 < t_i, g_next, 0.0), 0, reverse=True)
+    w_before = tl.where(x_i < t_i, theta * tl.exp(gaps), 0.0)
+    h_j = tl.load(states + rows, mask=m_rows, other=0.0)
+    h_prev = tl.dot(tl.trans(w_before), v_t, decay_start[:, None] * h_j, input_precision=DOT_PRECISION)
+
+    # D_t[j] = exp(g_{t+1} + ... + g_last) dh[j] + sum_{u>=t} phi_u exp(g_{t+1} + ... + g_u) do_u
+    g_after = tl.where(x_i > t_i, g, 0.0)
+    decay_end = tl.exp(tl.sum(g_after, 0))
+    w_after = tl.where(x_i >= t_i, phi * tl.exp(tl.cumsum(g_after, 0)), 0.0)
+    dh_j = tl.load(grad_states + rows, mask=m_rows, other=0.0)
+    grad_j = tl.dot(tl.trans(w_after), do_t, decay_end[:, None] * dh_j, input_precision=DOT_PRECISION)
+    return tl.sum(grad_j * h_prev, 1)
+
+
+@triton.jit
+def chunk_tokens(
+    chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr
+):
+    """The chunk's flat (token, head) indices, which of them exist, and which have a next token
+    in the chunk."""
+    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    rows = i_c * BT + o_t
+    m_t = rows < eos - bos
+    m_next = (o_t < BT - 1) & (rows + 1 < eos - bos)
+    return (bos + rows) * H + i_h, m_t, m_next
+
+
 @triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT"])
-def chunk_bwd_kernel(
+def chunk_bwd_dominant_kernel(
     v,
     logits,
     lse,
+    dominant,
     eta,
     mu,
     do,
     states,
     grad_states,
-    dv,
-    dlogits,
-    deta,
-    dmu,
-    dalpha,
+    x_dom,
     chunk_indices,
     cu_seqlens,
     T,
@@ -54,130 +107,206 @@ def chunk_bwd_kernel(
     M: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    BS: tl.constexpr,
+    BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """x_dom: [B, T, H] float32, <D_t[j], h_{t-1}[j]> at the tokens with a dominant row j
+    (dominant[t] >= 0); the other tokens are left unwritten."""
+    i_tc, i_h = tl.program_id(0), tl.program_id(1)
+    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
+    j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
+    if tl.max(j_dom, 0) >= 0:
+        o_v = tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        state_row0 = (i_tc.to(tl.int64) * H + i_h) * M
+        x = dominant_row_products(
+            v_t, do_t, logits, lse, eta, mu, states, grad_states, tok, m_t, m_next, j_dom, state_row0,
+            H, M, V, BT, BV, DOT_PRECISION,
+        )  # fmt: skip
+        tl.store(x_dom + tok, x, mask=j_dom >= 0)
+
+
+@triton.heuristics(VARLEN_SWITCH)
+@triton.jit(do_not_specialize=["T", "NT", "n_entries"])
+def chunk_bwd_dqk_kernel(
+    v,
+    logits,
+    lse,
+    dominant,
+    x_dom,
+    eta,
+    mu,
+    do,
+    states,
+    grad_states,
+    dlogits,
+    deta,
+    dmu,
+    dalpha,
+    partial_sums,
+    chunk_indices,
+    cu_seqlens,
+    T,
+    NT,
+    n_entries,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    LEVELS: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """states: [NT_total, H, M, V] memory at each chunk's start; grad_states: [NT_total, H, M, V]
-    gradient on the memory at each chunk's end from the tokens after it. Writes dv, dlogits,
-    deta, dmu in their inputs' layouts. dalpha: [B, T, H, M] float32 scratch, used only when M
-    spans more than one block of BM rows (the softmax needs the whole row). BV covers V."""
-    i_ts, i_h = tl.program_id(0), tl.program_id(1)
-    NS: tl.constexpr = BT // BS
-    i_tc, i_s = i_ts // NS, i_ts % NS
-    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
-    length = eos - bos
-    o_s = tl.arange(0, BS)
-    rows = i_c * BT + i_s * BS + o_s
-    m_t = rows < length
-    tok = (bos + rows) * H + i_h
+    gradient on the memory at each chunk's end from the tokens after it. One block of BM rows
+    per program. When it holds all M rows: writes dlogits, deta and dmu in their inputs'
+    layouts. Else: dalpha [B, T, H, M] float32 and partial_sums [3, NM, n_entries] float32
+    (n_entries = B * T * H), the block's sums of alpha * dphi, alpha * dtheta and alpha * dalpha,
+    for ``chunk_bwd_dv_kernel`` to finish."""
+    i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
     o_v = tl.arange(0, BV)
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
     v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
     do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    do_v = tl.dot(do_t, tl.trans(v_t), input_precision=DOT_PRECISION)  # [t, s]: <do_t, v_s>
-    causal = o_s[:, None] >= o_s[None, :]
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
+    m_vm = m_v[:, None] & m_m[None, :]
+    hT = tl.load(states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)  # [BV, BM]
+    dhT = tl.load(grad_states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)
 
-    dv_acc = tl.zeros([BS, BV], dtype=tl.float32)
-    scores = tl.zeros([BS, BS], dtype=tl.float32)
-    dmu_t = tl.zeros([BS], dtype=tl.float32)
-    deta_t = tl.zeros([BS], dtype=tl.float32)
+    alpha, theta, phi, g, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
+    # the chunk's start and end through every token, and within it the pairs of each level
+    dq = tl.exp(tl.cumsum(g, 0)) * tl.dot(do_t, hT, input_precision=DOT_PRECISION)
+    decay_out = tl.exp(tl.cumsum(g_next, 0, reverse=True))
+    dk = decay_out * tl.dot(v_t, dhT, input_precision=DOT_PRECISION)
+    # <dh, h_end>, of the suffix sum below
+    hT_end = tl.dot(tl.trans(v_t), theta * decay_out, hT * tl.exp(tl.sum(g, 0))[None, :], input_precision=DOT_PRECISION)
+    dh_h_end = tl.sum(dhT * hT_end, 0)
+    do_v_own = tl.sum(do_t * v_t, 1)
+    dq += do_v_own[:, None] * theta
+    dk += do_v_own[:, None] * phi
+    # both orientations are products: a dot's accumulator is never transposed (Triton 3.6
+    # miscompiles that on Hopper)
+    do_v = tl.dot(do_t, tl.trans(v_t), input_precision=DOT_PRECISION)  # [t, s]: <do_t, v_s>
+    v_do = tl.dot(v_t, tl.trans(do_t), input_precision=DOT_PRECISION)  # [s, t]
+    for l in tl.static_range(LEVELS):
+        qx, kx = pair_decay_factors(g, g_next, 1 << l, BT, BM)
+        pairs = level_pairs(o_t[:, None], o_t[None, :], 1 << l)  # [t, s]
+        pairs_t = level_pairs(o_t[None, :], o_t[:, None], 1 << l)  # [s, t]
+        dq += qx * tl.dot(tl.where(pairs, do_v, 0.0), theta * kx, input_precision=DOT_PRECISION)
+        dk += kx * tl.dot(tl.where(pairs_t, v_do, 0.0), phi * qx, input_precision=DOT_PRECISION)
+
+    # dg_t = (1 - theta_t) <D_t, h_{t-1}>: the suffix sum of phi dq - theta dk plus <dh, h_end>
+    dg = tl.cumsum(phi * dq - theta * dk, 0, reverse=True) + dh_h_end[None, :]
+    j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
+    x = tl.load(x_dom + tok, mask=j_dom >= 0, other=0.0)
+    is_dom = o_m[None, :] == j_dom[:, None]
+    dtheta = dk - tl.where(is_dom, x[:, None], dg / tl.where(is_dom, 1.0, 1.0 - theta))
+    dalpha_t = mu_t[:, None] * dq + eta_t[:, None] * dtheta
+    dmu_t = tl.sum(alpha * dq, 1)
+    deta_t = tl.sum(alpha * dtheta, 1)
+    m_tm = m_t[:, None] & m_m[None, :]
+    if M <= BM:
+        total = mu_t * dmu_t + eta_t * deta_t  # sum_j alpha dalpha
+        grad = alpha * (dalpha_t - total[:, None])
+        tl.store(dlogits + tok[:, None] * M + o_m[None, :], grad.to(dlogits.dtype.element_ty), mask=m_tm)
+        tl.store(deta + tok, deta_t.to(deta.dtype.element_ty), mask=m_t)
+        tl.store(dmu + tok, dmu_t.to(dmu.dtype.element_ty), mask=m_t)
+    else:
+        tl.store(dalpha + tok[:, None] * M + o_m[None, :], dalpha_t, mask=m_tm)
+        NM: tl.constexpr = (M + BM - 1) // BM
+        tl.store(partial_sums + i_m * n_entries + tok, dmu_t, mask=m_t)
+        tl.store(partial_sums + (NM + i_m) * n_entries + tok, deta_t, mask=m_t)
+        # the softmax's sum_j alpha dalpha from the very values stored: with one-hot routing the
+        # gradient alpha (dalpha - sum) is then exactly 0, as in the one-block path
+        tl.store(partial_sums + (2 * NM + i_m) * n_entries + tok, tl.sum(alpha * dalpha_t, 1), mask=m_t)
+
+
+@triton.heuristics(VARLEN_SWITCH)
+@triton.jit(do_not_specialize=["T", "NT", "n_entries"])
+def chunk_bwd_dv_kernel(
+    logits,
+    lse,
+    eta,
+    mu,
+    do,
+    grad_states,
+    dv,
+    dlogits,
+    deta,
+    dmu,
+    dalpha,
+    partial_sums,
+    chunk_indices,
+    cu_seqlens,
+    T,
+    NT,
+    n_entries,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    LEVELS: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """dv_s = sum_j theta_s[j] exp(g_{s+1} + ... + g_last) dh[j] + sum_{t>=s} A[t, s] do_t, with A
+    the forward's scores, over blocks of BM rows. With several blocks (M > BM), also the softmax
+    backward from ``chunk_bwd_dqk_kernel``'s dalpha and partial sums: dlogits, deta, dmu."""
+    i_tc, i_h = tl.program_id(0), tl.program_id(1)
+    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_v = tl.arange(0, BV)
+    m_v = o_v < V
+    state_row0 = (i_tc.to(tl.int64) * H + i_h) * M
+    scores_t = tl.zeros([BT, BT], dtype=tl.float32)  # [s, t]: the forward's A, transposed
+    own = tl.zeros([BT], dtype=tl.float32)
+    dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
     for i_m in range(tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < M
-        row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
-        m_state = m_m[:, None] & m_v[None, :]
-        # the memory at the start of the sub-chunk, transposed: [BV, BM]
-        hT = tl.load(states + row[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_m[None, :], other=0.0)
-        for i_p in range(i_s):
-            prev = i_c * BT + i_p * BS + o_s
-            tok_p = (bos + prev) * H + i_h
-            m_p = prev < length
-            _, theta_p, _, g_p, _, _ = routing_gates(logits, lse, eta, mu, tok_p, m_p, o_m, m_m, M)
-            v_p = tl.load(v + tok_p[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0)
-            hT = advance_state(hT, v_p.to(tl.float32), theta_p, g_p, True, DOT_PRECISION)
-        # the gradient on the memory at the end of the sub-chunk, in both layouts, because a
-        # dot accumulator is never transposed (Triton 3.6 miscompiles that on Hopper)
-        dh = tl.load(grad_states + row[:, None] * V + o_v[None, :], mask=m_state, other=0.0)
-        dhT = tl.load(grad_states + row[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_m[None, :], other=0.0)
-        for i_q in range(NS - 1 - i_s):
-            nxt = i_c * BT + (NS - 1 - i_q) * BS + o_s
-            tok_q = (bos + nxt) * H + i_h
-            m_q = nxt < length
-            _, _, phi_q, g_q, _, _ = routing_gates(logits, lse, eta, mu, tok_q, m_q, o_m, m_m, M)
-            do_q = tl.load(do + tok_q[:, None] * V + o_v[None, :], mask=m_q[:, None] & m_v[None, :], other=0.0)
-            do_q = do_q.to(tl.float32)
-            dh = carry_gradient_back(dh, do_q, phi_q, g_q, False, DOT_PRECISION)
-            dhT = carry_gradient_back(dhT, do_q, phi_q, g_q, True, DOT_PRECISION)
-
-        alpha, theta, phi, g, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
-        b = tl.cumsum(g, 0)
-        b_last = tl.sum(g, 0)
-        decay_in = tl.exp(b)  # from the sub-chunk's start through t
-        decay_out = tl.exp(tl.minimum(b_last[None, :] - b, 0.0))  # after t to the sub-chunk's end
-        pair = tl.exp(tl.where(causal[:, :, None], b[:, None, :] - b[None, :, :], float("-inf")))  # [t, s, j]
-
-        dq = decay_in * tl.dot(do_t, hT, input_precision=DOT_PRECISION)
-        dq += tl.sum(pair * theta[None, :, :] * do_v[:, :, None], 1)
-        dk = decay_out * tl.dot(v_t, dhT, input_precision=DOT_PRECISION)
-        dk += tl.sum(pair * phi[:, None, :] * do_v[:, :, None], 0)
-        scores += tl.sum(pair * phi[:, None, :] * theta[None, :, :], 2)
-        w_out = theta * decay_out
+        _, theta, phi, g, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+        g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
+        row = state_row0 + o_m
+        dh = tl.load(grad_states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
+        w_out = theta * tl.exp(tl.cumsum(g_next, 0, reverse=True))
         dv_acc = tl.dot(w_out, dh, dv_acc, input_precision=DOT_PRECISION)
-
-        # dg_t = (1 - theta_t) <D_t, h_{t-1}>: the suffix sum of phi dq - theta dk plus <dh, h_end>
-        hT_end = tl.dot(tl.trans(v_t), w_out, hT * tl.exp(b_last)[None, :], input_precision=DOT_PRECISION)
-        dg = tl.cumsum(phi * dq - theta * dk, 0, reverse=True) + tl.sum(dhT * hT_end, 0)[None, :]
-
-        # the row j* with theta > 1/2, directly: <D_t[j*], h_{t-1}[j*]>, its column of every
-        # [t, s, j] quantity picked by a select (exact, unlike a one-hot dot in tf32)
-        special = theta > 0.5
-        x_pick = tl.zeros([BS], dtype=tl.float32)
-        if tl.sum(special.to(tl.int32)) > 0:  # most blocks have no such row
-            pick = special[:, None, :]
-            b_pick = tl.sum(tl.where(pick, b[None, :, :], 0.0), 2)  # [t, s]: b_s[j*(t)]
-            theta_pick = tl.sum(tl.where(pick, theta[None, :, :], 0.0), 2)
-            phi_pick = tl.sum(tl.where(pick, phi[None, :, :], 0.0), 2)
-            b_own = tl.sum(tl.where(special, b, 0.0), 1)
-            b_prev = b_own - tl.sum(tl.where(special, g, 0.0), 1)
-            # h_{t-1}[j*] = exp(b_{t-1}) h[j*] + sum_{s < t} theta_s exp(b_{t-1} - b_s) v_s
-            before = theta_pick * tl.exp(tl.minimum(b_prev[:, None] - b_pick, 0.0))
-            before = tl.where(o_s[:, None] > o_s[None, :], before, 0.0)
-            # D_t[j*] = exp(b_last - b_t) dh[j*] + sum_{u >= t} phi_u exp(b_u - b_t) do_u
-            after = phi_pick * tl.exp(tl.minimum(b_pick - b_own[:, None], 0.0))
-            after = tl.where(o_s[:, None] <= o_s[None, :], after, 0.0)
-            d_pick = tl.dot(tl.where(special, decay_out, 0.0), dh, input_precision=DOT_PRECISION)
-            d_pick = tl.dot(after, do_t, d_pick, input_precision=DOT_PRECISION)
-            x_pick = tl.sum(d_pick * tl.dot(before, v_t, input_precision=DOT_PRECISION), 1)
-            decay_prev = tl.where(special, tl.exp(tl.minimum(b - g, 0.0)), 0.0)
-            x_pick += tl.sum(decay_prev * tl.dot(d_pick, hT, input_precision=DOT_PRECISION), 1)
-
-        dtheta = dk - tl.where(special, x_pick[:, None], dg / tl.where(special, 1.0, 1.0 - theta))
-        dalpha_t = mu_t[:, None] * dq + eta_t[:, None] * dtheta
-        dmu_t += tl.sum(alpha * dq, 1)
-        deta_t += tl.sum(alpha * dtheta, 1)
-        m_tm = m_t[:, None] & m_m[None, :]
-        if M <= BM:
-            total = mu_t * dmu_t + eta_t * deta_t  # sum_j alpha dalpha
-            grad = alpha * (dalpha_t - total[:, None])
-            tl.store(dlogits + tok[:, None] * M + o_m[None, :], grad.to(dlogits.dtype.element_ty), mask=m_tm)
-        else:
-            tl.store(dalpha + tok[:, None] * M + o_m[None, :], dalpha_t, mask=m_tm)
-
-    dv_t = dv_acc + tl.sum(scores[:, :, None] * do_t[:, None, :], 0)
+        for l in tl.static_range(LEVELS):
+            qx, kx = pair_decay_factors(g, g_next, 1 << l, BT, BM)
+            pairs_t = level_pairs(o_t[None, :], o_t[:, None], 1 << l)  # [s, t]
+            level = tl.dot(theta * kx, tl.trans(phi * qx), input_precision=DOT_PRECISION)
+            scores_t += tl.where(pairs_t, level, 0.0)
+        own += tl.sum(phi * theta, 1)
+    scores_t += tl.where(o_t[:, None] == o_t[None, :], own[None, :], 0.0)
+    m_tv = m_t[:, None] & m_v[None, :]
+    do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    dv_t = tl.dot(scores_t, do_t, dv_acc, input_precision=DOT_PRECISION)
     tl.store(dv + tok[:, None] * V + o_v[None, :], dv_t.to(dv.dtype.element_ty), mask=m_tv)
-    tl.store(deta + tok, deta_t.to(deta.dtype.element_ty), mask=m_t)
-    tl.store(dmu + tok, dmu_t.to(dmu.dtype.element_ty), mask=m_t)
+
     if M > BM:
-        # softmax backward over the whole row, from the scratch this program just wrote
-        eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
-        mu_t = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
-        total = mu_t * dmu_t + eta_t * deta_t
-        tl.debug_barrier()
-        for i_m in range(tl.cdiv(M, BM)):
+        NM: tl.constexpr = (M + BM - 1) // BM
+        dmu_t = tl.zeros([BT], dtype=tl.float32)
+        deta_t = tl.zeros([BT], dtype=tl.float32)
+        total = tl.zeros([BT], dtype=tl.float32)  # sum_j alpha dalpha
+        for i_m in range(NM):
+            dmu_t += tl.load(partial_sums + i_m * n_entries + tok, mask=m_t, other=0.0)
+            deta_t += tl.load(partial_sums + (NM + i_m) * n_entries + tok, mask=m_t, other=0.0)
+            total += tl.load(partial_sums + (2 * NM + i_m) * n_entries + tok, mask=m_t, other=0.0)
+        tl.store(deta + tok, deta_t.to(deta.dtype.element_ty), mask=m_t)
+        tl.store(dmu + tok, dmu_t.to(dmu.dtype.element_ty), mask=m_t)
+        for i_m in range(NM):
             o_m = i_m * BM + tl.arange(0, BM)
             m_tm = m_t[:, None] & (o_m < M)[None, :]
             alpha, _, _, _, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, o_m < M, M)

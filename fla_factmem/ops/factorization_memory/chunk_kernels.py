@@ -1,29 +1,30 @@
 """Triton forward kernels of dense Factorization Memory, chunk-parallel.
 
-A sequence is cut into chunks of BT = 64 tokens and each chunk into sub-chunks of BS = 16.
-From the logits and the per-token log-sum-exp (one float per token, from
-``logsumexp_kernel``) every kernel derives alpha, theta = eta * alpha, phi = mu * alpha and
-the log-decay g = log(1 - theta) on chip; none of them is ever written to memory.
+A sequence is cut into chunks of BT tokens (``launch.CHUNK``). From the logits and the per-token
+log-sum-exp (one float per token, from ``logsumexp_kernel``) every kernel derives alpha,
+theta = eta * alpha, phi = mu * alpha and the log-decay g = log(1 - theta) on chip; none of
+them is ever written to memory.
 
 1. ``chunk_state_increment_kernel``, parallel over chunks: what each chunk adds to the
-   memory, sum_s theta_s exp(G_last - G_s) v_s, and its decay exp(G_last), with G the
-   cumulative log-decay inside the chunk.
+   memory, sum_s theta_s exp(g_{s+1} + ... + g_last) v_s, and its decay exp(g_1 + ... + g_last).
 2. ``chunk_state_scan_kernel``, parallel over sequences, heads and blocks of the state: an
    element-wise scan over chunks that turns the increments into the memory at the start of
    every chunk (and the final state).
-3. ``chunk_fwd_o_kernel``, parallel over chunks: from the memory at the chunk's start it
-   walks the chunk's sub-chunks, per sub-chunk
+3. ``chunk_fwd_o_kernel``, parallel over chunks: o = (phi * exp(b)) h + A v, with h the
+   memory at the chunk's start, b the cumulative log-decay inside the chunk and the
+   intra-chunk scores A[t, s] = sum_j phi_t[j] theta_s[j] exp(b_t[j] - b_s[j]) for s <= t.
 
-       o_t = sum_j phi_t[j] exp(b_t[j]) h[j] + sum_{s <= t} A[t, s] v_s
-       A[t, s] = sum_j phi_t[j] theta_s[j] exp(b_t[j] - b_s[j])
+The scores are matrix products, with every exponent <= 0 and no difference of cumulative
+sums (SPEC section 3). Every pair s < t of a chunk belongs to exactly one level l: the
+aligned block of 2L tokens (L = 2^l) that holds both, with s in its first half and t in its
+second. Split at the end r of the first half,
 
-   with b the cumulative log-decay inside the sub-chunk.
+    exp(b_t - b_s) = exp(g_{r+1} + ... + g_t) * exp(g_{s+1} + ... + g_r),
 
-Every exponent is a sum of log-decays over the span it covers, hence <= 0 (SPEC section 3);
-pairwise decays inside a sub-chunk are taken element by element rather than factored
-through a reference point, which keeps theta = 1 exact. The backward pass runs the same
-increment and scan kernels in reverse (``GRAD``/``REVERSE`` switches) and its own
-sub-chunk kernel (``chunk_bwd_kernels.py``).
+two factors <= 1, each a sum over one half-block computed by a scan restricted to it. Level
+l's pairs are then one product (phi * qx_l) (theta * kx_l)^T, masked to its pairs. theta = 1
+gives a decay of exactly exp(log(1e-30)) ~ 0 on the spans that contain it and leaves every
+other span untouched. The backward pass (``chunk_bwd_kernels.py``) uses the same levels.
 """
 
 import triton
@@ -84,45 +85,52 @@ def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
 
 
 @triton.jit
-def advance_state(h, x, theta, g, TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The memory after a block of tokens: exp(G_last) h + sum_s theta_s exp(G_last - G_s) x_s.
-    h is [BM, BV] (or [BV, BM] when TRANSPOSED), x [BS, BV], theta and g [BS, BM]."""
-    G = tl.cumsum(g, 0)
-    G_last = tl.sum(g, 0)
-    # clamped: the sum and the cumulative sum may round apart by an ulp
-    w = theta * tl.exp(tl.minimum(G_last[None, :] - G, 0.0))
-    if TRANSPOSED:
-        return tl.dot(tl.trans(x), w, h * tl.exp(G_last)[None, :], input_precision=DOT_PRECISION)
-    else:
-        return tl.dot(tl.trans(w), x, h * tl.exp(G_last)[:, None], input_precision=DOT_PRECISION)
+def next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M: tl.constexpr, H: tl.constexpr):
+    """g of the token after each token, 0 where m_next says there is none. Sums over the
+    tokens after s start from it, so that no sum ever subtracts g_s (which is -69 at theta = 1
+    and would take the digits of everything added to it)."""
+    _, _, _, g_next, _, _ = routing_gates(logits, lse, eta, mu, tok + H, m_next, o_m, m_m, M)
+    return g_next
 
 
 @triton.jit
-def carry_gradient_back(dh, do, phi, g, TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The gradient on the memory before a block of tokens, from dh on the memory after it:
-    exp(G_last) dh + sum_u phi_u exp(G_u) do_u. Shapes as in ``advance_state``."""
-    G = tl.cumsum(g, 0)
-    w = phi * tl.exp(G)
-    decay = tl.exp(tl.sum(g, 0))
-    if TRANSPOSED:
-        return tl.dot(tl.trans(do), w, dh * decay[None, :], input_precision=DOT_PRECISION)
-    else:
-        return tl.dot(tl.trans(w), do, dh * decay[:, None], input_precision=DOT_PRECISION)
+def pair_decay_factors(g, g_next, L: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
+    """For aligned blocks of L tokens: qx[t] = exp(sum of g from t's block start through t) and
+    kx[s] = exp(sum of g after s through its block's end), both [BT, BM] and <= 1."""
+    last = (tl.arange(0, BT) % L == L - 1)[:, None]
+    into = tl.reshape(tl.cumsum(tl.reshape(g, [BT // L, L, BM]), 1), [BT, BM])
+    g_after = tl.where(last, 0.0, g_next)
+    after = tl.reshape(tl.cumsum(tl.reshape(g_after, [BT // L, L, BM]), 1, reverse=True), [BT, BM])
+    return tl.exp(into), tl.exp(after)
 
 
 @triton.jit
-def logsumexp_kernel(logits, lse, n_rows, M: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr):
-    """lse[r] = log sum_j exp(logits[r, j]) for rows of a contiguous [n_rows, M] tensor."""
+def level_pairs(t, s, L: tl.constexpr):
+    """Whether (t, s) is a pair of level L: same aligned block of 2L tokens, s in its first half,
+    t in its second. t and s are broadcastable index tensors."""
+    return (t // (2 * L) == s // (2 * L)) & ((t // L) % 2 == 1) & ((s // L) % 2 == 0)
+
+
+@triton.jit
+def logsumexp_kernel(logits, eta, lse, dominant, n_rows, M: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr):
+    """For rows of a contiguous [n_rows, M] tensor: lse[r] = log sum_j exp(logits[r, j]), and
+    dominant[r] = the row j with theta = eta * alpha > 1/2, or -1. At most one row can have it
+    (sum_j theta = eta <= 1), and only there may 1 - theta come near 0: the backward treats it
+    on its own."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BM)
-    mask = (rows < n_rows)[:, None] & (cols < M)[None, :]
+    m_r = rows < n_rows
+    mask = m_r[:, None] & (cols < M)[None, :]
     x = tl.load(logits + rows[:, None].to(tl.int64) * M + cols[None, :], mask=mask, other=float("-inf"))
     x = x.to(tl.float32)
     top = tl.max(x, 1)
-    top = tl.where(rows < n_rows, top, 0.0)
+    top = tl.where(m_r, top, 0.0)
     total = tl.sum(tl.exp(x - top[:, None]), 1)
-    total = tl.where(rows < n_rows, total, 1.0)
-    tl.store(lse + rows, top + tl.log(total), mask=rows < n_rows)
+    total = tl.where(m_r, total, 1.0)
+    eta_r = tl.load(eta + rows, mask=m_r, other=0.0).to(tl.float32)
+    theta_top = eta_r / total  # theta of the largest logit
+    tl.store(lse + rows, top + tl.log(total), mask=m_r)
+    tl.store(dominant + rows, tl.where(theta_top > 0.5, tl.argmax(x, 1), -1), mask=m_r)
 
 
 @triton.heuristics(VARLEN_SWITCH)
@@ -150,9 +158,9 @@ def chunk_state_increment_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     """increments: [NT_total, H, M, V] float32, decays: [NT_total, H, M] float32.
-    Forward (x = v): the memory a chunk adds, sum_s theta_s exp(G_last - G_s) v_s.
-    GRAD (x = do): the gradient a chunk adds on the memory before it, sum_u phi_u exp(G_u) do_u.
-    Both store the chunk's decay exp(G_last)."""
+    Forward (x = v): the memory a chunk adds, sum_s theta_s exp(g_{s+1} + ... + g_last) v_s.
+    GRAD (x = do): the gradient a chunk adds on the memory before it, sum_u phi_u exp(g_1 + ... + g_u) do_u.
+    Both store the chunk's decay exp(g_1 + ... + g_last)."""
     i_mv, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
     i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
@@ -165,11 +173,13 @@ def chunk_state_increment_kernel(
 
     _, theta, phi, g, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
     x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    zero = tl.zeros([BM, BV], dtype=tl.float32)
     if GRAD:
-        inc = carry_gradient_back(zero, x_t, phi, g, False, DOT_PRECISION)
+        w = phi * tl.exp(tl.cumsum(g, 0))
     else:
-        inc = advance_state(zero, x_t, theta, g, False, DOT_PRECISION)
+        m_next = (tl.arange(0, BT) < BT - 1) & (rows + 1 < eos - bos)
+        g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
+        w = theta * tl.exp(tl.cumsum(g_next, 0, reverse=True))
+    inc = tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION)
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
     tl.store(increments + row[:, None] * V + o_v[None, :], inc, mask=m_m[:, None] & m_v[None, :])
     if i_v == 0:
@@ -255,45 +265,46 @@ def chunk_fwd_o_kernel(
     cu_seqlens,
     T,
     NT,
-    stride_o_block,
     H: tl.constexpr,
     M: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    BS: tl.constexpr,
+    LEVELS: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """states: [NT_total, H, M, V] memory at each chunk's start. One program per (chunk, head,
-    block of rows, block of value columns) walks the chunk's sub-chunks with its block of the
-    memory in registers. o: the output [B, T, H, V] in v's dtype when one block covers all M
-    rows, else [NM, B, T, H, V] float32 partial outputs, one slice per block of rows."""
-    i_tc, i_h, i_mv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
+    """states: [NT_total, H, M, V] memory at each chunk's start; o: [B, T, H, V] in v's dtype.
+    One program per (chunk, head, block of value columns) loops over blocks of BM rows,
+    accumulating (phi * exp(b)) h and the scores A; LEVELS = log2(BT)."""
+    i_tc, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
-    length = eos - bos
-    o_s = tl.arange(0, BS)
-    o_m = i_m * BM + tl.arange(0, BM)
+    o_t = tl.arange(0, BT)
+    rows = i_c * BT + o_t
+    m_t = rows < eos - bos
+    m_next = (o_t < BT - 1) & (rows + 1 < eos - bos)
+    tok = (bos + rows) * H + i_h
     o_v = i_v * BV + tl.arange(0, BV)
-    m_m, m_v = o_m < M, o_v < V
-    causal = (o_s[:, None] >= o_s[None, :])[:, :, None]
-    row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
-    h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
-    o += i_m.to(tl.int64) * stride_o_block
+    m_v = o_v < V
 
-    for i_s in range(0, tl.cdiv(tl.minimum(length - i_c * BT, BT), BS)):
-        rows = i_c * BT + i_s * BS + o_s
-        m_t = rows < length
-        tok = (bos + rows) * H + i_h
-        m_tv = m_t[:, None] & m_v[None, :]
+    out = tl.zeros([BT, BV], dtype=tl.float32)
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    own = tl.zeros([BT], dtype=tl.float32)  # the diagonal of A: sum_j phi_t theta_t
+    for i_m in range(tl.cdiv(M, BM)):
+        o_m = i_m * BM + tl.arange(0, BM)
+        m_m = o_m < M
         _, theta, phi, g, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
-        v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b = tl.cumsum(g, 0)
-        span = tl.where(causal, b[:, None, :] - b[None, :, :], float("-inf"))
-        scores = tl.sum(phi[:, None, :] * theta[None, :, :] * tl.exp(span), 2)
-        out = tl.dot(phi * tl.exp(b), h, input_precision=DOT_PRECISION)
-        out = tl.dot(scores, v_t, out, input_precision=DOT_PRECISION)
-        tl.store(o + tok[:, None] * V + o_v[None, :], out.to(o.dtype.element_ty), mask=m_tv)
-        h = advance_state(h, v_t, theta, g, False, DOT_PRECISION)
+        g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
+        row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
+        h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
+        out = tl.dot(phi * tl.exp(tl.cumsum(g, 0)), h, out, input_precision=DOT_PRECISION)
+        own += tl.sum(phi * theta, 1)
+        for l in tl.static_range(LEVELS):
+            qx, kx = pair_decay_factors(g, g_next, 1 << l, BT, BM)
+            level = tl.dot(phi * qx, tl.trans(theta * kx), input_precision=DOT_PRECISION)
+            scores += tl.where(level_pairs(o_t[:, None], o_t[None, :], 1 << l), level, 0.0)
+    scores += tl.where(o_t[:, None] == o_t[None, :], own[:, None], 0.0)
+    v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    out = tl.dot(scores, v_t, out, input_precision=DOT_PRECISION)
+    tl.store(o + tok[:, None] * V + o_v[None, :], out.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])

@@ -8,7 +8,11 @@ import torch
 import triton
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
-from fla_factmem.ops.factorization_memory.chunk_bwd_kernels import chunk_bwd_kernel
+from fla_factmem.ops.factorization_memory.chunk_bwd_kernels import (
+    chunk_bwd_dominant_kernel,
+    chunk_bwd_dqk_kernel,
+    chunk_bwd_dv_kernel,
+)
 from fla_factmem.ops.factorization_memory.chunk_kernels import (
     chunk_fwd_o_kernel,
     chunk_state_increment_kernel,
@@ -18,8 +22,10 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
 from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import fused_recurrent_fwd_kernel
 from fla_factmem.ops.factorization_memory.routing import DENSE_TRITON_MAX_M
 
-CHUNK = 64  # BT: tokens per chunk of the state scan
-SUB_CHUNK = 16  # BS: tokens per step of the output kernel's walk, per program of the gradient kernel
+# BT: tokens per chunk. 32 measured faster than 64 on an H100 (benchmarks/ops/NOTES.md): the
+# [BT, BT] tiles of the intra-chunk pairs stay small, at twice the chunk states' traffic.
+CHUNK = 32
+LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py)
 
 
 class ChunkLayout(NamedTuple):
@@ -46,15 +52,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H, M]`` logits -> ``[B, T, H]`` float32 log-sum-exp over M."""
-    logits = logits.contiguous()
+def logsumexp(logits: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous ``[B, T, H, M]`` logits and ``[B, T, H]`` eta -> the float32 log-sum-exp over M
+    and the int32 dominant row (theta > 1/2, or -1), both ``[B, T, H]``."""
     M = logits.shape[-1]
     lse = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    dominant = torch.empty(logits.shape[:-1], dtype=torch.int32, device=logits.device)
     n_rows = lse.numel()
     BR = 16
-    logsumexp_kernel[(triton.cdiv(n_rows, BR),)](logits, lse, n_rows, M=M, BR=BR, BM=triton.next_power_of_2(M))
-    return lse
+    logsumexp_kernel[(triton.cdiv(n_rows, BR),)](
+        logits, eta, lse, dominant, n_rows, M=M, BR=BR, BM=triton.next_power_of_2(M)
+    )
+    return lse, dominant
 
 
 def _prepare(v, logits, eta, mu, initial_state, cu_seqlens):
@@ -110,6 +119,7 @@ def chunk_states(
 
 class SavedForBackward(NamedTuple):
     lse: torch.Tensor
+    dominant: torch.Tensor
     states: torch.Tensor
     layout: ChunkLayout
 
@@ -122,9 +132,9 @@ def chunk_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
-    block_m: int = 64,
+    block_m: int | None = None,
     block_v: int = 64,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, SavedForBackward]:
     """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or
     None, what the backward needs)``. ``block_m``, ``block_v`` and ``num_warps`` set the output
@@ -132,22 +142,20 @@ def chunk_fwd(
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens)
-    lse = logsumexp(logits)
+    lse, dominant = logsumexp(logits, eta)
     layout = chunk_layout(B, T, cu_seqlens)
     states, ht = chunk_states(v, logits, lse, eta, mu, h0, output_final_state, layout, cu_seqlens, N, reverse=False)
 
-    BM, BV = min(triton.next_power_of_2(M), block_m), min(triton.next_power_of_2(V), block_v)
-    NM, NV = triton.cdiv(M, BM), triton.cdiv(V, BV)
-    # blocks of rows write partial outputs, summed here
-    o = torch.empty_like(v) if NM == 1 else torch.empty(NM, *v.shape, dtype=torch.float32, device=v.device)
-    chunk_fwd_o_kernel[(layout.NT_total, H, NM * NV)](
-        v, logits, lse, eta, mu, states, o, layout.chunk_indices, cu_seqlens, T, layout.NT, v.numel(),
-        H=H, M=M, V=V, BT=CHUNK, BS=SUB_CHUNK, BM=BM, BV=BV, DOT_PRECISION=dot_precision(v.dtype),
-        num_warps=num_warps,
+    # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): blocks of 16 rows, 4 warps
+    BM = min(triton.next_power_of_2(M), block_m or 16)
+    BV = min(triton.next_power_of_2(V), block_v)
+    o = torch.empty_like(v)
+    chunk_fwd_o_kernel[(layout.NT_total, H, triton.cdiv(V, BV))](
+        v, logits, lse, eta, mu, states, o, layout.chunk_indices, cu_seqlens, T, layout.NT,
+        H=H, M=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV, DOT_PRECISION=dot_precision(v.dtype),
+        num_warps=num_warps or 4,
     )  # fmt: skip
-    if NM > 1:
-        o = o.sum(0).to(v.dtype)
-    return o, ht, SavedForBackward(lse, states, layout)
+    return o, ht, SavedForBackward(lse, dominant, states, layout)
 
 
 def chunk_bwd(
@@ -171,22 +179,35 @@ def chunk_bwd(
     v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens)
     do = do.contiguous()
     dht = dht.contiguous() if dht is not None else None
-    lse, states, layout = saved
+    lse, dominant, states, layout = saved
     grad_states, dh0 = chunk_states(do, logits, lse, eta, mu, dht, needs_dh0, layout, cu_seqlens, N, reverse=True)
 
     dv, dlogits, deta, dmu = (torch.empty_like(x) for x in (v, logits, eta, mu))
-    # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): one block of 64 rows
-    # on 8 warps while M <= 64, blocks of 32 rows on 4 warps beyond
-    block_m = block_m or (64 if M <= 64 else 32)
-    num_warps = num_warps or (8 if M <= 64 else 4)
-    BM = min(triton.next_power_of_2(M), block_m)
-    # the softmax needs whole rows: with several blocks of rows, dalpha waits in a scratch
-    dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if M > BM else None
-    chunk_bwd_kernel[(layout.NT_total * (CHUNK // SUB_CHUNK), H)](
-        v, logits, lse, eta, mu, do, states, grad_states, dv, dlogits, deta, dmu, dalpha,
-        layout.chunk_indices, cu_seqlens, T, layout.NT,
-        H=H, M=M, V=V, BT=CHUNK, BS=SUB_CHUNK, BM=BM, BV=triton.next_power_of_2(V),
-        DOT_PRECISION=dot_precision(v.dtype), num_warps=num_warps,
+    BV = triton.next_power_of_2(V)
+    chunks = (layout.NT_total, H)
+    common = dict(H=H, M=M, V=V, BT=CHUNK, BV=BV, DOT_PRECISION=dot_precision(v.dtype))
+    x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
+    chunk_bwd_dominant_kernel[chunks](
+        v, logits, lse, dominant, eta, mu, do, states, grad_states, x_dom, layout.chunk_indices, cu_seqlens,
+        T, layout.NT, **common, num_warps=4,
+    )  # fmt: skip
+
+    # best measured on an H100: blocks of 32 rows, 4 warps
+    BM = min(triton.next_power_of_2(M), block_m or 32)
+    NM = triton.cdiv(M, BM)
+    # the softmax needs whole rows: with several blocks of rows, dalpha and the per-block sums
+    # over rows wait in a scratch for the dv kernel
+    dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if NM > 1 else None
+    partial_sums = torch.empty(3, NM, eta.numel(), dtype=torch.float32, device=v.device) if NM > 1 else None
+    chunk_bwd_dqk_kernel[(*chunks, NM)](
+        v, logits, lse, dominant, x_dom, eta, mu, do, states, grad_states, dlogits, deta, dmu, dalpha,
+        partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
+        **common, LEVELS=LEVELS, BM=BM, num_warps=num_warps or 4,
+    )  # fmt: skip
+    chunk_bwd_dv_kernel[chunks](
+        logits, lse, eta, mu, do, grad_states, dv, dlogits, deta, dmu, dalpha, partial_sums,
+        layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
+        **common, LEVELS=LEVELS, BM=BM, num_warps=num_warps or 4,
     )  # fmt: skip
     return dv, dlogits, deta, dmu, dh0
 

@@ -103,9 +103,20 @@ def test_chunk_kernels_gradients_varlen():
     assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4, cu_seqlens=offsets)
 
 
-@pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "saturating"])
-def test_chunk_kernels_gradients_edge_numerics(case):
-    inputs = edge_case_inputs(case, 1, 80, 1, 16, 16, "cpu")
+@pytest.mark.parametrize(
+    ("case", "M"),
+    # M = 80: the dominant rows fall in every block of rows
+    [
+        ("overwrite", 16),
+        ("eta_zero", 16),
+        ("near_one_hot", 16),
+        ("saturating", 16),
+        ("saturating", 80),
+        ("overwrite", 80),
+    ],
+)
+def test_chunk_kernels_gradients_edge_numerics(case, M):
+    inputs = edge_case_inputs(case, 1, 80, 1, M, 16, "cpu")
     assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4)
 
 
