@@ -30,7 +30,8 @@ import triton.language as tl
 
 from fla_factmem.ops.factorization_memory.chunk_kernels import (
     VARLEN_SWITCH,
-    chunk_coordinates,
+    chunk_tokens,
+    intra_chunk_scores,
     level_pairs,
     next_log_decay,
     pair_decay_factors,
@@ -70,20 +71,6 @@ def dominant_row_products(
     dh_j = tl.load(grad_states + rows, mask=m_rows, other=0.0)
     grad_j = tl.dot(tl.trans(w_after), do_t, decay_end[:, None] * dh_j, input_precision=DOT_PRECISION)
     return tl.sum(grad_j * h_prev, 1)
-
-
-@triton.jit
-def chunk_tokens(
-    chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr
-):
-    """The chunk's flat (token, head) indices, which of them exist, and which have a next token
-    in the chunk."""
-    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
-    o_t = tl.arange(0, BT)
-    rows = i_c * BT + o_t
-    m_t = rows < eos - bos
-    m_next = (o_t < BT - 1) & (rows + 1 < eos - bos)
-    return (bos + rows) * H + i_h, m_t, m_next
 
 
 @triton.heuristics(VARLEN_SWITCH)
@@ -283,11 +270,7 @@ def chunk_bwd_dv_kernel(
         dh = tl.load(grad_states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
         w_out = theta * tl.exp(tl.cumsum(g_next, 0, reverse=True))
         dv_acc = tl.dot(w_out, dh, dv_acc, input_precision=DOT_PRECISION)
-        for l in tl.static_range(LEVELS):
-            qx, kx = pair_decay_factors(g, g_next, 1 << l, BT, BM)
-            pairs_t = level_pairs(o_t[None, :], o_t[:, None], 1 << l)  # [s, t]
-            level = tl.dot(theta * kx, tl.trans(phi * qx), input_precision=DOT_PRECISION)
-            scores_t += tl.where(pairs_t, level, 0.0)
+        scores_t = intra_chunk_scores(scores_t, theta, phi, g, g_next, BT, BM, LEVELS, True, DOT_PRECISION)
         own += tl.sum(phi * theta, 1)
     scores_t += tl.where(o_t[:, None] == o_t[None, :], own[None, :], 0.0)
     m_tv = m_t[:, None] & m_v[None, :]

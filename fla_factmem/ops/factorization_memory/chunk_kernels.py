@@ -69,6 +69,20 @@ def chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN: tl.cons
 
 
 @triton.jit
+def chunk_tokens(
+    chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr
+):
+    """The chunk's flat (token, head) indices, which of them exist, and which have a next token
+    in the chunk."""
+    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    rows = i_c * BT + o_t
+    m_t = rows < eos - bos
+    m_next = (o_t < BT - 1) & (rows + 1 < eos - bos)
+    return (bos + rows) * H + i_h, m_t, m_next
+
+
+@triton.jit
 def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
     """alpha, theta, phi and g = log(1 - theta) as [len(tok), BM] float32 tiles, and eta, mu
     of the tokens; tok holds flat (token, head) indices. Masked tokens and rows get
@@ -109,6 +123,26 @@ def level_pairs(t, s, L: tl.constexpr):
     """Whether (t, s) is a pair of level L: same aligned block of 2L tokens, s in its first half,
     t in its second. t and s are broadcastable index tensors."""
     return (t // (2 * L) == s // (2 * L)) & ((t // L) % 2 == 1) & ((s // L) % 2 == 0)
+
+
+@triton.jit
+def intra_chunk_scores(
+    scores, theta, phi, g, g_next, BT: tl.constexpr, BM: tl.constexpr, LEVELS: tl.constexpr, TRANSPOSED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """scores plus one block of rows' part of A[t, s] = sum_j phi_t[j] theta_s[j] exp(b_t[j] - b_s[j])
+    for s < t, over all levels: [BT, BT], indexed [s, t] when TRANSPOSED (computed so, since a
+    dot's accumulator is never transposed: Triton 3.6 miscompiles that on Hopper)."""
+    o_t = tl.arange(0, BT)
+    for l in tl.static_range(LEVELS):
+        qx, kx = pair_decay_factors(g, g_next, 1 << l, BT, BM)
+        if TRANSPOSED:
+            level = tl.dot(theta * kx, tl.trans(phi * qx), input_precision=DOT_PRECISION)
+            scores += tl.where(level_pairs(o_t[None, :], o_t[:, None], 1 << l), level, 0.0)
+        else:
+            level = tl.dot(phi * qx, tl.trans(theta * kx), input_precision=DOT_PRECISION)
+            scores += tl.where(level_pairs(o_t[:, None], o_t[None, :], 1 << l), level, 0.0)
+    return scores
 
 
 @triton.jit
@@ -163,10 +197,7 @@ def chunk_state_increment_kernel(
     Both store the chunk's decay exp(g_1 + ... + g_last)."""
     i_mv, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
-    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
-    rows = i_c * BT + tl.arange(0, BT)
-    m_t = rows < eos - bos
-    tok = (bos + rows) * H + i_h
+    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V
@@ -176,7 +207,6 @@ def chunk_state_increment_kernel(
     if GRAD:
         w = phi * tl.exp(tl.cumsum(g, 0))
     else:
-        m_next = (tl.arange(0, BT) < BT - 1) & (rows + 1 < eos - bos)
         g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
         w = theta * tl.exp(tl.cumsum(g_next, 0, reverse=True))
     inc = tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION)
@@ -279,12 +309,8 @@ def chunk_fwd_o_kernel(
     One program per (chunk, head, block of value columns) loops over blocks of BM rows,
     accumulating (phi * exp(b)) h and the scores A; LEVELS = log2(BT)."""
     i_tc, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
-    rows = i_c * BT + o_t
-    m_t = rows < eos - bos
-    m_next = (o_t < BT - 1) & (rows + 1 < eos - bos)
-    tok = (bos + rows) * H + i_h
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
 
@@ -300,10 +326,7 @@ def chunk_fwd_o_kernel(
         h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
         out = tl.dot(phi * tl.exp(tl.cumsum(g, 0)), h, out, input_precision=DOT_PRECISION)
         own += tl.sum(phi * theta, 1)
-        for l in tl.static_range(LEVELS):
-            qx, kx = pair_decay_factors(g, g_next, 1 << l, BT, BM)
-            level = tl.dot(phi * qx, tl.trans(theta * kx), input_precision=DOT_PRECISION)
-            scores += tl.where(level_pairs(o_t[:, None], o_t[None, :], 1 << l), level, 0.0)
+        scores = intra_chunk_scores(scores, theta, phi, g, g_next, BT, BM, LEVELS, False, DOT_PRECISION)
     scores += tl.where(o_t[:, None] == o_t[None, :], own[:, None], 0.0)
     v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     out = tl.dot(scores, v_t, out, input_precision=DOT_PRECISION)
