@@ -13,20 +13,21 @@ from fla_factmem.utils import warn_once
 
 class ChunkFactorizationMemoryFunction(torch.autograd.Function):
     """Dense op on CUDA: Triton kernels both ways. Saves the inputs, the per-token
-    log-sum-exp and dominant row and the memory at each chunk's start ([NT_total, H, M, V] float32)."""
+    log-sum-exp and dominant row, the memory at each chunk's start ([NT_total, H, M, V] float32) and
+    the intra-chunk scores ([B, T, H, 32] float32)."""
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
         o, final_state, saved = chunk_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
-        ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.dominant, saved.states)
+        ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.dominant, saved.states, saved.scores)
         ctx.layout = saved.layout
         ctx.needs_dh0 = initial_state is not None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        v, logits, eta, mu, cu_seqlens, lse, dominant, states = ctx.saved_tensors
-        saved = SavedForBackward(lse, dominant, states, ctx.layout)
+        v, logits, eta, mu, cu_seqlens, lse, dominant, states, scores = ctx.saved_tensors
+        saved = SavedForBackward(lse, dominant, states, scores, ctx.layout)
         dv, dlogits, deta, dmu, dh0 = chunk_bwd(v, logits, eta, mu, saved, do, dht, cu_seqlens, ctx.needs_dh0)
         return dv, dlogits, deta, dmu, dh0, None, None
 
@@ -65,8 +66,7 @@ def chunk_factorization_memory(
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
             Its values are checked on the PyTorch path only (a check on the GPU would sync).
         chunk_size: tokens per chunk of the PyTorch path (default 16; its memory grows with
-            T * chunk_size * M); the Triton kernels use chunks of 64 and sub-chunks of 16 and
-            ignore it.
+            T * chunk_size * M); the Triton kernels use chunks of 32 and ignore it.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``

@@ -8,10 +8,10 @@ j and token t of a chunk, with D_t the gradient on h_t:
     dtheta_t[j] = <D_t[j], v_t> - <D_t[j], h_{t-1}[j]>
     dv_t        = sum_j theta_t[j] D_t[j]
 
-The intra-chunk pairs go through the same levels as the forward's scores (exponents <= 0,
-matrix products only). The decay term <D_t, h_{t-1}> comes from the gradient on the
-log-decay, dg_t = (1 - theta_t) <D_t, h_{t-1}>, a suffix sum over the chunk (as in GLA),
-divided by 1 - theta_t. That division loses every digit as theta -> 1, so the one row per
+The intra-chunk pairs go through the same levels as the forward's scores (running products of
+the decays d = 1 - theta, matrix products only). The decay term <D_t, h_{t-1}> comes from the
+gradient on the log-decay, dg_t = (1 - theta_t) <D_t, h_{t-1}>, a suffix sum over the chunk (as
+in GLA), divided by 1 - theta_t. That division loses every digit as theta -> 1, so the one row per
 token that can have theta > 1/2 (sum_j theta_t[j] = eta_t <= 1; ``logsumexp_kernel`` finds
 it) is computed directly instead, from its own row of h and dh. The chain rule through
 theta = eta * alpha, phi = mu * alpha and the softmax gives the gradients on logits, eta and mu.
@@ -21,8 +21,9 @@ Three kernels, so that none holds more than a few [BT, BT] tiles:
    have none and return at once).
 2. ``chunk_bwd_dqk_kernel``, per (chunk, head, block of rows): dphi, dtheta, and from them the
    gradient on alpha; the gradients on logits, eta and mu when one block holds all M rows.
-3. ``chunk_bwd_dv_kernel``, per (chunk, head): dv, and with several blocks of rows the softmax
-   backward over whole rows from kernel 2's scratch.
+3. ``chunk_bwd_dv_kernel``, per (chunk, head): dv, from the intra-chunk scores the forward
+   stored, and with several blocks of rows the softmax backward over whole rows from kernel 2's
+   scratch.
 """
 
 import triton
@@ -31,10 +32,10 @@ import triton.language as tl
 from fla_factmem.ops.factorization_memory.chunk_kernels import (
     VARLEN_SWITCH,
     chunk_tokens,
-    intra_chunk_scores,
     level_pairs,
-    next_log_decay,
+    next_decay,
     pair_decay_factors,
+    product,
     routing_gates,
 )
 
@@ -51,23 +52,23 @@ def dominant_row_products(
     o_v = tl.arange(0, BV)
     has = j_dom >= 0
     j = tl.maximum(j_dom, 0)
-    _, theta, phi, g, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, j, has, M)
-    g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, j, has, M, H)
+    _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, j, has, M)
+    d_next = next_decay(logits, lse, eta, mu, tok, m_next, j, has, M, H)
     x_i, t_i = o_t[:, None], o_t[None, :]
     rows = (state_row0 + j)[:, None] * V + o_v[None, :]
     m_rows = has[:, None] & (o_v < V)[None, :]
 
-    # h_{t-1}[j] = exp(g_1 + ... + g_{t-1}) h[j] + sum_{s<t} theta_s exp(g_{s+1} + ... + g_{t-1}) v_s
-    decay_start = tl.exp(tl.sum(tl.where(x_i < t_i, g, 0.0), 0))
-    gaps = tl.cumsum(tl.where(x_i + 1 < t_i, g_next, 0.0), 0, reverse=True)
-    w_before = tl.where(x_i < t_i, theta * tl.exp(gaps), 0.0)
+    # h_{t-1}[j] = d_1 ... d_{t-1} h[j] + sum_{s<t} theta_s d_{s+1} ... d_{t-1} v_s
+    decay_start = product(tl.where(x_i < t_i, d, 1.0), 0)
+    gaps = tl.cumprod(tl.where(x_i + 1 < t_i, d_next, 1.0), 0, reverse=True)
+    w_before = tl.where(x_i < t_i, theta * gaps, 0.0)
     h_j = tl.load(states + rows, mask=m_rows, other=0.0)
     h_prev = tl.dot(tl.trans(w_before), v_t, decay_start[:, None] * h_j, input_precision=DOT_PRECISION)
 
-    # D_t[j] = exp(g_{t+1} + ... + g_last) dh[j] + sum_{u>=t} phi_u exp(g_{t+1} + ... + g_u) do_u
-    g_after = tl.where(x_i > t_i, g, 0.0)
-    decay_end = tl.exp(tl.sum(g_after, 0))
-    w_after = tl.where(x_i >= t_i, phi * tl.exp(tl.cumsum(g_after, 0)), 0.0)
+    # D_t[j] = d_{t+1} ... d_last dh[j] + sum_{u>=t} phi_u d_{t+1} ... d_u do_u
+    d_after = tl.where(x_i > t_i, d, 1.0)
+    decay_end = product(d_after, 0)
+    w_after = tl.where(x_i >= t_i, phi * tl.cumprod(d_after, 0), 0.0)
     dh_j = tl.load(grad_states + rows, mask=m_rows, other=0.0)
     grad_j = tl.dot(tl.trans(w_after), do_t, decay_end[:, None] * dh_j, input_precision=DOT_PRECISION)
     return tl.sum(grad_j * h_prev, 1)
@@ -170,14 +171,14 @@ def chunk_bwd_dqk_kernel(
     hT = tl.load(states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)  # [BV, BM]
     dhT = tl.load(grad_states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)
 
-    alpha, theta, phi, g, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
-    g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
+    alpha, theta, phi, d, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    d_next = next_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
     # the chunk's start and end through every token, and within it the pairs of each level
-    dq = tl.exp(tl.cumsum(g, 0)) * tl.dot(do_t, hT, input_precision=DOT_PRECISION)
-    decay_out = tl.exp(tl.cumsum(g_next, 0, reverse=True))
+    dq = tl.cumprod(d, 0) * tl.dot(do_t, hT, input_precision=DOT_PRECISION)
+    decay_out = tl.cumprod(d_next, 0, reverse=True)
     dk = decay_out * tl.dot(v_t, dhT, input_precision=DOT_PRECISION)
     # <dh, h_end>, of the suffix sum below
-    hT_end = tl.dot(tl.trans(v_t), theta * decay_out, hT * tl.exp(tl.sum(g, 0))[None, :], input_precision=DOT_PRECISION)
+    hT_end = tl.dot(tl.trans(v_t), theta * decay_out, hT * product(d, 0)[None, :], input_precision=DOT_PRECISION)
     dh_h_end = tl.sum(dhT * hT_end, 0)
     do_v_own = tl.sum(do_t * v_t, 1)
     dq += do_v_own[:, None] * theta
@@ -187,7 +188,7 @@ def chunk_bwd_dqk_kernel(
     do_v = tl.dot(do_t, tl.trans(v_t), input_precision=DOT_PRECISION)  # [t, s]: <do_t, v_s>
     v_do = tl.dot(v_t, tl.trans(do_t), input_precision=DOT_PRECISION)  # [s, t]
     for l in tl.static_range(LEVELS):
-        qx, kx = pair_decay_factors(g, g_next, 1 << l, BT, BM)
+        qx, kx = pair_decay_factors(d, d_next, 1 << l, BT, BM)
         pairs = level_pairs(o_t[:, None], o_t[None, :], 1 << l)  # [t, s]
         pairs_t = level_pairs(o_t[None, :], o_t[:, None], 1 << l)  # [s, t]
         dq += qx * tl.dot(tl.where(pairs, do_v, 0.0), theta * kx, input_precision=DOT_PRECISION)
@@ -228,6 +229,7 @@ def chunk_bwd_dv_kernel(
     mu,
     do,
     grad_states,
+    scores,
     dv,
     dlogits,
     deta,
@@ -243,36 +245,33 @@ def chunk_bwd_dv_kernel(
     M: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    LEVELS: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """dv_s = sum_j theta_s[j] exp(g_{s+1} + ... + g_last) dh[j] + sum_{t>=s} A[t, s] do_t, with A
-    the forward's scores, over blocks of BM rows. With several blocks (M > BM), also the softmax
-    backward from ``chunk_bwd_dqk_kernel``'s dalpha and partial sums: dlogits, deta, dmu."""
+    """dv_s = sum_j theta_s[j] d_{s+1}[j] ... d_last[j] dh[j] + sum_{t>=s} A[t, s] do_t, over
+    blocks of BM rows, with A the forward's scores (``scores`` [B, T, H, BT] float32, row t of
+    its chunk's A). With several blocks (M > BM), also the softmax backward from
+    ``chunk_bwd_dqk_kernel``'s dalpha and partial sums: dlogits, deta, dmu."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_v = tl.arange(0, BV)
     m_v = o_v < V
     state_row0 = (i_tc.to(tl.int64) * H + i_h) * M
-    scores_t = tl.zeros([BT, BT], dtype=tl.float32)  # [s, t]: the forward's A, transposed
-    own = tl.zeros([BT], dtype=tl.float32)
     dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
     for i_m in range(tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < M
-        _, theta, phi, g, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
-        g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
+        _, theta, _, _, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+        d_next = next_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
         row = state_row0 + o_m
         dh = tl.load(grad_states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
-        w_out = theta * tl.exp(tl.cumsum(g_next, 0, reverse=True))
+        w_out = theta * tl.cumprod(d_next, 0, reverse=True)
         dv_acc = tl.dot(w_out, dh, dv_acc, input_precision=DOT_PRECISION)
-        scores_t = intra_chunk_scores(scores_t, theta, phi, g, g_next, BT, BM, LEVELS, True, DOT_PRECISION)
-        own += tl.sum(phi * theta, 1)
-    scores_t += tl.where(o_t[:, None] == o_t[None, :], own[None, :], 0.0)
+    # [s, t]: A[t, s], loaded transposed (token t's row holds A[t, :])
+    scores_t = tl.load(scores + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
     m_tv = m_t[:, None] & m_v[None, :]
     do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
     dv_t = tl.dot(scores_t, do_t, dv_acc, input_precision=DOT_PRECISION)

@@ -2,29 +2,32 @@
 
 A sequence is cut into chunks of BT tokens (``launch.CHUNK``). From the logits and the per-token
 log-sum-exp (one float per token, from ``logsumexp_kernel``) every kernel derives alpha,
-theta = eta * alpha, phi = mu * alpha and the log-decay g = log(1 - theta) on chip; none of
-them is ever written to memory.
+theta = eta * alpha, phi = mu * alpha and the decay d = 1 - theta on chip; none of them is ever
+written to memory.
 
 1. ``chunk_state_increment_kernel``, parallel over chunks: what each chunk adds to the
-   memory, sum_s theta_s exp(g_{s+1} + ... + g_last) v_s, and its decay exp(g_1 + ... + g_last).
+   memory, sum_s theta_s d_{s+1} ... d_last v_s, and its decay d_1 ... d_last.
 2. ``chunk_state_scan_kernel``, parallel over sequences, heads and blocks of the state: an
    element-wise scan over chunks that turns the increments into the memory at the start of
    every chunk (and the final state).
-3. ``chunk_fwd_o_kernel``, parallel over chunks: o = (phi * exp(b)) h + A v, with h the
-   memory at the chunk's start, b the cumulative log-decay inside the chunk and the
-   intra-chunk scores A[t, s] = sum_j phi_t[j] theta_s[j] exp(b_t[j] - b_s[j]) for s <= t.
+3. ``chunk_fwd_o_kernel``, parallel over chunks: o = (phi * P) h + A v, with h the memory at
+   the chunk's start, P_t = d_1 ... d_t and the intra-chunk scores
+   A[t, s] = sum_j phi_t[j] theta_s[j] d_{s+1}[j] ... d_t[j] for s <= t.
 
-The scores are matrix products, with every exponent <= 0 and no difference of cumulative
-sums (SPEC section 3). Every pair s < t of a chunk belongs to exactly one level l: the
+Decays are running products of factors in [0, 1], never exp of a sum of logs: no exponent at
+all, so none is positive (SPEC section 3), theta = 1 is an exact 0 that cuts the spans holding
+it and leaves every other span untouched, and no product is ever divided by a factor (which may
+be 0): products "after s" start from the next token's d, loaded shifted.
+
+The scores are matrix products. Every pair s < t of a chunk belongs to exactly one level l: the
 aligned block of 2L tokens (L = 2^l) that holds both, with s in its first half and t in its
 second. Split at the end r of the first half,
 
-    exp(b_t - b_s) = exp(g_{r+1} + ... + g_t) * exp(g_{s+1} + ... + g_r),
+    d_{s+1} ... d_t = (d_{r+1} ... d_t) * (d_{s+1} ... d_r),
 
-two factors <= 1, each a sum over one half-block computed by a scan restricted to it. Level
-l's pairs are then one product (phi * qx_l) (theta * kx_l)^T, masked to its pairs. theta = 1
-gives a decay of exactly exp(log(1e-30)) ~ 0 on the spans that contain it and leaves every
-other span untouched. The backward pass (``chunk_bwd_kernels.py``) uses the same levels.
+two factors, each a product over one half-block computed by a scan restricted to it. Level l's
+pairs are then one product (phi * qx_l) (theta * kx_l)^T, masked to its pairs. The backward
+pass (``chunk_bwd_kernels.py``) uses the same levels.
 """
 
 import triton
@@ -38,8 +41,15 @@ STATE_AND_VARLEN_SWITCHES = {
 }
 VARLEN_SWITCH = {"IS_VARLEN": STATE_AND_VARLEN_SWITCHES["IS_VARLEN"]}
 
-# log(1 - theta + DECAY_FLOOR) keeps theta = 1 finite; the same floor as the PyTorch path.
-DECAY_FLOOR = tl.constexpr(1e-30)
+
+@triton.jit
+def multiply(a, b):
+    return a * b
+
+
+@triton.jit
+def product(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, multiply)
 
 
 @triton.jit
@@ -84,9 +94,9 @@ def chunk_tokens(
 
 @triton.jit
 def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
-    """alpha, theta, phi and g = log(1 - theta) as [len(tok), BM] float32 tiles, and eta, mu
+    """alpha, theta, phi and the decay d = 1 - theta as [len(tok), BM] float32 tiles, and eta, mu
     of the tokens; tok holds flat (token, head) indices. Masked tokens and rows get
-    alpha = 0, hence theta = phi = g = 0: they leave the memory as it is."""
+    alpha = 0, hence theta = phi = 0 and d = 1: they leave the memory as it is."""
     x = tl.load(logits + tok[:, None] * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :], other=float("-inf"))
     lse_t = tl.load(lse + tok, mask=m_t, other=0.0)
     eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
@@ -94,28 +104,26 @@ def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
     alpha = tl.exp(x.to(tl.float32) - lse_t[:, None])
     theta = eta_t[:, None] * alpha
     phi = mu_t[:, None] * alpha
-    g = tl.log(1.0 - theta + DECAY_FLOOR)
-    return alpha, theta, phi, g, eta_t, mu_t
+    return alpha, theta, phi, 1.0 - theta, eta_t, mu_t
 
 
 @triton.jit
-def next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M: tl.constexpr, H: tl.constexpr):
-    """g of the token after each token, 0 where m_next says there is none. Sums over the
-    tokens after s start from it, so that no sum ever subtracts g_s (which is -69 at theta = 1
-    and would take the digits of everything added to it)."""
-    _, _, _, g_next, _, _ = routing_gates(logits, lse, eta, mu, tok + H, m_next, o_m, m_m, M)
-    return g_next
+def next_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M: tl.constexpr, H: tl.constexpr):
+    """d of the token after each token, 1 where m_next says there is none. Products over the
+    tokens after s start from it, so that none is ever divided by d_s (0 at theta = 1)."""
+    _, _, _, d_next, _, _ = routing_gates(logits, lse, eta, mu, tok + H, m_next, o_m, m_m, M)
+    return d_next
 
 
 @triton.jit
-def pair_decay_factors(g, g_next, L: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
-    """For aligned blocks of L tokens: qx[t] = exp(sum of g from t's block start through t) and
-    kx[s] = exp(sum of g after s through its block's end), both [BT, BM] and <= 1."""
+def pair_decay_factors(d, d_next, L: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
+    """For aligned blocks of L tokens: qx[t] = product of d from t's block start through t and
+    kx[s] = product of d after s through its block's end, both [BT, BM] in [0, 1]."""
     last = (tl.arange(0, BT) % L == L - 1)[:, None]
-    into = tl.reshape(tl.cumsum(tl.reshape(g, [BT // L, L, BM]), 1), [BT, BM])
-    g_after = tl.where(last, 0.0, g_next)
-    after = tl.reshape(tl.cumsum(tl.reshape(g_after, [BT // L, L, BM]), 1, reverse=True), [BT, BM])
-    return tl.exp(into), tl.exp(after)
+    qx = tl.reshape(tl.cumprod(tl.reshape(d, [BT // L, L, BM]), 1), [BT, BM])
+    d_after = tl.where(last, 1.0, d_next)
+    kx = tl.reshape(tl.cumprod(tl.reshape(d_after, [BT // L, L, BM]), 1, reverse=True), [BT, BM])
+    return qx, kx
 
 
 @triton.jit
@@ -127,21 +135,15 @@ def level_pairs(t, s, L: tl.constexpr):
 
 @triton.jit
 def intra_chunk_scores(
-    scores, theta, phi, g, g_next, BT: tl.constexpr, BM: tl.constexpr, LEVELS: tl.constexpr, TRANSPOSED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """scores plus one block of rows' part of A[t, s] = sum_j phi_t[j] theta_s[j] exp(b_t[j] - b_s[j])
-    for s < t, over all levels: [BT, BT], indexed [s, t] when TRANSPOSED (computed so, since a
-    dot's accumulator is never transposed: Triton 3.6 miscompiles that on Hopper)."""
+    scores, theta, phi, d, d_next, BT: tl.constexpr, BM: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr
+):
+    """scores plus one block of rows' part of A[t, s] = sum_j phi_t[j] theta_s[j] d_{s+1}[j] ... d_t[j]
+    for s < t, over all levels: [BT, BT]."""
     o_t = tl.arange(0, BT)
     for l in tl.static_range(LEVELS):
-        qx, kx = pair_decay_factors(g, g_next, 1 << l, BT, BM)
-        if TRANSPOSED:
-            level = tl.dot(theta * kx, tl.trans(phi * qx), input_precision=DOT_PRECISION)
-            scores += tl.where(level_pairs(o_t[None, :], o_t[:, None], 1 << l), level, 0.0)
-        else:
-            level = tl.dot(phi * qx, tl.trans(theta * kx), input_precision=DOT_PRECISION)
-            scores += tl.where(level_pairs(o_t[:, None], o_t[None, :], 1 << l), level, 0.0)
+        qx, kx = pair_decay_factors(d, d_next, 1 << l, BT, BM)
+        level = tl.dot(phi * qx, tl.trans(theta * kx), input_precision=DOT_PRECISION)
+        scores += tl.where(level_pairs(o_t[:, None], o_t[None, :], 1 << l), level, 0.0)
     return scores
 
 
@@ -192,9 +194,9 @@ def chunk_state_increment_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     """increments: [NT_total, H, M, V] float32, decays: [NT_total, H, M] float32.
-    Forward (x = v): the memory a chunk adds, sum_s theta_s exp(g_{s+1} + ... + g_last) v_s.
-    GRAD (x = do): the gradient a chunk adds on the memory before it, sum_u phi_u exp(g_1 + ... + g_u) do_u.
-    Both store the chunk's decay exp(g_1 + ... + g_last)."""
+    Forward (x = v): the memory a chunk adds, sum_s theta_s d_{s+1} ... d_last v_s.
+    GRAD (x = do): the gradient a chunk adds on the memory before it, sum_u phi_u d_1 ... d_u do_u.
+    Both store the chunk's decay d_1 ... d_last."""
     i_mv, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
@@ -202,18 +204,18 @@ def chunk_state_increment_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V
 
-    _, theta, phi, g, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
     x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     if GRAD:
-        w = phi * tl.exp(tl.cumsum(g, 0))
+        w = phi * tl.cumprod(d, 0)
     else:
-        g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
-        w = theta * tl.exp(tl.cumsum(g_next, 0, reverse=True))
+        d_next = next_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
+        w = theta * tl.cumprod(d_next, 0, reverse=True)
     inc = tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION)
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
     tl.store(increments + row[:, None] * V + o_v[None, :], inc, mask=m_m[:, None] & m_v[None, :])
     if i_v == 0:
-        tl.store(decays + row, tl.exp(tl.sum(g, 0)), mask=m_m)
+        tl.store(decays + row, product(d, 0), mask=m_m)
 
 
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
@@ -291,6 +293,7 @@ def chunk_fwd_o_kernel(
     mu,
     states,
     o,
+    scores_out,
     chunk_indices,
     cu_seqlens,
     T,
@@ -305,9 +308,10 @@ def chunk_fwd_o_kernel(
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """states: [NT_total, H, M, V] memory at each chunk's start; o: [B, T, H, V] in v's dtype.
-    One program per (chunk, head, block of value columns) loops over blocks of BM rows,
-    accumulating (phi * exp(b)) h and the scores A; LEVELS = log2(BT)."""
+    """states: [NT_total, H, M, V] memory at each chunk's start; o: [B, T, H, V] in v's dtype;
+    scores_out: [B, T, H, BT] float32, row t of the chunk's scores A (diagonal included), for the
+    backward's dv. One program per (chunk, head, block of value columns) loops over blocks of BM
+    rows, accumulating (phi * P) h and the scores A; LEVELS = log2(BT)."""
     i_tc, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -320,14 +324,16 @@ def chunk_fwd_o_kernel(
     for i_m in range(tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < M
-        _, theta, phi, g, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
-        g_next = next_log_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
+        _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+        d_next = next_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M, H)
         row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
         h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
-        out = tl.dot(phi * tl.exp(tl.cumsum(g, 0)), h, out, input_precision=DOT_PRECISION)
+        out = tl.dot(phi * tl.cumprod(d, 0), h, out, input_precision=DOT_PRECISION)
         own += tl.sum(phi * theta, 1)
-        scores = intra_chunk_scores(scores, theta, phi, g, g_next, BT, BM, LEVELS, False, DOT_PRECISION)
+        scores = intra_chunk_scores(scores, theta, phi, d, d_next, BT, BM, LEVELS, DOT_PRECISION)
     scores += tl.where(o_t[:, None] == o_t[None, :], own[:, None], 0.0)
+    if i_v == 0:
+        tl.store(scores_out + tok[:, None] * BT + o_t[None, :], scores, mask=m_t[:, None])
     v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     out = tl.dot(scores, v_t, out, input_precision=DOT_PRECISION)
     tl.store(o + tok[:, None] * V + o_v[None, :], out.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])

@@ -121,6 +121,7 @@ class SavedForBackward(NamedTuple):
     lse: torch.Tensor
     dominant: torch.Tensor
     states: torch.Tensor
+    scores: torch.Tensor
     layout: ChunkLayout
 
 
@@ -150,12 +151,14 @@ def chunk_fwd(
     BM = min(triton.next_power_of_2(M), block_m or 16)
     BV = min(triton.next_power_of_2(V), block_v)
     o = torch.empty_like(v)
+    # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
+    scores = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device)
     chunk_fwd_o_kernel[(layout.NT_total, H, triton.cdiv(V, BV))](
-        v, logits, lse, eta, mu, states, o, layout.chunk_indices, cu_seqlens, T, layout.NT,
+        v, logits, lse, eta, mu, states, o, scores, layout.chunk_indices, cu_seqlens, T, layout.NT,
         H=H, M=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV, DOT_PRECISION=dot_precision(v.dtype),
         num_warps=num_warps or 4,
     )  # fmt: skip
-    return o, ht, SavedForBackward(lse, dominant, states, layout)
+    return o, ht, SavedForBackward(lse, dominant, states, scores, layout)
 
 
 def chunk_bwd(
@@ -179,7 +182,7 @@ def chunk_bwd(
     v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens)
     do = do.contiguous()
     dht = dht.contiguous() if dht is not None else None
-    lse, dominant, states, layout = saved
+    lse, dominant, states, scores, layout = saved
     grad_states, dh0 = chunk_states(do, logits, lse, eta, mu, dht, needs_dh0, layout, cu_seqlens, N, reverse=True)
 
     dv, dlogits, deta, dmu = (torch.empty_like(x) for x in (v, logits, eta, mu))
@@ -205,9 +208,9 @@ def chunk_bwd(
         **common, LEVELS=LEVELS, BM=BM, num_warps=num_warps or 4,
     )  # fmt: skip
     chunk_bwd_dv_kernel[chunks](
-        logits, lse, eta, mu, do, grad_states, dv, dlogits, deta, dmu, dalpha, partial_sums,
+        logits, lse, eta, mu, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha, partial_sums,
         layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common, LEVELS=LEVELS, BM=BM, num_warps=num_warps or 4,
+        **common, BM=BM, num_warps=num_warps or 4,
     )  # fmt: skip
     return dv, dlogits, deta, dmu, dh0
 
