@@ -1,6 +1,7 @@
 """Speed of dense Factorization Memory against FLA's kernels and SDPA, and of its decoding step.
 
     python benchmarks/ops/benchmark_factorization_memory.py [--out results/ops] [--quick]
+        [--T 2048 4096 16384] [--M 64 128 256] [--ops fm gla ...] [--no-decode]
 
 Training table: forward and forward+backward medians (triton.testing.do_bench) at B=4, H=8,
 V=64, bf16, T in {2048, 4096, 16384}, M in {64, 128, 256}, for
@@ -141,18 +142,23 @@ def main():
     parser = argparse.ArgumentParser(description="Factorization Memory op benchmarks")
     parser.add_argument("--out", default="results/ops")
     parser.add_argument("--quick", action="store_true", help="T = 4096, M in {64, 256}, ops fm, fm_via_gla, gla")
+    parser.add_argument("--T", type=int, nargs="+", help="sequence lengths of the training table")
+    parser.add_argument("--M", type=int, nargs="+", help="memory sizes of the training table")
+    parser.add_argument("--ops", nargs="+", help="ops of the training table (default: all)")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     print(f"GPU: {gpu} | torch {torch.__version__} | triton {triton.__version__}")
 
     rows = []
-    Ts = [4096] if args.quick else [2048, 4096, 16384]
-    Ms = (64, 256) if args.quick else (64, 128, 256)
+    Ts = args.T or ([4096] if args.quick else [2048, 4096, 16384])
+    Ms = args.M or ([64, 256] if args.quick else [64, 128, 256])
+    ops = args.ops or (["fm", "fm_via_gla", "gla"] if args.quick else None)
     for T in Ts:
         for M in Ms:
             for name, fn in training_cases(4, T, 8, M, 64, torch.bfloat16).items():
-                if (name == "sdpa" and M != Ms[0]) or (args.quick and name not in ("fm", "fm_via_gla", "gla")):
+                if (name == "sdpa" and M != Ms[0]) or (ops and name not in ops):
                     continue  # sdpa does not depend on M
                 fwd, both, err = time_case(fn)
                 rows.append(dict(T=T, M=M, op=name, fwd_ms=fwd, fwd_bwd_ms=both, error=err))
@@ -160,7 +166,7 @@ def main():
             torch.cuda.empty_cache()
 
     decode = []
-    for M in (64, 256):
+    for M in () if args.no_decode else (64, 256):
         for name, (fn, nbytes) in decode_cases(64, 8, M, 64).items():
             g_ms = graph_time(fn)
             w_ms = wall_time(fn)
@@ -177,10 +183,11 @@ def main():
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(decode[0]))
-        w.writeheader()
-        w.writerows(decode)
+    if decode:
+        with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(decode[0]))
+            w.writeheader()
+            w.writerows(decode)
 
     print(f"\n## {gpu}: B=4 H=8 V=64 bf16, medians in ms (fwd / fwd+bwd)")
     ops = list(dict.fromkeys(r["op"] for r in rows))
@@ -206,13 +213,14 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        plot_T = 4096 if 4096 in Ts else Ts[0]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, key in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
             for op in ops:
-                pts = [(r["M"], r[key]) for r in rows if r["op"] == op and r["T"] == 4096 and not r["error"]]
+                pts = [(r["M"], r[key]) for r in rows if r["op"] == op and r["T"] == plot_T and not r["error"]]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=op)
-            ax.set(title=f"{key} at B=4 T=4096 H=8 V=64 bf16", xlabel="M (key dim)", ylabel="ms")
+            ax.set(title=f"{key} at B=4 T={plot_T} H=8 V=64 bf16", xlabel="M (key dim)", ylabel="ms")
             ax.legend(fontsize=7)
         fig.suptitle(gpu)
         fig.tight_layout()

@@ -176,7 +176,7 @@ def chunk_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Dense backward from the forward's inputs and ``saved``: ``(dv, dlogits, deta, dmu, dh0)``
     in the layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``).
-    ``block_m`` and ``num_warps`` override the gradient kernel's launch (for tuning)."""
+    ``block_m`` and ``num_warps`` override the dq/dk kernel's launch (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens)
@@ -195,8 +195,9 @@ def chunk_bwd(
         T, layout.NT, **common, num_warps=4,
     )  # fmt: skip
 
-    # best measured on an H100: blocks of 32 rows, 4 warps
-    BM = min(triton.next_power_of_2(M), block_m or 32)
+    # best measured on an H100 (benchmarks/ops/NOTES.md): blocks of 64 rows with 8 warps for the
+    # dq/dk kernel (4 warps for 32 rows; 8 warps there are 1.5x slower), 4 warps for dv
+    BM = min(triton.next_power_of_2(M), block_m or 64)
     NM = triton.cdiv(M, BM)
     # the softmax needs whole rows: with several blocks of rows, dalpha and the per-block sums
     # over rows wait in a scratch for the dv kernel
@@ -205,12 +206,12 @@ def chunk_bwd(
     chunk_bwd_dqk_kernel[(*chunks, NM)](
         v, logits, lse, dominant, x_dom, eta, mu, do, states, grad_states, dlogits, deta, dmu, dalpha,
         partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common, LEVELS=LEVELS, BM=BM, num_warps=num_warps or 4,
+        **common, LEVELS=LEVELS, BM=BM, num_warps=num_warps or max(4, BM // 8),
     )  # fmt: skip
     chunk_bwd_dv_kernel[chunks](
         logits, lse, eta, mu, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha, partial_sums,
         layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common, BM=BM, num_warps=num_warps or 4,
+        **common, BM=BM, num_warps=4,
     )  # fmt: skip
     return dv, dlogits, deta, dmu, dh0
 
