@@ -154,11 +154,11 @@ def main():
     rows = []
     Ts = args.T or ([4096] if args.quick else [2048, 4096, 16384])
     Ms = args.M or ([64, 256] if args.quick else [64, 128, 256])
-    ops = args.ops or (["fm", "fm_via_gla", "gla"] if args.quick else None)
+    selected_ops = args.ops or (["fm", "fm_via_gla", "gla"] if args.quick else None)
     for T in Ts:
         for M in Ms:
             for name, fn in training_cases(4, T, 8, M, 64, torch.bfloat16).items():
-                if (name == "sdpa" and M != Ms[0]) or (ops and name not in ops):
+                if (name == "sdpa" and M != Ms[0]) or (selected_ops and name not in selected_ops):
                     continue  # sdpa does not depend on M
                 fwd, both, err = time_case(fn)
                 rows.append(dict(T=T, M=M, op=name, fwd_ms=fwd, fwd_bwd_ms=both, error=err))
