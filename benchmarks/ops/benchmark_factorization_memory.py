@@ -12,8 +12,9 @@ V=64, bf16, T in {2048, 4096, 16384}, M in {64, 128, 256}, for
   delta_rule    chunk_delta_rule (key dim M)
   sdpa          causal scaled_dot_product_attention (head dim 64)
 Decode table: one token at B=64, H=8, V=64, M in {64, 256}, fp32 state, ours against
-fused_recurrent_gla with the equivalent q, k, g: kernel time under CUDA-graph replay,
-eager wall time of the public function, and achieved bandwidth.
+fused_recurrent_gla with the equivalent q, k, g and against a plain copy of the state (the floor
+of any step that reads and writes it): kernel time under CUDA-graph replay, eager wall time of
+the public function, and achieved bandwidth.
 Kernels that fail on the installed Triton are reported with their error, not dropped.
 Prints the tables, writes CSV and a PNG, and names the GPU.
 """
@@ -125,6 +126,7 @@ def decode_cases(B, H, M, V):
     phi, theta, g = fm_weights(logits, eta, mu)
     q, k = phi.bfloat16(), theta.bfloat16()
     state_bytes = 2 * state.numel() * 4
+    copy = torch.empty_like(state)
     io_bytes = sum(x.numel() * x.element_size() for x in (v, logits, eta, mu)) + v.numel() * 2
     return {
         "fm": (
@@ -135,6 +137,8 @@ def decode_cases(B, H, M, V):
             lambda: fused_recurrent_gla(q, k, v, gk=g, scale=1.0, initial_state=state, output_final_state=True),
             state_bytes + io_bytes + 3 * q.numel() * 2,
         ),
+        # the floor of any decode step that reads and writes the whole state
+        "state_copy": (lambda: copy.copy_(state), state_bytes),
     }
 
 
