@@ -148,7 +148,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="T = 4096, M in {64, 256}, ops fm, fm_via_gla, gla")
     parser.add_argument("--T", type=int, nargs="+", help="sequence lengths of the training table")
     parser.add_argument("--M", type=int, nargs="+", help="memory sizes of the training table")
-    parser.add_argument("--ops", nargs="+", help="ops of the training table (default: all)")
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=["fm", "fm_via_gla", "gla", "simple_gla", "delta_rule", "sdpa"],
+        help="ops of the training table (default: all)",
+    )
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -52,7 +52,9 @@ def chunk_factorization_memory(
 
     On CUDA, dense calls (``topk`` None or M, M <= 256) run the Triton kernels, forward and
     backward, which derive the routing weights and decays on chip; other calls, and every
-    call on the CPU, run the PyTorch chunked path (on CUDA it warns once).
+    call on the CPU, run the PyTorch chunked path (on CUDA it warns once). For the backward
+    the kernels keep the memory at every chunk's start (``[T/32 * B, H, M, V]`` float32) and
+    the intra-chunk scores (``[B, T, H, 32]`` float32), never q, k or the decays.
 
     Args:
         v: ``[B, T, H, V]`` values written into the memory.

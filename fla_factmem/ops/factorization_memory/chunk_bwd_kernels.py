@@ -10,7 +10,7 @@ j and token t of a chunk, with D_t the gradient on h_t:
 
 The intra-chunk pairs go through the same levels as the forward's scores (running products of
 the decays d = 1 - theta, matrix products only). The decay term <D_t, h_{t-1}> comes from the
-gradient on the log-decay, dg_t = (1 - theta_t) <D_t, h_{t-1}>, a suffix sum over the chunk (as
+gradient dg_t = d_t dL/dd_t = (1 - theta_t) <D_t, h_{t-1}>, a suffix sum over the chunk (as
 in GLA), divided by 1 - theta_t. That division loses every digit as theta -> 1, so the one row per
 token that can have theta > 1/2 (sum_j theta_t[j] = eta_t <= 1; ``logsumexp_kernel`` finds
 it) is computed directly instead, from its own row of h and dh. The chain rule through

@@ -176,7 +176,8 @@ def chunk_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Dense backward from the forward's inputs and ``saved``: ``(dv, dlogits, deta, dmu, dh0)``
     in the layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``).
-    ``block_m`` and ``num_warps`` override the dq/dk kernel's launch (for tuning)."""
+    ``block_m`` sets the blocks of rows of the dq/dk and dv kernels (and with it whether dalpha goes
+    through a scratch); ``num_warps`` overrides the dq/dk kernel's warps (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens)

@@ -8,7 +8,7 @@ import torch
 
 from fla_factmem.ops.factorization_memory.validation import host_offsets
 
-DENSE_TRITON_MAX_M = 256  # the dense kernels hold [BT, BT, min(M, 64)] decays and all M rows in decode
+DENSE_TRITON_MAX_M = 256  # the decode kernel holds all M rows of a state block; the backward's softmax whole rows
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
