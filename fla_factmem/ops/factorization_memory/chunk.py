@@ -18,7 +18,9 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
-        o, final_state, saved = chunk_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
+        # under no_grad (prefill) nothing needs the scores A for a backward
+        store_scores = any(ctx.needs_input_grad[:5])
+        o, final_state, saved = chunk_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_scores)
         ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.dominant, saved.states, saved.scores)
         ctx.layout = saved.layout
         ctx.needs_dh0 = initial_state is not None

@@ -306,11 +306,12 @@ def chunk_fwd_o_kernel(
     BM: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STORE_SCORES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """states: [NT_total, H, M, V] memory at each chunk's start; o: [B, T, H, V] in v's dtype;
     scores_out: [B, T, H, BT] float32, row t of the chunk's scores A (diagonal included), for the
-    backward's dv. One program per (chunk, head, block of value columns) loops over blocks of BM
+    backward's dv; written only with STORE_SCORES. One program per (chunk, head, block of value columns) loops over blocks of BM
     rows, accumulating (phi * P) h and the scores A; LEVELS = log2(BT)."""
     i_tc, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
@@ -332,7 +333,7 @@ def chunk_fwd_o_kernel(
         own += tl.sum(phi * theta, 1)
         scores = intra_chunk_scores(scores, theta, phi, d, d_next, BT, BM, LEVELS, DOT_PRECISION)
     scores += tl.where(o_t[:, None] == o_t[None, :], own[:, None], 0.0)
-    if i_v == 0:
+    if STORE_SCORES and i_v == 0:
         tl.store(scores_out + tok[:, None] * BT + o_t[None, :], scores, mask=m_t[:, None])
     v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     out = tl.dot(scores, v_t, out, input_precision=DOT_PRECISION)

@@ -121,7 +121,7 @@ class SavedForBackward(NamedTuple):
     lse: torch.Tensor
     dominant: torch.Tensor
     states: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     layout: ChunkLayout
 
 
@@ -133,13 +133,15 @@ def chunk_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
+    store_scores: bool = True,
     block_m: int | None = None,
     block_v: int = 64,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, SavedForBackward]:
     """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or
-    None, what the backward needs)``. ``block_m``, ``block_v`` and ``num_warps`` set the output
-    kernel's launch (for tuning)."""
+    None, what the backward needs)``; without ``store_scores`` (no backward will run) the saved
+    scores are None. ``block_m``, ``block_v`` and ``num_warps`` set the output kernel's launch
+    (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens)
@@ -152,11 +154,11 @@ def chunk_fwd(
     BV = min(triton.next_power_of_2(V), block_v)
     o = torch.empty_like(v)
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
-    scores = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device)
+    scores = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device) if store_scores else None
     chunk_fwd_o_kernel[(layout.NT_total, H, triton.cdiv(V, BV))](
         v, logits, lse, eta, mu, states, o, scores, layout.chunk_indices, cu_seqlens, T, layout.NT,
         H=H, M=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV, DOT_PRECISION=dot_precision(v.dtype),
-        num_warps=num_warps or 4,
+        STORE_SCORES=store_scores, num_warps=num_warps or 4,
     )  # fmt: skip
     return o, ht, SavedForBackward(lse, dominant, states, scores, layout)
 

@@ -76,6 +76,16 @@ def test_kernel_varlen(kernel):
     assert_close("final state", ht, ht_ref, 1e-5)
 
 
+def test_forward_without_scores_for_backward():
+    """Without a backward to come (no_grad prefill) the forward skips storing the scores A."""
+    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(1, 40, 2, 16, 16, with_state=True))
+    o, ht, saved = chunk_fwd(v, logits, eta, mu, h0, True, None, False)
+    assert saved.scores is None
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, None, h0, True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot"])
 def test_kernel_edge_numerics(kernel, case):
