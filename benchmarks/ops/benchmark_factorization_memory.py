@@ -1,7 +1,7 @@
 """Speed of dense Factorization Memory against FLA's kernels and SDPA, and of its decoding step.
 
     python benchmarks/ops/benchmark_factorization_memory.py [--out results/ops] [--quick]
-        [--T 2048 4096 16384] [--M 64 128 256] [--ops fm gla ...] [--no-decode]
+        [--T 2048 4096 16384] [--M 64 128 256] [--ops fm gla ...] [--no-decode] [--no-sparse]
 
 Training table: forward and forward+backward medians (triton.testing.do_bench) at B=4, H=8,
 V=64, bf16, T in {2048, 4096, 16384}, M in {64, 128, 256}, for
@@ -11,10 +11,15 @@ V=64, bf16, T in {2048, 4096, 16384}, M in {64, 128, 256}, for
   simple_gla    chunk_simple_gla (key dim M)
   delta_rule    chunk_delta_rule (key dim M)
   sdpa          causal scaled_dot_product_attention (head dim 64)
-Decode table: one token at B=64, H=8, V=64, M in {64, 256}, fp32 state, ours against
-fused_recurrent_gla with the equivalent q, k, g and against a plain copy of the state (the floor
-of any step that reads and writes it): kernel time under CUDA-graph replay, eager wall time of
-the public function, and achieved bandwidth.
+Sparse table: forward without autograd (the sparse kernels have no backward yet) and its peak
+memory, B=4, H=8, V=64, bf16, T in {4096, 16384}, (M, K) in {(256, 4), (1024, 16), (4096, 16),
+(1024, 256)} beside dense M = 64 and 256.
+Decode table: one token at B=64, H=8, V=64, fp32 state, dense at M in {64, 256} and sparse at
+(M, K) in {(1024, 16), (4096, 16)} (state updated in place), ours against fused_recurrent_gla
+with the equivalent q, k, g (an M-wide state) and, dense, against a plain copy of the state (the
+floor of any step that reads and writes it): kernel time under CUDA-graph replay, eager wall
+time of the public function, and achieved bandwidth (of the bytes each step must move: for
+sparse, the M logits and K rows read and written per head).
 Kernels that fail on the installed Triton are reported with their error, not dropped.
 Prints the tables, writes CSV and a PNG, and names the GPU.
 """
@@ -114,7 +119,10 @@ def wall_time(fn, n=200):
     return sorted(times)[n // 2] * 1e3
 
 
-def decode_cases(B, H, M, V):
+def decode_cases(B, H, M, V, topk=None):
+    """Decode steps and the bytes each must move: ours (dense, or sparse with ``topk`` and the
+    state updated in place), fused_recurrent_gla with an M-wide state and, dense only, a copy of
+    the state."""
     from fla.ops.gla import fused_recurrent_gla
 
     dev = "cuda"
@@ -126,20 +134,60 @@ def decode_cases(B, H, M, V):
     phi, theta, g = fm_weights(logits, eta, mu)
     q, k = phi.bfloat16(), theta.bfloat16()
     state_bytes = 2 * state.numel() * 4
-    copy = torch.empty_like(state)
     io_bytes = sum(x.numel() * x.element_size() for x in (v, logits, eta, mu)) + v.numel() * 2
+    gla = (
+        lambda: fused_recurrent_gla(q, k, v, gk=g, scale=1.0, initial_state=state, output_final_state=True),
+        state_bytes + io_bytes + 3 * q.numel() * 2,
+    )
+    if topk is not None:
+        ours = torch.randn_like(state)  # updated in place, one K-row gather and scatter per step
+        return {
+            "fm": (
+                lambda: fused_recurrent_factorization_memory(
+                    v, logits, eta, mu, topk, ours, True, inplace_final_state=True
+                ),
+                2 * B * H * topk * V * 4 + io_bytes,
+            ),
+            "gla_fused_recurrent": gla,
+        }
+    copy = torch.empty_like(state)
     return {
         "fm": (
             lambda: fused_recurrent_factorization_memory(v, logits, eta, mu, None, state, True),
             state_bytes + io_bytes,
         ),
-        "gla_fused_recurrent": (
-            lambda: fused_recurrent_gla(q, k, v, gk=g, scale=1.0, initial_state=state, output_final_state=True),
-            state_bytes + io_bytes + 3 * q.numel() * 2,
-        ),
+        "gla_fused_recurrent": gla,
         # the floor of any decode step that reads and writes the whole state
         "state_copy": (lambda: copy.copy_(state), state_bytes),
     }
+
+
+# (M, K) of the decode table; K None is dense
+DECODE_CASES = [(64, None), (256, None), (1024, 16), (4096, 16)]
+# (M, K) of the sparse table, beside dense M = 64 and 256
+SPARSE_CASES = [(64, None), (256, None), (256, 4), (1024, 16), (4096, 16), (1024, 256)]
+
+
+def sparse_forward(B, T, H, M, V, topk):
+    """(forward ms, peak MB over the inputs) of our op without autograd (prefill): the sparse
+    Triton kernels have no backward yet."""
+    dev, dtype = "cuda", torch.bfloat16
+    v = torch.randn(B, T, H, V, device=dev, dtype=dtype)
+    logits = (torch.randn(B, T, H, M, device=dev) * 2).to(dtype)
+    eta = torch.rand(B, T, H, device=dev, dtype=dtype)
+    mu = torch.rand(B, T, H, device=dev, dtype=dtype)
+
+    def fn():
+        with torch.no_grad():
+            return chunk_factorization_memory(v, logits, eta, mu, topk)[0]
+
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main():
@@ -155,10 +203,16 @@ def main():
         help="ops of the training table (default: all)",
     )
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
+    parser.add_argument("--no-sparse", action="store_true", help="skip the sparse table")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     print(f"GPU: {gpu} | torch {torch.__version__} | triton {triton.__version__}")
+
+    # the first timed case otherwise runs at idle clocks (measured 0.63 ms against 0.36 for our
+    # M=64 forward when it came first)
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    triton.testing.do_bench(lambda: a @ a, warmup=500, rep=500)
 
     rows = []
     Ts = args.T or ([4096] if args.quick else [2048, 4096, 16384])
@@ -174,24 +228,45 @@ def main():
                 print(f"T={T:6d} M={M:4d} {name:12s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  {err}", flush=True)
             torch.cuda.empty_cache()
 
+    sparse = []
+    for T in () if args.no_sparse else (4096, 16384):
+        for M, K in SPARSE_CASES:
+            ms, peak = sparse_forward(4, T, 8, M, 64, K)
+            sparse.append(dict(T=T, M=M, K=K or M, fwd_ms=ms, fwd_peak_MB=peak))
+            print(f"sparse T={T:6d} M={M:4d} K={K or M:4d} fwd {ms:8.3f} ms  peak {peak:8.1f} MB", flush=True)
+            torch.cuda.empty_cache()
+
     decode = []
-    for M in () if args.no_decode else (64, 256):
-        for name, (fn, nbytes) in decode_cases(64, 8, M, 64).items():
+    for M, K in () if args.no_decode else DECODE_CASES:
+        for name, (fn, nbytes) in decode_cases(64, 8, M, 64, K).items():
             g_ms = graph_time(fn)
             w_ms = wall_time(fn)
             decode.append(
-                dict(M=M, op=name, graph_us=g_ms * 1e3, eager_wall_us=w_ms * 1e3, GBps=nbytes / (g_ms * 1e-3) / 1e9)
+                dict(
+                    M=M,
+                    K=K or M,
+                    op=name,
+                    graph_us=g_ms * 1e3,
+                    eager_wall_us=w_ms * 1e3,
+                    GBps=nbytes / (g_ms * 1e-3) / 1e9,
+                )
             )
             print(
-                f"decode M={M:4d} {name:20s} graph {g_ms * 1e3:7.1f} us  eager {w_ms * 1e3:7.1f} us  "
+                f"decode M={M:4d} K={K or M:4d} {name:20s} graph {g_ms * 1e3:7.1f} us  eager {w_ms * 1e3:7.1f} us  "
                 f"{decode[-1]['GBps']:7.0f} GB/s",
                 flush=True,
             )
+            torch.cuda.empty_cache()
 
     with open(os.path.join(args.out, "training.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    if sparse:
+        with open(os.path.join(args.out, "sparse.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(sparse[0]))
+            w.writeheader()
+            w.writerows(sparse)
     if decode:
         with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(decode[0]))
@@ -211,10 +286,15 @@ def main():
                     "-" if r is None else ("fails" if r["error"] else f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}")
                 )
             print(f"| {T} | {M} | " + " | ".join(cells) + " |")
+    if sparse:
+        print(f"\n## sparse, forward without autograd, B=4 H=8 V=64 bf16 ({gpu})")
+        print("| T | M | K | forward ms | peak MB |\n|---|---|---|---|---|")
+        for r in sparse:
+            print(f"| {r['T']} | {r['M']} | {r['K']} | {r['fwd_ms']:.3f} | {r['fwd_peak_MB']:.0f} |")
     print(f"\n## decode, B=64 H=8 V=64, fp32 state ({gpu})")
-    print("| M | op | CUDA-graph kernel us | eager wall us | GB/s |\n|---|---|---|---|---|")
+    print("| M | K | op | CUDA-graph kernel us | eager wall us | GB/s |\n|---|---|---|---|---|---|")
     for d in decode:
-        print(f"| {d['M']} | {d['op']} | {d['graph_us']:.1f} | {d['eager_wall_us']:.1f} | {d['GBps']:.0f} |")
+        print(f"| {d['M']} | {d['K']} | {d['op']} | {d['graph_us']:.1f} | {d['eager_wall_us']:.1f} | {d['GBps']:.0f} |")
 
     try:
         import matplotlib

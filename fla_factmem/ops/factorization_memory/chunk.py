@@ -5,8 +5,19 @@ from __future__ import annotations
 import torch
 
 from fla_factmem.ops.factorization_memory.chunk_torch import DEFAULT_CHUNK_SIZE, chunk_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.launch import SavedForBackward, chunk_bwd, chunk_fwd
-from fla_factmem.ops.factorization_memory.routing import run_on_weights, runs_dense_triton, slow_path_reason
+from fla_factmem.ops.factorization_memory.launch import (
+    SavedForBackward,
+    chunk_bwd,
+    chunk_fwd,
+    chunk_sparse_fwd,
+    sparse_routing,
+)
+from fla_factmem.ops.factorization_memory.routing import (
+    run_on_weights,
+    runs_dense_triton,
+    runs_sparse_triton,
+    slow_path_reason,
+)
 from fla_factmem.ops.factorization_memory.validation import check_chunk_size, validate_inputs
 from fla_factmem.utils import warn_once
 
@@ -20,7 +31,9 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
     def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
         # under no_grad (prefill) nothing needs the scores A for a backward
         store_scores = any(ctx.needs_input_grad[:5])
-        o, final_state, saved = chunk_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_scores)
+        o, final_state, saved = chunk_fwd(
+            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_scores
+        )
         ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.dominant, saved.states, saved.scores)
         ctx.layout = saved.layout
         ctx.needs_dh0 = initial_state is not None
@@ -53,8 +66,11 @@ def chunk_factorization_memory(
     + \eta_t\alpha_t[j] v_t` and reads :math:`o_t = \sum_j \mu_t\alpha_t[j] h_t[j]`.
 
     On CUDA, dense calls (``topk`` None or M, M <= 256) run the Triton kernels, forward and
-    backward, which derive the routing weights and decays on chip; other calls, and every
-    call on the CPU, run the PyTorch chunked path (on CUDA it warns once). For the backward
+    backward, which derive the routing weights and decays on chip. Sparse calls (``topk`` < M,
+    any M) without autograd run the sparse Triton forward: each chunk of 16 tokens reads and
+    writes only the union of the rows its tokens pick. Other calls (sparse with autograd, dense
+    M > 256, float64), and every call on the CPU, run the PyTorch chunked path (on CUDA it
+    warns once). For the backward
     the kernels keep the memory at every chunk's start (``[T/32 * B, H, M, V]`` float32) and
     the intra-chunk scores (``[B, T, H, 32]`` float32), never q, k or the decays.
 
@@ -86,6 +102,11 @@ def chunk_factorization_memory(
             v, logits, eta, mu, initial_state, output_final_state, cu_seqlens
         )
         return o, final_state
+    inputs = (v, logits, eta, mu, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if runs_sparse_triton(v, logits, topk, eta, mu, initial_state) and not needs_grad:
+        picks = sparse_routing(logits, eta, mu, topk)
+        return chunk_sparse_fwd(v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens)
     if v.is_cuda:
         warn_once(
             "chunk_torch_on_cuda",

@@ -6,8 +6,13 @@ import torch
 
 from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd
 from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.routing import run_on_weights, runs_dense_triton, slow_path_reason
-from fla_factmem.ops.factorization_memory.validation import validate_inputs
+from fla_factmem.ops.factorization_memory.routing import (
+    run_on_weights,
+    runs_dense_triton,
+    runs_sparse_triton,
+    slow_path_reason,
+)
+from fla_factmem.ops.factorization_memory.validation import check_inplace_state, validate_inputs
 from fla_factmem.utils import warn_once
 
 
@@ -20,13 +25,17 @@ def fused_recurrent_factorization_memory(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
+    inplace_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Factorization Memory one token at a time, meant for decoding (T = 1 up to short prompts).
 
     Same arguments, semantics and results as :func:`chunk_factorization_memory`; pass the
     state returned by the previous call as ``initial_state`` in place of a cache. On CUDA,
-    dense calls without autograd run one Triton launch for all sequences and heads (no host
-    sync, so it can be captured in a CUDA graph); other calls run the PyTorch token loop.
+    calls without autograd run one Triton launch for all sequences and heads (no host sync,
+    so it can be captured in a CUDA graph); other calls run the PyTorch token loop. The
+    sparse kernel (``topk < M``) reads the M logits of a token and then reads and writes only
+    its top-K rows of the state; with ``inplace_final_state`` it does so in ``initial_state``
+    itself, so a step costs O(M + K * V) per head instead of a copy of the whole state.
 
     Args:
         v: ``[B, T, H, V]`` values written into the memory.
@@ -37,6 +46,8 @@ def fused_recurrent_factorization_memory(
         initial_state: ``[N, H, M, V]`` memory before the first token; zeros if None.
         output_final_state: whether to return the memory after the last token.
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
+        inplace_final_state: write the final state into ``initial_state`` (float32,
+            contiguous, no autograd) and return that tensor as the final state.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
@@ -45,8 +56,15 @@ def fused_recurrent_factorization_memory(
     validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
     inputs = (v, logits, eta, mu, initial_state)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    if runs_dense_triton(v, logits, topk, eta, mu, initial_state) and not needs_grad:
-        return fused_recurrent_fwd(v, logits, eta, mu, initial_state, output_final_state, cu_seqlens)
+    if inplace_final_state:
+        check_inplace_state(initial_state, needs_grad)
+    if not needs_grad and (
+        runs_dense_triton(v, logits, topk, eta, mu, initial_state)
+        or runs_sparse_triton(v, logits, topk, eta, mu, initial_state)
+    ):
+        return fused_recurrent_fwd(
+            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, topk, inplace_final_state
+        )
     if v.is_cuda:
         reason = "its Triton kernel has no backward" if needs_grad else slow_path_reason(v, logits, topk)
         warn_once(
@@ -54,6 +72,17 @@ def fused_recurrent_factorization_memory(
             f"fla_factmem: fused_recurrent_factorization_memory runs the PyTorch token loop on the GPU because "
             f"{reason}; it is slow there (train with chunk_factorization_memory).",
         )
-    return run_on_weights(
-        recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
+    o, final_state = run_on_weights(
+        recurrent_factorization_memory_torch,
+        v,
+        logits,
+        eta,
+        mu,
+        topk,
+        initial_state,
+        output_final_state or inplace_final_state,
+        cu_seqlens,
     )
+    if inplace_final_state:
+        final_state = initial_state.copy_(final_state)
+    return o, final_state if output_final_state else None

@@ -1,12 +1,21 @@
-"""Triton decoding kernel of dense Factorization Memory: token by token, one launch for all
-sequences and heads. A program owns one (sequence, head, block of value columns) with all M
-rows of the memory in registers; per token it reads M logits, eta, mu and V values, and the
-state is read and written once per call."""
+"""Triton decoding kernels of Factorization Memory: token by token, one launch for all sequences
+and heads, one program per (sequence, head, block of value columns).
+
+Dense: the program holds all M rows of the memory in registers; per token it reads M logits,
+eta, mu and V values, and the state is read and written once per call.
+Sparse: the state stays in memory and is updated in place; per token the program reads the M
+logits, picks the top K and reads and writes only those K rows.
+"""
 
 import triton
 import triton.language as tl
 
-from fla_factmem.ops.factorization_memory.chunk_kernels import STATE_AND_VARLEN_SWITCHES, sequence_bounds
+from fla_factmem.ops.factorization_memory.chunk_kernels import (
+    STATE_AND_VARLEN_SWITCHES,
+    VARLEN_SWITCH,
+    sequence_bounds,
+)
+from fla_factmem.ops.factorization_memory.routing_kernels import top_k
 
 
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
@@ -57,3 +66,55 @@ def fused_recurrent_fwd_kernel(
 
     if STORE_FINAL_STATE:
         tl.store(ht + state_offsets, h, mask=m_state)
+
+
+@triton.heuristics(VARLEN_SWITCH)
+@triton.jit(do_not_specialize=["T"])
+def fused_recurrent_sparse_fwd_kernel(
+    v,
+    logits,
+    eta,
+    mu,
+    state,
+    o,
+    cu_seqlens,
+    T,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    V: tl.constexpr,
+    K: tl.constexpr,
+    BM: tl.constexpr,
+    KB: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """state: [N, H, M, V] float32, updated in place. Per token: the top K of the M logits, alpha
+    re-normalised over them, and the K rows gathered, updated, written back and merged into o;
+    the other M - K rows are neither read nor written."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+
+    o_m = tl.arange(0, BM)
+    o_k = tl.arange(0, KB)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_m, m_v = o_m < M, o_v < V
+    m_rows = (o_k < K)[:, None] & m_v[None, :]
+    head_state = state + i_nh.to(tl.int64) * M * V
+    for t in range(bos, eos):
+        tok = t * H + i_h
+        x = tl.load(logits + tok * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+        rows, top = top_k(x[None, :], o_m, m_m, K, KB)
+        rows, top = tl.reshape(rows, [KB]), tl.reshape(top, [KB])
+        alpha = tl.exp(top - tl.max(top, 0))
+        alpha = alpha / tl.sum(alpha, 0)
+        theta = tl.load(eta + tok).to(tl.float32) * alpha
+        phi = tl.load(mu + tok).to(tl.float32) * alpha
+        v_t = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        ptrs = head_state + rows[:, None] * V + o_v[None, :]
+        h = tl.load(ptrs, mask=m_rows, other=0.0)
+        h = (1.0 - theta[:, None]) * h + theta[:, None] * v_t[None, :]
+        tl.store(ptrs, h, mask=m_rows)
+        tl.store(o + tok * V + o_v, tl.sum(phi[:, None] * h, 0).to(o.dtype.element_ty), mask=m_v)
+        # the next token may read rows written here, by other threads of this program
+        tl.debug_barrier()

@@ -19,13 +19,24 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     chunk_state_scan_kernel,
     logsumexp_kernel,
 )
-from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import fused_recurrent_fwd_kernel
-from fla_factmem.ops.factorization_memory.routing import DENSE_TRITON_MAX_M
+from fla_factmem.ops.factorization_memory.chunk_sparse_kernels import (
+    chunk_sparse_state_walk_kernel,
+    chunk_union_kernel,
+)
+from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import (
+    fused_recurrent_fwd_kernel,
+    fused_recurrent_sparse_fwd_kernel,
+)
+from fla_factmem.ops.factorization_memory.routing import DENSE_TRITON_MAX_M, SparseRouting
+from fla_factmem.ops.factorization_memory.routing_kernels import sparse_routing_kernel
 
 # BT: tokens per chunk. 32 measured faster than 64 on an H100 (benchmarks/ops/NOTES.md): the
 # [BT, BT] tiles of the intra-chunk pairs stay small, at twice the chunk states' traffic.
 CHUNK = 32
 LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py)
+# Sparse: the smallest chunk that tl.dot takes, so that a chunk's union of picks (<= 16 K rows) stays small
+SPARSE_CHUNK = 16
+SPARSE_LEVELS = SPARSE_CHUNK.bit_length() - 1
 
 
 class ChunkLayout(NamedTuple):
@@ -38,13 +49,13 @@ class ChunkLayout(NamedTuple):
     chunk_offsets: torch.Tensor | None
 
 
-def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkLayout:
+def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk: int = CHUNK) -> ChunkLayout:
     if cu_seqlens is None:
-        NT = triton.cdiv(T, CHUNK)
+        NT = triton.cdiv(T, chunk)
         return ChunkLayout(NT, B * NT, None, None)
     # FLA's helpers, cached per cu_seqlens tensor; counting the chunks reads the lengths on the host once
-    chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
-    return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, CHUNK))
+    chunk_indices = prepare_chunk_indices(cu_seqlens, chunk)
+    return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, chunk))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -66,10 +77,10 @@ def logsumexp(logits: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, to
     return lse, dominant
 
 
-def _prepare(v, logits, eta, mu, initial_state, cu_seqlens):
-    """Checks M and makes the inputs contiguous: ``(v, logits, eta, mu, h0, N)``, N sequences."""
+def _prepare(v, logits, eta, mu, initial_state, cu_seqlens, dense=True):
+    """Checks M (dense) and makes the inputs contiguous: ``(v, logits, eta, mu, h0, N)``, N sequences."""
     M = logits.shape[-1]
-    if M > DENSE_TRITON_MAX_M:
+    if dense and M > DENSE_TRITON_MAX_M:
         raise ValueError(f"the dense Triton kernels take M <= {DENSE_TRITON_MAX_M}; got M = {M}")
     N = v.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -103,9 +114,9 @@ def chunk_states(
     BM, BV = min(triton.next_power_of_2(M), 64), min(triton.next_power_of_2(V), 64)
     grid = (triton.cdiv(M, BM) * triton.cdiv(V, BV), layout.NT_total, H)
     chunk_state_increment_kernel[grid](
-        x, logits, lse, eta, mu, states, decays, layout.chunk_indices, cu_seqlens, T, layout.NT,
-        H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=4,
+        x, logits, lse, eta, mu, None, None, None, None, states, decays, layout.chunk_indices, cu_seqlens,
+        T, layout.NT, H=H, M=M, K=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=4,
     )  # fmt: skip
     end = torch.empty(N, H, M, V, dtype=torch.float32, device=x.device) if store_end else None
     BM, BV = min(triton.next_power_of_2(M), 16), min(triton.next_power_of_2(V), 32)
@@ -156,11 +167,104 @@ def chunk_fwd(
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
     scores = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device) if store_scores else None
     chunk_fwd_o_kernel[(layout.NT_total, H, triton.cdiv(V, BV))](
-        v, logits, lse, eta, mu, states, o, scores, layout.chunk_indices, cu_seqlens, T, layout.NT,
-        H=H, M=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV, DOT_PRECISION=dot_precision(v.dtype),
-        STORE_SCORES=store_scores, num_warps=num_warps or 4,
+        v, logits, lse, eta, mu, None, None, None, None, states, o, scores, layout.chunk_indices, cu_seqlens,
+        T, layout.NT, H=H, M=M, K=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV,
+        DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_scores, num_warps=num_warps or 4,
     )  # fmt: skip
     return o, ht, SavedForBackward(lse, dominant, states, scores, layout)
+
+
+def sparse_routing(
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    topk: int,
+    rows_per_program: int | None = None,
+    num_warps: int | None = None,
+) -> SparseRouting:
+    """The sparse variant's routing in one pass over the logits, no autograd: each token's top
+    ``topk`` rows (int32, largest logit first) and their theta and phi (float32), all
+    ``[B, T, H, topk]``, from ``[B, T, H, M]`` logits and ``[B, T, H]`` eta, mu.
+    ``rows_per_program`` and ``num_warps`` override the launch (for tuning)."""
+    M = logits.shape[-1]
+    logits, eta, mu = (x.contiguous() for x in (logits, eta, mu))
+    picks = torch.empty(*eta.shape, topk, dtype=torch.int32, device=logits.device)
+    theta, phi = (torch.empty(*eta.shape, topk, dtype=torch.float32, device=logits.device) for _ in range(2))
+    BM = triton.next_power_of_2(M)
+    # best measured on an H200 (benchmarks/ops/NOTES.md): up to 4 rows of at most 4K logits per
+    # program, one warp per 4K logits, so that the K reductions stay within a warp
+    BR = rows_per_program or max(1, min(4, 4096 // BM))
+    sparse_routing_kernel[(triton.cdiv(eta.numel(), BR),)](
+        logits, eta, mu, picks, theta, phi, eta.numel(), M=M, K=topk, BR=BR, BM=BM,
+        KB=triton.next_power_of_2(topk), num_warps=num_warps or max(1, BR * BM // 4096),
+    )  # fmt: skip
+    return SparseRouting(picks, theta, phi)
+
+
+def chunk_sparse_fwd(
+    v: torch.Tensor,
+    picks: SparseRouting,
+    M: int,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sparse forward over each token's K picks (``picks``, rows < M, e.g. from
+    ``sparse_routing``): ``(o [B, T, H, V] in v's dtype, final state [N, H, M, V] float32 or
+    None)``. Rows outside every chunk's union of picks are never read or written; the per-chunk
+    states are ``[NT_total, H, min(M, 16 K), V]`` float32. ``block_m`` and ``num_warps`` set the
+    output kernel's launch (for tuning)."""
+    B, T, H, V = v.shape
+    K = picks.rows.shape[-1]
+    U = min(M, SPARSE_CHUNK * K)
+    v = v.contiguous()
+    rows, theta, phi = (x.contiguous() for x in picks)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    layout = chunk_layout(B, T, cu_seqlens, SPARSE_CHUNK)
+    dev = v.device
+
+    slot_picks = torch.full((layout.NT_total, H, SPARSE_CHUNK, U), -1, dtype=torch.int16, device=dev)
+    union_rows = torch.empty(layout.NT_total, H, U, dtype=torch.int32, device=dev)
+    union_count = torch.empty(layout.NT_total, H, dtype=torch.int32, device=dev)
+    chunk_union_kernel[(layout.NT_total, H)](
+        rows, slot_picks, union_rows, union_count, layout.chunk_indices, cu_seqlens, T, layout.NT,
+        H=H, K=K, U=U, BT=SPARSE_CHUNK, BE=triton.next_power_of_2(SPARSE_CHUNK * K), num_warps=4,
+    )  # fmt: skip
+
+    sparse_gates = (None, None, None, None, slot_picks, theta, phi, union_count)
+    common = dict(H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, DOT_PRECISION=dot_precision(v.dtype))
+    states = torch.empty(layout.NT_total, H, U, V, dtype=torch.float32, device=dev)
+    decays = torch.empty(layout.NT_total, H, U, dtype=torch.float32, device=dev)
+    BM, BV = min(triton.next_power_of_2(U), 64), min(triton.next_power_of_2(V), 64)
+    chunk_state_increment_kernel[(triton.cdiv(U, BM) * triton.cdiv(V, BV), layout.NT_total, H)](
+        v, *sparse_gates, states, decays, layout.chunk_indices, cu_seqlens, T, layout.NT,
+        **common, BM=BM, BV=BV, GRAD=False, num_warps=4,
+    )  # fmt: skip
+
+    # the walk updates the memory where it lies, starting from (a copy of) the initial state
+    if initial_state is not None:
+        memory = initial_state.to(torch.float32, copy=True).contiguous()
+    else:
+        memory = torch.zeros(N, H, M, V, dtype=torch.float32, device=dev)
+    # a chunk's whole union in one tile of at most 16K elements
+    BU = triton.next_power_of_2(U)
+    BV = max(min(triton.next_power_of_2(V), 16384 // BU, 32), 1)
+    # num_stages=1: no gather of a later chunk may be hoisted above this chunk's scatter
+    chunk_sparse_state_walk_kernel[(triton.cdiv(V, BV), N, H)](
+        states, decays, union_rows, union_count, memory, layout.chunk_offsets, cu_seqlens, layout.NT,
+        H=H, M=M, U=U, V=V, BU=BU, BV=BV, num_warps=4 if BU * BV <= 4096 else 8, num_stages=1,
+    )  # fmt: skip
+
+    o = torch.empty_like(v)
+    # best measured on an H200 at (M, K) = (1024, 16) and (4096, 16): blocks of 16 slots, 2 warps
+    BM, BV = min(triton.next_power_of_2(U), block_m or 16), min(triton.next_power_of_2(V), 64)
+    chunk_fwd_o_kernel[(layout.NT_total, H, triton.cdiv(V, BV))](
+        v, *sparse_gates, states, o, None, layout.chunk_indices, cu_seqlens, T, layout.NT,
+        **common, LEVELS=SPARSE_LEVELS, BM=BM, BV=BV, STORE_SCORES=False, num_warps=num_warps or 2,
+    )  # fmt: skip
+    return o, memory if output_final_state else None
 
 
 def chunk_bwd(
@@ -227,19 +331,44 @@ def fused_recurrent_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
+    topk: int | None = None,
+    inplace_final_state: bool = False,
     block_v: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense token-by-token forward for decoding; no autograd. Shapes as in the public op.
-    ``block_v`` and ``num_warps`` override the launch configuration (for tuning)."""
+    """Token-by-token forward for decoding; no autograd. Shapes as in the public op. Dense
+    (``topk`` None or M) or sparse (``topk`` < M: only the top-K rows of each token are read and
+    written, in place in the state). ``inplace_final_state`` writes the final state into
+    ``initial_state`` (float32, contiguous). ``block_v`` and ``num_warps`` override the launch
+    configuration (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
-    v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens)
-    ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
+    sparse = topk is not None and topk < M
+    v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens, dense=not sparse)
     o = torch.empty_like(v)
+    if sparse:
+        # the kernel updates the state where it lies: a fresh copy unless asked to work in place
+        if inplace_final_state:
+            state = initial_state
+        elif h0 is not None:
+            state = h0.to(torch.float32, copy=True)
+        else:
+            state = torch.zeros(N, H, M, V, dtype=torch.float32, device=v.device)
+        # best measured on an H200 at (M, K) = (1024, 16) and (4096, 16): one top-K per (sequence,
+        # head) up to V = 64, with 2 warps (benchmarks/ops/NOTES.md)
+        BV = block_v or min(triton.next_power_of_2(V), 64)
+        fused_recurrent_sparse_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+            v, logits, eta, mu, state, o, cu_seqlens, T, H=H, M=M, V=V, K=topk,
+            BM=triton.next_power_of_2(M), KB=triton.next_power_of_2(topk), BV=BV, num_warps=num_warps or 2,
+        )  # fmt: skip
+        return o, state if output_final_state else None
+    if inplace_final_state:
+        ht = initial_state  # each program reads its block of the state whole before writing it
+    else:
+        ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
     BM = triton.next_power_of_2(M)
     BV = block_v or min(triton.next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
     fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps
+        v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps or 4
     )
-    return o, ht
+    return o, ht if output_final_state else None

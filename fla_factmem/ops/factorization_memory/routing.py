@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +58,15 @@ def update_and_merge_weights(
     return eta.to(dtype)[..., None] * alpha, mu.to(dtype)[..., None] * alpha
 
 
+class SparseRouting(NamedTuple):
+    """Each token's top-K picks, ``[B, T, H, K]`` each: the rows (int, distinct per token), and
+    their theta = eta * alpha and phi = mu * alpha (float32)."""
+
+    rows: torch.Tensor
+    theta: torch.Tensor
+    phi: torch.Tensor
+
+
 def sequence_spans(B: int, T: int, offsets: list[int] | None) -> list[tuple[int, int, int]]:
     """``(batch index, start, end)`` of every sequence: one per batch row, or one per packed sequence."""
     if offsets is None:
@@ -98,11 +108,24 @@ def runs_dense_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *
     )
 
 
+def runs_sparse_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> bool:
+    """Whether the sparse Triton kernels take this call: CUDA tensors, topk < M, no float64 input."""
+    tensors = (v, logits, *others)
+    return (
+        v.is_cuda
+        and topk is not None
+        and topk < logits.shape[-1]
+        and all(t is None or t.dtype != torch.float64 for t in tensors)
+    )
+
+
 def slow_path_reason(v: torch.Tensor, logits: torch.Tensor, topk: int | None) -> str:
     """Why a CUDA call fell to a PyTorch path, for the one-time warning."""
     M = logits.shape[-1]
-    if topk is not None and topk < M:
-        return "the sparse (topk < M) variant has no Triton kernel yet"
+    if any(t.dtype == torch.float64 for t in (v, logits)):
+        return "float64 inputs have no Triton kernel"
+    if topk is not None and topk < M:  # sparse calls reach the PyTorch path only with autograd
+        return "the sparse (topk < M) variant has no Triton backward yet"
     if M > DENSE_TRITON_MAX_M:
         return f"M = {M} > {DENSE_TRITON_MAX_M} has no dense Triton kernel"
     return "float64 inputs have no Triton kernel"

@@ -98,6 +98,19 @@ def validate_inputs(
     return Dims(B, T, H, M, V, N)
 
 
+def check_inplace_state(initial_state: torch.Tensor | None, needs_grad: bool) -> None:
+    """Checks that ``initial_state`` can take the final state in place."""
+    if initial_state is None:
+        raise ValueError("`inplace_final_state=True` needs an `initial_state` to update")
+    if initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
+        raise ValueError(
+            f"`inplace_final_state=True` needs a contiguous float32 `initial_state`; got {initial_state.dtype}"
+            f"{'' if initial_state.is_contiguous() else ', not contiguous'}"
+        )
+    if needs_grad:
+        raise ValueError("`inplace_final_state=True` works without autograd only (decoding under torch.no_grad())")
+
+
 def check_cu_seqlens_values(offsets: Sequence[int], T: int) -> None:
     """Checks host-side ``cu_seqlens`` values: they run from 0 to T and never decrease."""
     if offsets[0] != 0 or offsets[-1] != T:

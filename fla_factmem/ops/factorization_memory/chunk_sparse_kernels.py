@@ -1,0 +1,127 @@
+"""Triton kernels of sparse (top-K) Factorization Memory that the dense path has no use for.
+
+A chunk of BT tokens touches U, the union of the rows its tokens pick: at most BT * K of the M
+rows. Everything chunk-parallel runs in that compact space: a chunk's state is |U| rows, not M,
+and the dense kernels of ``chunk_kernels.py`` take it with their SPARSE switch on (gates from
+the picks that land in each slot of U, with their theta and phi). Two kernels here bridge compact and full space:
+
+1. ``chunk_union_kernel``, parallel over chunks: U in ascending row order, its size, and for
+   each token and slot of U which of the token's picks lands there.
+2. ``chunk_sparse_state_walk_kernel``, sequential over a sequence's chunks: the full memory
+   [M, V] stays where it lies and only the rows in each chunk's U are read (saved as the
+   chunk-start state) and written (decayed and incremented). Rows nobody picks are never
+   touched, and the saved states grow with T * K * V, not with (T / BT) * M * V.
+"""
+
+import triton
+import triton.language as tl
+
+from fla_factmem.ops.factorization_memory.chunk_kernels import VARLEN_SWITCH, chunk_coordinates
+
+
+@triton.heuristics(VARLEN_SWITCH)
+@triton.jit(do_not_specialize=["T", "NT"])
+def chunk_union_kernel(
+    picks,
+    slot_picks,
+    union_rows,
+    union_count,
+    chunk_indices,
+    cu_seqlens,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    U: tl.constexpr,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """picks: [B, T, H, K] int, the rows each token picks (distinct per token).
+    union_rows: [NT_total, H, U] int32, the chunk's union in ascending order (the first
+    union_count [NT_total, H] entries are set).
+    slot_picks: [NT_total, H, BT, U] int16, all -1 on entry: for each token of the chunk and
+    each slot of the union, which of the token's picks (0 .. K-1) lands there.
+    BE = next power of 2 of BT * K."""
+    i_tc, i_h = tl.program_id(0), tl.program_id(1)
+    _, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    o_e = tl.arange(0, BE)
+    t_e, k_e = o_e // K, o_e % K
+    m_e = (o_e < BT * K) & (i_c * BT + t_e < eos - bos)
+    pick = ((bos + i_c * BT + t_e) * H + i_h) * K + k_e
+    # sort (row, pick) pairs packed into one int64: equal rows end up side by side
+    row = tl.load(picks + pick, mask=m_e, other=0).to(tl.int64)
+    packed = tl.where(m_e, row * BE + o_e, tl.full([BE], 2**62, tl.int64))
+    packed = tl.sort(packed, 0)
+    row, e = packed // BE, packed % BE
+    valid = packed < 2**62
+    first = valid & ((o_e == 0) | (row != tl.gather(row, tl.maximum(o_e - 1, 0), 0)))
+    slot = tl.cumsum(first.to(tl.int32), 0) - 1
+    chunk = i_tc.to(tl.int64) * H + i_h
+    tl.store(slot_picks + (chunk * BT + e // K) * U + slot, (e % K).to(tl.int16), mask=valid)
+    tl.store(union_rows + chunk * U + slot, row.to(tl.int32), mask=first)
+    tl.store(union_count + chunk, tl.sum(first.to(tl.int32), 0))
+
+
+@triton.heuristics(VARLEN_SWITCH)
+@triton.jit(do_not_specialize=["NT"])
+def chunk_sparse_state_walk_kernel(
+    states,
+    decays,
+    union_rows,
+    union_count,
+    memory,
+    chunk_offsets,
+    cu_seqlens,
+    NT,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    U: tl.constexpr,
+    V: tl.constexpr,
+    BU: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """memory: [N, H, M, V] float32, the initial state on entry and the final state on exit.
+    states: [NT_total, H, U, V] float32, each chunk's increment on entry (decays [NT_total, H, U]
+    its decay), the memory at the chunk's start on exit; both over the chunk's union
+    (union_rows, union_count). One program per (block of value columns, sequence, head) walks
+    the sequence's chunks in order and reads and writes only the rows of each union; BU >= U,
+    so that a chunk is one gather and one scatter."""
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if IS_VARLEN:
+        first = tl.load(chunk_offsets + i_n).to(tl.int64)
+        count = tl.load(chunk_offsets + i_n + 1).to(tl.int64) - first
+    else:
+        first = i_n.to(tl.int64) * NT
+        count = first * 0 + NT  # a tensor, like the varlen count
+    o_u = tl.arange(0, BU)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    head_memory = memory + (i_n.to(tl.int64) * H + i_h) * M * V
+
+    # the walk is latency-bound: everything of the next chunk that does not depend on the memory
+    # (its union, increment and decay) is loaded while this one is gathered and scattered
+    chunk = first * H + i_h
+    has = o_u < tl.where(count > 0, U, 0)
+    n_rows = tl.load(union_count + tl.where(count > 0, chunk, 0))  # an empty sequence walks no chunk
+    rows = tl.load(union_rows + chunk * U + o_u, mask=has, other=0)
+    increment = tl.load(states + (chunk * U + o_u)[:, None] * V + o_v[None, :], mask=has[:, None] & m_v[None, :])
+    decay = tl.load(decays + chunk * U + o_u, mask=has)
+    for i in range(count):
+        later = chunk + H
+        has = o_u < tl.where(i + 1 < count, U, 0)
+        n_rows_later = tl.load(union_count + tl.where(i + 1 < count, later, chunk))
+        rows_later = tl.load(union_rows + later * U + o_u, mask=has, other=0)
+        slots_later = (later * U + o_u)[:, None] * V + o_v[None, :]
+        increment_later = tl.load(states + slots_later, mask=has[:, None] & m_v[None, :])
+        decay_later = tl.load(decays + later * U + o_u, mask=has)
+
+        m_uv = (o_u < n_rows)[:, None] & m_v[None, :]
+        in_memory = head_memory + rows[:, None] * V + o_v[None, :]
+        h = tl.load(in_memory, mask=m_uv, other=0.0)
+        tl.store(states + (chunk * U + o_u)[:, None] * V + o_v[None, :], h, mask=m_uv)
+        tl.store(in_memory, h * decay[:, None] + increment, mask=m_uv)
+        # the next chunk may read rows written here, by other threads of this program
+        tl.debug_barrier()
+        chunk, n_rows, rows, increment, decay = later, n_rows_later, rows_later, increment_later, decay_later

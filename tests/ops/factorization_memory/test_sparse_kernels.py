@@ -1,0 +1,243 @@
+"""The sparse (top-K) Triton kernels against the definition: on the CPU through TRITON_INTERPRET=1
+at small shapes, on the GPU (``cuda`` marker) at real shapes and in bf16; and the proof that
+rows a token does not select are neither read nor written."""
+
+import pytest
+import torch
+
+from fla_factmem.ops import (
+    chunk_factorization_memory,
+    fused_recurrent_factorization_memory,
+    naive_factorization_memory,
+)
+from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
+from fla_factmem.ops.factorization_memory.launch import chunk_sparse_fwd, fused_recurrent_fwd, sparse_routing
+from fla_factmem.ops.factorization_memory.routing import run_on_weights
+from tests.utils import assert_close, make_inputs
+
+# a quiet NaN with a payload: any arithmetic on it yields the canonical NaN, other bits
+POISON_BITS = 0x7FA00001
+
+
+def float64_reference(v, logits, eta, mu, topk, h0, cu_seqlens=None):
+    """The PyTorch chunked path in float64."""
+    args = [x.detach().double() if x is not None else None for x in (v, logits, eta, mu, h0)]
+    return run_on_weights(chunk_factorization_memory_torch, *args[:4], topk, args[4], True, cu_seqlens)
+
+
+def detached_inputs(*args, **kwargs):
+    return tuple(x.detach() if x is not None else None for x in make_inputs(*args, **kwargs))
+
+
+def selected_rows(logits, topk, cu_seqlens=None):
+    """[N, H, M] bool: the rows that some token of each sequence selects."""
+    B, T, H, M = logits.shape
+    chosen = torch.zeros(B, T, H, M, dtype=torch.bool, device=logits.device)
+    chosen.scatter_(-1, logits.float().topk(topk, -1).indices, True)
+    if cu_seqlens is None:
+        return chosen.any(1)
+    bounds = cu_seqlens.tolist()
+    return torch.stack([chosen[0, a:b].any(0) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def poisoned(h0, chosen):
+    """h0 with every row no token selects set to the POISON_BITS NaN."""
+    poison = torch.tensor(POISON_BITS, dtype=torch.int32).view(torch.float32).to(h0.device)
+    return torch.where(chosen[..., None], h0, poison)
+
+
+@pytest.mark.parametrize(("M", "topk"), [(16, 1), (40, 7), (64, 16)])
+def test_sparse_routing_kernel(M, topk):
+    _, logits, eta, mu, _ = detached_inputs(2, 5, 3, M, 4, with_state=False)
+    picks = sparse_routing(logits, eta, mu, topk)
+    top, rows = logits.topk(topk, dim=-1)
+    alpha = top.softmax(-1)
+    assert torch.equal(picks.rows.long(), rows), "the picks, largest logit first"
+    assert_close("theta", picks.theta, eta[..., None] * alpha, 1e-6)
+    assert_close("phi", picks.phi, mu[..., None] * alpha, 1e-6)
+
+
+def sparse_chunk_kernels(v, logits, eta, mu, topk, h0, output_final_state, cu_seqlens=None):
+    """The sparse Triton forward on any device (the public op takes it on CUDA only)."""
+    picks = sparse_routing(logits, eta, mu, topk)
+    return chunk_sparse_fwd(v, picks, logits.shape[-1], h0, output_final_state, cu_seqlens)
+
+
+@pytest.mark.parametrize(
+    ("B", "T", "M", "V", "topk"),
+    # T = 1; T not a multiple of the chunk and M not a power of 2; unions wider than M (16 K > M);
+    # K = M / 4; K = M - 1
+    [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (1, 40, 64, 20, 16), (1, 33, 128, 16, 32), (2, 20, 24, 16, 23)],
+)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_sparse_chunk_forward_matches_definition(B, T, M, V, topk, with_state):
+    v, logits, eta, mu, h0 = detached_inputs(B, T, 2, M, V, logit_scale=2.0, with_state=with_state)
+    o, ht = sparse_chunk_kernels(v, logits, eta, mu, topk, h0, True)
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, topk, h0, True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
+def test_sparse_chunk_forward_varlen():
+    offsets = torch.tensor([0, 18, 18, 19, 50], dtype=torch.int32)
+    v, logits, eta, mu, h0 = detached_inputs(1, 50, 2, 32, 16, N=4)
+    o, ht = sparse_chunk_kernels(v, logits, eta, mu, 4, h0, True, offsets)
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, 4, h0, True, cu_seqlens=offsets)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
+@pytest.mark.parametrize("case", ["overwrite", "eta_zero"])
+def test_sparse_chunk_forward_edge_numerics(case):
+    """theta = 1 (K = 1 and eta = 1: every pick overwrites its row) and theta = 0."""
+    v, logits, eta, mu, h0 = detached_inputs(1, 40, 2, 32, 16)
+    eta = torch.ones_like(eta) if case == "overwrite" else torch.zeros_like(eta)
+    topk = 1 if case == "overwrite" else 4
+    o, ht = sparse_chunk_kernels(v, logits, eta, mu, topk, h0, True)
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, topk, h0, True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 18, 40]])
+def test_sparse_chunk_forward_never_touches_inactive_rows(cu_seqlens, device="cpu"):
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
+    B = 2 if offsets is None else 1
+    v, logits, eta, mu, h0 = detached_inputs(B, 40 if offsets is not None else 20, 2, 256, 16, N=2, device=device)
+    chosen = selected_rows(logits, 4, offsets)
+    assert not chosen.all(), "the test needs rows that no token selects"
+    state = poisoned(h0, chosen)
+    o, ht = sparse_chunk_kernels(v, logits, eta, mu, 4, state, True, offsets)
+    bits, bits_before = ht.view(torch.int32), state.view(torch.int32)
+    assert torch.equal(bits[~chosen], bits_before[~chosen]), "an inactive row was written"
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, 4, h0, True, cu_seqlens=offsets)
+    assert_close("o (finite: no inactive row was read)", o, o_ref, 1e-5)
+    assert_close("active rows", ht[chosen], ht_ref[chosen], 1e-5)
+
+
+@pytest.mark.parametrize(("T", "M", "topk"), [(1, 16, 1), (3, 40, 4), (6, 64, 16), (4, 128, 32), (2, 24, 23)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_sparse_decode_matches_definition(T, M, topk, with_state):
+    v, logits, eta, mu, h0 = detached_inputs(2, T, 2, M, 20, logit_scale=2.0, with_state=with_state)
+    o, ht = fused_recurrent_fwd(v, logits, eta, mu, h0, True, None, topk)
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, topk, h0, True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+    if h0 is not None:
+        assert not torch.equal(ht, h0), "without inplace_final_state the initial state stays as it was"
+
+
+def test_sparse_decode_varlen():
+    offsets = torch.tensor([0, 3, 3, 4, 9], dtype=torch.int32)
+    v, logits, eta, mu, h0 = detached_inputs(1, 9, 2, 32, 16, N=4)
+    o, ht = fused_recurrent_fwd(v, logits, eta, mu, h0, True, offsets, 4)
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, 4, h0, True, cu_seqlens=offsets)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
+def test_sparse_decode_minus_inf_logits():
+    """A row whose logit is -inf can still be among the top K (weight 0); the K rows stay distinct."""
+    v, logits, eta, mu, h0 = detached_inputs(1, 2, 1, 16, 8)
+    logits[..., 3:] = float("-inf")
+    o, ht = fused_recurrent_fwd(v, logits, eta, mu, h0, True, None, 5)
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, 5, h0, True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 2, 7]])
+def test_sparse_decode_never_touches_inactive_rows(cu_seqlens, device="cpu"):
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
+    B, N = (2, 2) if offsets is None else (1, 2)
+    v, logits, eta, mu, h0 = detached_inputs(B, 7 if offsets is not None else 3, 2, 64, 16, N=N, device=device)
+    chosen = selected_rows(logits, 4, offsets)
+    assert not chosen.all(), "the test needs rows that no token selects"
+    state = poisoned(h0, chosen)
+    before = state.clone()
+    o, ht = fused_recurrent_fwd(v, logits, eta, mu, state, True, offsets, 4, inplace_final_state=True)
+    assert ht is state
+    bits, bits_before = ht.view(torch.int32), before.view(torch.int32)
+    assert torch.equal(bits[~chosen], bits_before[~chosen]), "an inactive row was written"
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, 4, h0, True, cu_seqlens=offsets)
+    assert_close("o (finite: no inactive row was read)", o, o_ref, 1e-5)
+    assert_close("active rows", ht[chosen], ht_ref[chosen], 1e-5)
+
+
+def test_inplace_final_state_on_the_pytorch_path():
+    v, logits, eta, mu, h0 = detached_inputs(2, 5, 2, 16, 8)
+    o_ref, ht_ref = fused_recurrent_factorization_memory(v, logits, eta, mu, 4, h0, True)
+    state = h0.clone()
+    o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, 4, state, True, inplace_final_state=True)
+    assert ht is state
+    assert torch.equal(o, o_ref) and torch.equal(ht, ht_ref)
+
+
+def test_inplace_final_state_errors():
+    v, logits, eta, mu, h0 = detached_inputs(1, 1, 1, 8, 4)
+    with pytest.raises(ValueError, match="needs an `initial_state`"):
+        fused_recurrent_factorization_memory(v, logits, eta, mu, 2, None, True, inplace_final_state=True)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        fused_recurrent_factorization_memory(v, logits, eta, mu, 2, h0.double(), True, inplace_final_state=True)
+    with pytest.raises(ValueError, match="without autograd"):
+        fused_recurrent_factorization_memory(v, logits, eta, mu, 2, h0.requires_grad_(), True, inplace_final_state=True)
+
+
+# ---------------------------------------------------------------- GPU, real shapes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("B", "T", "M", "topk"),
+    [(2, 1000, 1024, 16), (1, 2049, 4096, 16), (1, 300, 4096, 64), (1, 257, 1024, 256), (2, 100, 256, 1)],
+)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cuda_sparse_chunk_forward(B, T, M, topk, dtype, tol):
+    v, logits, eta, mu, h0 = detached_inputs(B, T, 4, M, 64, dtype=dtype, device="cuda", logit_scale=2.0)
+    with torch.no_grad():
+        o, ht = chunk_factorization_memory(v, logits, eta, mu, topk, h0, True)
+    o_ref, ht_ref = float64_reference(v, logits, eta, mu, topk, h0)
+    assert o.dtype == dtype
+    assert_close("o", o, o_ref, tol)
+    assert_close("final state", ht, ht_ref, tol)
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_chunk_forward_varlen_and_inactive_rows():
+    test_sparse_chunk_forward_never_touches_inactive_rows([0, 18, 40], device="cuda")
+    offsets = torch.tensor([0, 700, 701, 701, 2000, 2100], device="cuda")
+    v, logits, eta, mu, h0 = detached_inputs(1, 2100, 4, 1024, 64, device="cuda", N=5)
+    with torch.no_grad():
+        o, ht = chunk_factorization_memory(v, logits, eta, mu, 16, h0, True, cu_seqlens=offsets)
+    o_ref, ht_ref = float64_reference(v, logits, eta, mu, 16, h0, offsets)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("M", "topk"), [(1024, 16), (4096, 16), (4096, 64), (1024, 256), (256, 1)])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cuda_sparse_decode(M, topk, T, dtype, tol):
+    v, logits, eta, mu, h0 = detached_inputs(16, T, 8, M, 64, dtype=dtype, device="cuda")
+    state = h0.clone()
+    o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, topk, state, True, inplace_final_state=True)
+    assert ht is state
+    o_ref, ht_ref = float64_reference(v, logits, eta, mu, topk, h0)
+    assert_close("o", o, o_ref, tol)
+    assert_close("final state", ht, ht_ref, tol)
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_decode_never_touches_inactive_rows():
+    test_sparse_decode_never_touches_inactive_rows([0, 2, 7], device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_decode_varlen():
+    offsets = torch.tensor([0, 1, 1, 9, 10], device="cuda")
+    v, logits, eta, mu, h0 = detached_inputs(1, 10, 4, 1024, 64, device="cuda", N=4)
+    o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, 16, h0, True, cu_seqlens=offsets)
+    o_ref, ht_ref = float64_reference(v, logits, eta, mu, 16, h0, offsets)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
