@@ -67,6 +67,18 @@ def sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN: tl.constexpr):
+    """The first global chunk of sequence i_n and its number of chunks (both int64 tensors)."""
+    if IS_VARLEN:
+        first = tl.load(chunk_offsets + i_n).to(tl.int64)
+        count = tl.load(chunk_offsets + i_n + 1).to(tl.int64) - first
+    else:
+        first = i_n.to(tl.int64) * NT
+        count = first * 0 + NT  # a tensor, like the varlen count
+    return first, count
+
+
+@triton.jit
 def chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN: tl.constexpr):
     """Sequence, chunk within it, and the sequence's bounds of global chunk i_tc. Chunks are
     numbered sequence after sequence, which is also their slot in the state buffers."""
@@ -281,12 +293,7 @@ def chunk_state_scan_kernel(
     the gradient on the initial state."""
     i_mv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
-    if IS_VARLEN:
-        first = tl.load(chunk_offsets + i_n).to(tl.int64)
-        count = tl.load(chunk_offsets + i_n + 1).to(tl.int64) - first
-    else:
-        first = i_n.to(tl.int64) * NT
-        count = first * 0 + NT  # a tensor, like the varlen count
+    first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V

@@ -16,7 +16,7 @@ the picks that land in each slot of U, with their theta and phi). Two kernels he
 import triton
 import triton.language as tl
 
-from fla_factmem.ops.factorization_memory.chunk_kernels import VARLEN_SWITCH, chunk_coordinates
+from fla_factmem.ops.factorization_memory.chunk_kernels import VARLEN_SWITCH, chunk_coordinates, sequence_chunks
 
 
 @triton.heuristics(VARLEN_SWITCH)
@@ -89,12 +89,7 @@ def chunk_sparse_state_walk_kernel(
     the sequence's chunks in order and reads and writes only the rows of each union; BU >= U,
     so that a chunk is one gather and one scatter."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if IS_VARLEN:
-        first = tl.load(chunk_offsets + i_n).to(tl.int64)
-        count = tl.load(chunk_offsets + i_n + 1).to(tl.int64) - first
-    else:
-        first = i_n.to(tl.int64) * NT
-        count = first * 0 + NT  # a tensor, like the varlen count
+    first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
     o_u = tl.arange(0, BU)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
