@@ -13,6 +13,7 @@ from fla_factmem.ops.factorization_memory.launch import (
     sparse_routing,
 )
 from fla_factmem.ops.factorization_memory.routing import (
+    needs_autograd,
     run_on_weights,
     runs_dense_triton,
     runs_sparse_triton,
@@ -102,16 +103,16 @@ def chunk_factorization_memory(
             v, logits, eta, mu, initial_state, output_final_state, cu_seqlens
         )
         return o, final_state
-    inputs = (v, logits, eta, mu, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    if runs_sparse_triton(v, logits, topk, eta, mu, initial_state) and not needs_grad:
+    if runs_sparse_triton(v, logits, topk, eta, mu, initial_state) and not needs_autograd(
+        v, logits, eta, mu, initial_state
+    ):
         picks = sparse_routing(logits, eta, mu, topk)
         return chunk_sparse_fwd(v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens)
     if v.is_cuda:
         warn_once(
             "chunk_torch_on_cuda",
             f"fla_factmem: chunk_factorization_memory runs the PyTorch chunked path on the GPU because "
-            f"{slow_path_reason(v, logits, topk)}; it is slow and memory-hungry there.",
+            f"{slow_path_reason(v, logits, topk, eta, mu, initial_state)}; it is slow and memory-hungry there.",
         )
     return run_on_weights(
         chunk_factorization_memory_torch,

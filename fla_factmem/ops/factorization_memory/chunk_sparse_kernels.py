@@ -63,6 +63,21 @@ def chunk_union_kernel(
     tl.store(union_count + chunk, tl.sum(first.to(tl.int32), 0))
 
 
+@triton.jit
+def union_of_chunk(
+    states, decays, union_rows, union_count, chunk, exists, o_u, o_v, m_v, U: tl.constexpr, V: tl.constexpr
+):
+    """Of (global chunk, head) ``chunk``: the size of its union, the union's rows, its
+    increment [BU, BV] and its decay [BU]; zeros where ``exists`` is False (then ``chunk`` may
+    be out of range: its size is read from slot 0)."""
+    m_u = o_u < tl.where(exists, U, 0)
+    n_rows = tl.load(union_count + tl.where(exists, chunk, 0))
+    rows = tl.load(union_rows + chunk * U + o_u, mask=m_u, other=0)
+    increment = tl.load(states + (chunk * U + o_u)[:, None] * V + o_v[None, :], mask=m_u[:, None] & m_v[None, :])
+    decay = tl.load(decays + chunk * U + o_u, mask=m_u)
+    return n_rows, rows, increment, decay
+
+
 @triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["NT"])
 def chunk_sparse_state_walk_kernel(
@@ -97,21 +112,14 @@ def chunk_sparse_state_walk_kernel(
 
     # the walk is latency-bound: everything of the next chunk that does not depend on the memory
     # (its union, increment and decay) is loaded while this one is gathered and scattered
+    union = (states, decays, union_rows, union_count)
     chunk = first * H + i_h
-    has = o_u < tl.where(count > 0, U, 0)
-    n_rows = tl.load(union_count + tl.where(count > 0, chunk, 0))  # an empty sequence walks no chunk
-    rows = tl.load(union_rows + chunk * U + o_u, mask=has, other=0)
-    increment = tl.load(states + (chunk * U + o_u)[:, None] * V + o_v[None, :], mask=has[:, None] & m_v[None, :])
-    decay = tl.load(decays + chunk * U + o_u, mask=has)
+    n_rows, rows, increment, decay = union_of_chunk(*union, chunk, count > 0, o_u, o_v, m_v, U, V)
     for i in range(count):
         later = chunk + H
-        has = o_u < tl.where(i + 1 < count, U, 0)
-        n_rows_later = tl.load(union_count + tl.where(i + 1 < count, later, chunk))
-        rows_later = tl.load(union_rows + later * U + o_u, mask=has, other=0)
-        slots_later = (later * U + o_u)[:, None] * V + o_v[None, :]
-        increment_later = tl.load(states + slots_later, mask=has[:, None] & m_v[None, :])
-        decay_later = tl.load(decays + later * U + o_u, mask=has)
-
+        n_rows_later, rows_later, increment_later, decay_later = union_of_chunk(
+            *union, later, i + 1 < count, o_u, o_v, m_v, U, V
+        )
         m_uv = (o_u < n_rows)[:, None] & m_v[None, :]
         in_memory = head_memory + rows[:, None] * V + o_v[None, :]
         h = tl.load(in_memory, mask=m_uv, other=0.0)

@@ -7,6 +7,7 @@ import torch
 from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd
 from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.routing import (
+    needs_autograd,
     run_on_weights,
     runs_dense_triton,
     runs_sparse_triton,
@@ -54,8 +55,7 @@ def fused_recurrent_factorization_memory(
         in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
     """
     validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
-    inputs = (v, logits, eta, mu, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    needs_grad = needs_autograd(v, logits, eta, mu, initial_state)
     if inplace_final_state:
         check_inplace_state(initial_state, needs_grad)
     if not needs_grad and (
@@ -66,7 +66,8 @@ def fused_recurrent_factorization_memory(
             v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, topk, inplace_final_state
         )
     if v.is_cuda:
-        reason = "its Triton kernel has no backward" if needs_grad else slow_path_reason(v, logits, topk)
+        others = (eta, mu, initial_state)
+        reason = "its Triton kernel has no backward" if needs_grad else slow_path_reason(v, logits, topk, *others)
         warn_once(
             "recurrent_torch_on_cuda",
             f"fla_factmem: fused_recurrent_factorization_memory runs the PyTorch token loop on the GPU because "

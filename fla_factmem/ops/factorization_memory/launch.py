@@ -77,6 +77,14 @@ def logsumexp(logits: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, to
     return lse, dominant
 
 
+def memory_copy(initial_state: torch.Tensor | None, N: int, H: int, M: int, V: int, device) -> torch.Tensor:
+    """A contiguous float32 ``[N, H, M, V]`` copy of the initial state (zeros if None), for the
+    sparse kernels to update in place."""
+    if initial_state is None:
+        return torch.zeros(N, H, M, V, dtype=torch.float32, device=device)
+    return initial_state.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
 def _prepare(v, logits, eta, mu, initial_state, cu_seqlens, dense=True):
     """Checks M (dense) and makes the inputs contiguous: ``(v, logits, eta, mu, h0, N)``, N sequences."""
     M = logits.shape[-1]
@@ -243,11 +251,8 @@ def chunk_sparse_fwd(
         **common, BM=BM, BV=BV, GRAD=False, num_warps=4,
     )  # fmt: skip
 
-    # the walk updates the memory where it lies, starting from (a copy of) the initial state
-    if initial_state is not None:
-        memory = initial_state.to(torch.float32, copy=True).contiguous()
-    else:
-        memory = torch.zeros(N, H, M, V, dtype=torch.float32, device=dev)
+    # the walk updates the memory where it lies
+    memory = memory_copy(initial_state, N, H, M, V, dev)
     # a chunk's whole union in one tile of at most 16K elements
     BU = triton.next_power_of_2(U)
     BV = max(min(triton.next_power_of_2(V), 16384 // BU, 32), 1)
@@ -348,12 +353,7 @@ def fused_recurrent_fwd(
     o = torch.empty_like(v)
     if sparse:
         # the kernel updates the state where it lies: a fresh copy unless asked to work in place
-        if inplace_final_state:
-            state = initial_state
-        elif h0 is not None:
-            state = h0.to(torch.float32, copy=True)
-        else:
-            state = torch.zeros(N, H, M, V, dtype=torch.float32, device=v.device)
+        state = initial_state if inplace_final_state else memory_copy(h0, N, H, M, V, v.device)
         # best measured on an H200 at (M, K) = (1024, 16) and (4096, 16): one top-K per (sequence,
         # head) up to V = 64, with 2 warps (benchmarks/ops/NOTES.md)
         BV = block_v or min(triton.next_power_of_2(V), 64)

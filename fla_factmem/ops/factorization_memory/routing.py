@@ -119,13 +119,17 @@ def runs_sparse_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, 
     )
 
 
-def slow_path_reason(v: torch.Tensor, logits: torch.Tensor, topk: int | None) -> str:
-    """Why a CUDA call fell to a PyTorch path, for the one-time warning."""
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will track a call on these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def slow_path_reason(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> str:
+    """Why a CUDA call fell to a PyTorch path, for the one-time warning; ``others`` are the
+    remaining tensor inputs."""
     M = logits.shape[-1]
-    if any(t.dtype == torch.float64 for t in (v, logits)):
+    if any(t is not None and t.dtype == torch.float64 for t in (v, logits, *others)):
         return "float64 inputs have no Triton kernel"
     if topk is not None and topk < M:  # sparse calls reach the PyTorch path only with autograd
         return "the sparse (topk < M) variant has no Triton backward yet"
-    if M > DENSE_TRITON_MAX_M:
-        return f"M = {M} > {DENSE_TRITON_MAX_M} has no dense Triton kernel"
-    return "float64 inputs have no Triton kernel"
+    return f"M = {M} > {DENSE_TRITON_MAX_M} has no dense Triton kernel"
