@@ -11,9 +11,10 @@ V=64, bf16, T in {2048, 4096, 16384}, M in {64, 128, 256}, for
   simple_gla    chunk_simple_gla (key dim M)
   delta_rule    chunk_delta_rule (key dim M)
   sdpa          causal scaled_dot_product_attention (head dim 64)
-Sparse table: forward without autograd (the sparse kernels have no backward yet) and its peak
-memory, B=4, H=8, V=64, bf16, T in {4096, 16384}, (M, K) in {(256, 4), (1024, 16), (4096, 16),
-(1024, 256)} beside dense M = 64 and 256.
+Sparse table: forward without autograd, forward+backward, and the peak memory of
+forward+backward above the inputs, B=4, H=8, V=64, bf16, T in {4096, 16384}, (M, K) in
+{(256, 4), (1024, 16), (4096, 16), (1024, 256)} beside dense M = 64 and 256 and FM through
+chunk_gla at M = 256.
 Decode table: one token at B=64, H=8, V=64, fp32 state, dense at M in {64, 256} and sparse at
 (M, K) in {(1024, 16), (4096, 16)} (state updated in place), ours against fused_recurrent_gla
 with the equivalent q, k, g (an M-wide state) and, dense, against a plain copy of the state (the
@@ -164,30 +165,50 @@ def decode_cases(B, H, M, V, topk=None):
 
 # (M, K) of the decode table; K None is dense
 DECODE_CASES = [(64, None), (256, None), (1024, 16), (4096, 16)]
-# (M, K) of the sparse table, beside dense M = 64 and 256
-SPARSE_CASES = [(64, None), (256, None), (256, 4), (1024, 16), (4096, 16), (1024, 256)]
+# (M, K) of the sparse table, beside dense M = 64 and 256 and FM through chunk_gla at M = 256
+SPARSE_CASES = [(64, None), (256, None), (256, "via_gla"), (256, 4), (1024, 16), (4096, 16), (1024, 256)]
 
 
-def sparse_forward(B, T, H, M, V, topk):
-    """(forward ms, peak MB over the inputs) of our op without autograd (prefill): the sparse
-    Triton kernels have no backward yet."""
+def sparse_case(B, T, H, M, V, topk):
+    """(forward ms without autograd, forward+backward ms, peak MB of forward+backward above the
+    inputs, error or '') of our op, dense (``topk`` None) or sparse; ``topk="via_gla"`` is FM
+    through chunk_gla (dense). The peak counts everything the step allocates, the gradients of
+    the inputs included (dlogits alone is B T H M bf16)."""
     dev, dtype = "cuda", torch.bfloat16
-    v = torch.randn(B, T, H, V, device=dev, dtype=dtype)
-    logits = (torch.randn(B, T, H, M, device=dev) * 2).to(dtype)
-    eta = torch.rand(B, T, H, device=dev, dtype=dtype)
-    mu = torch.rand(B, T, H, device=dev, dtype=dtype)
+    v = torch.randn(B, T, H, V, device=dev, dtype=dtype).requires_grad_()
+    logits = (torch.randn(B, T, H, M, device=dev) * 2).to(dtype).requires_grad_()
+    eta = torch.rand(B, T, H, device=dev, dtype=dtype).requires_grad_()
+    mu = torch.rand(B, T, H, device=dev, dtype=dtype).requires_grad_()
+    leaves = [v, logits, eta, mu]
+    grad = torch.randn_like(v)
 
-    def fn():
+    def forward():
+        if topk == "via_gla":
+            from fla.ops.gla import chunk_gla
+
+            phi, theta, g = fm_weights(logits, eta, mu)
+            return chunk_gla(phi.to(dtype), theta.to(dtype), v, g, scale=1.0)[0]
+        return chunk_factorization_memory(v, logits, eta, mu, topk)[0]
+
+    def prefill():
         with torch.no_grad():
-            return chunk_factorization_memory(v, logits, eta, mu, topk)[0]
+            return forward()
 
-    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        fwd = triton.testing.do_bench(prefill, warmup=25, rep=100, return_mode="median")
+        both = triton.testing.do_bench(
+            lambda: forward().backward(grad), warmup=25, rep=100, return_mode="median", grad_to_none=leaves
+        )
+        for x in leaves:
+            x.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward().backward(grad)
+        torch.cuda.synchronize()
+        return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2**20, ""
+    except Exception as e:  # a kernel refused or miscompiled by the installed Triton
+        return float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
 def main():
@@ -231,9 +252,15 @@ def main():
     sparse = []
     for T in () if args.no_sparse else (4096, 16384):
         for M, K in SPARSE_CASES:
-            ms, peak = sparse_forward(4, T, 8, M, 64, K)
-            sparse.append(dict(T=T, M=M, K=K or M, fwd_ms=ms, fwd_peak_MB=peak))
-            print(f"sparse T={T:6d} M={M:4d} K={K or M:4d} fwd {ms:8.3f} ms  peak {peak:8.1f} MB", flush=True)
+            fwd, both, peak, err = sparse_case(4, T, 8, M, 64, K)
+            op = "fm_via_gla" if K == "via_gla" else "fm"
+            K = M if K in (None, "via_gla") else K
+            sparse.append(dict(T=T, M=M, K=K, op=op, fwd_ms=fwd, fwd_bwd_ms=both, fwd_bwd_peak_MB=peak, error=err))
+            print(
+                f"sparse T={T:6d} M={M:4d} K={K:4d} {op:10s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  "
+                f"peak {peak:8.1f} MB  {err}",
+                flush=True,
+            )
             torch.cuda.empty_cache()
 
     decode = []
@@ -287,10 +314,15 @@ def main():
                 )
             print(f"| {T} | {M} | " + " | ".join(cells) + " |")
     if sparse:
-        print(f"\n## sparse, forward without autograd, B=4 H=8 V=64 bf16 ({gpu})")
-        print("| T | M | K | forward ms | peak MB |\n|---|---|---|---|---|")
+        print(f"\n## sparse, B=4 H=8 V=64 bf16 ({gpu}); peak: forward+backward, above the inputs")
+        print(
+            "| T | M | K | op | forward ms (no grad) | forward+backward ms | peak MB |\n|---|---|---|---|---|---|---|"
+        )
         for r in sparse:
-            print(f"| {r['T']} | {r['M']} | {r['K']} | {r['fwd_ms']:.3f} | {r['fwd_peak_MB']:.0f} |")
+            print(
+                f"| {r['T']} | {r['M']} | {r['K']} | {r['op']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
+                f"| {r['fwd_bwd_peak_MB']:.0f} |"
+            )
     print(f"\n## decode, B=64 H=8 V=64, fp32 state ({gpu})")
     print("| M | K | op | CUDA-graph kernel us | eager wall us | GB/s |\n|---|---|---|---|---|---|")
     for d in decode:
@@ -314,6 +346,19 @@ def main():
         fig.suptitle(gpu)
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "training.png"), dpi=120)
+        if sparse:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for ax, key, unit in zip(axes, ("fwd_bwd_ms", "fwd_bwd_peak_MB"), ("ms", "MB")):
+                for T in dict.fromkeys(r["T"] for r in sparse):
+                    pts = [r for r in sparse if r["T"] == T]
+                    labels = [f"{r['op'].replace('fm_via_gla', 'via gla')} {r['M']}/{r['K']}" for r in pts]
+                    ax.plot(labels, [r[key] for r in pts], marker="o", label=f"T={T}")
+                ax.set(title=f"forward+backward {unit}, B=4 H=8 V=64 bf16", xlabel="op M/K", ylabel=unit, yscale="log")
+                ax.tick_params(axis="x", rotation=45, labelsize=7)
+                ax.legend(fontsize=7)
+            fig.suptitle(gpu)
+            fig.tight_layout()
+            fig.savefig(os.path.join(args.out, "sparse.png"), dpi=120)
     except ImportError:
         print("matplotlib missing: no PNG written")
 

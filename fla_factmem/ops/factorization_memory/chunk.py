@@ -7,8 +7,10 @@ import torch
 from fla_factmem.ops.factorization_memory.chunk_torch import DEFAULT_CHUNK_SIZE, chunk_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.launch import (
     SavedForBackward,
+    SparseSavedForBackward,
     chunk_bwd,
     chunk_fwd,
+    chunk_sparse_bwd,
     chunk_sparse_fwd,
     sparse_routing,
 )
@@ -26,14 +28,13 @@ from fla_factmem.utils import warn_once
 class ChunkFactorizationMemoryFunction(torch.autograd.Function):
     """Dense op on CUDA: Triton kernels both ways. Saves the inputs, the per-token
     log-sum-exp and dominant row, the memory at each chunk's start ([NT_total, H, M, V] float32) and
-    the intra-chunk scores ([B, T, H, 32] float32)."""
+    the intra-chunk scores ([B, T, H, 32] float32). ``store_for_backward`` False (no backward
+    will run, as in a prefill under no_grad) skips the scores."""
 
     @staticmethod
-    def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens):
-        # under no_grad (prefill) nothing needs the scores A for a backward
-        store_scores = any(ctx.needs_input_grad[:5])
+    def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
         o, final_state, saved = chunk_fwd(
-            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_scores
+            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
         )
         ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.dominant, saved.states, saved.scores)
         ctx.layout = saved.layout
@@ -45,7 +46,33 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
         v, logits, eta, mu, cu_seqlens, lse, dominant, states, scores = ctx.saved_tensors
         saved = SavedForBackward(lse, dominant, states, scores, ctx.layout)
         dv, dlogits, deta, dmu, dh0 = chunk_bwd(v, logits, eta, mu, saved, do, dht, cu_seqlens, ctx.needs_dh0)
-        return dv, dlogits, deta, dmu, dh0, None, None
+        return dv, dlogits, deta, dmu, dh0, None, None, None
+
+
+class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
+    """Sparse (top-K) op on CUDA: Triton kernels both ways, over each chunk's union of picked rows.
+    Saves the inputs, the picks and their weights ([B, T, H, K]), the unions, the compact
+    chunk-start states ([NT_total, H, min(M, 16 K), V] float32, T * K * V floats per head) and
+    the intra-chunk scores ([B, T, H, 16] float32); ``store_for_backward`` False skips the
+    scores."""
+
+    @staticmethod
+    def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
+        picks = sparse_routing(logits, eta, mu, topk)
+        o, final_state, saved = chunk_sparse_fwd(
+            v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
+        )
+        ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, *saved[:-1])
+        ctx.layout = saved.layout
+        ctx.needs_dh0 = initial_state is not None
+        return o, final_state
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        v, logits, eta, mu, cu_seqlens, *saved = ctx.saved_tensors
+        saved = SparseSavedForBackward(*saved, ctx.layout)
+        dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(v, logits, eta, mu, saved, do, dht, cu_seqlens, ctx.needs_dh0)
+        return dv, dlogits, deta, dmu, None, dh0, None, None, None
 
 
 def chunk_factorization_memory(
@@ -67,13 +94,14 @@ def chunk_factorization_memory(
     + \eta_t\alpha_t[j] v_t` and reads :math:`o_t = \sum_j \mu_t\alpha_t[j] h_t[j]`.
 
     On CUDA, dense calls (``topk`` None or M, M <= 256) run the Triton kernels, forward and
-    backward, which derive the routing weights and decays on chip. Sparse calls (``topk`` < M,
-    any M) without autograd run the sparse Triton forward: each chunk of 16 tokens reads and
-    writes only the union of the rows its tokens pick. Other calls (sparse with autograd, dense
-    M > 256, float64), and every call on the CPU, run the PyTorch chunked path (on CUDA it
-    warns once). For the backward
-    the kernels keep the memory at every chunk's start (``[T/32 * B, H, M, V]`` float32) and
-    the intra-chunk scores (``[B, T, H, 32]`` float32), never q, k or the decays.
+    backward, which derive the routing weights and decays on chip; for the backward they keep
+    the memory at every chunk's start (``[T/32 * B, H, M, V]`` float32) and the intra-chunk
+    scores (``[B, T, H, 32]`` float32), never q, k or the decays. Sparse calls (``topk`` < M,
+    any M) run the sparse Triton kernels, forward and backward: each chunk of 16 tokens reads
+    and writes only the union of the rows its tokens pick, and keeps those rows at the chunk's
+    start (``[T/16 * B, H, min(M, 16 K), V]`` float32: T * K * V floats per head). Other calls
+    (dense M > 256, float64), and every call on the CPU, run the PyTorch chunked path (on CUDA
+    it warns once).
 
     Args:
         v: ``[B, T, H, V]`` values written into the memory.
@@ -87,7 +115,8 @@ def chunk_factorization_memory(
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
             Its values are checked on the PyTorch path only (a check on the GPU would sync).
         chunk_size: tokens per chunk of the PyTorch path (default 16; its memory grows with
-            T * chunk_size * M); the Triton kernels use chunks of 32 and ignore it.
+            T * chunk_size * M); the Triton kernels use chunks of 32 (dense) or 16 (sparse) and
+            ignore it.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
@@ -98,16 +127,16 @@ def chunk_factorization_memory(
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     check_chunk_size(chunk_size)
+    # with no backward to come (no_grad, or no input that requires grad) the kernels store less
+    store_for_backward = needs_autograd(v, logits, eta, mu, initial_state)
     if runs_dense_triton(v, logits, topk, eta, mu, initial_state):
-        o, final_state = ChunkFactorizationMemoryFunction.apply(
-            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens
+        return ChunkFactorizationMemoryFunction.apply(
+            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
         )
-        return o, final_state
-    if runs_sparse_triton(v, logits, topk, eta, mu, initial_state) and not needs_autograd(
-        v, logits, eta, mu, initial_state
-    ):
-        picks = sparse_routing(logits, eta, mu, topk)
-        return chunk_sparse_fwd(v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens)
+    if runs_sparse_triton(v, logits, topk, eta, mu, initial_state):
+        return ChunkSparseFactorizationMemoryFunction.apply(
+            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
+        )
     if v.is_cuda:
         warn_once(
             "chunk_torch_on_cuda",

@@ -122,14 +122,6 @@ def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
 
 
 @triton.jit
-def next_decay(logits, lse, eta, mu, tok, m_next, o_m, m_m, M: tl.constexpr, H: tl.constexpr):
-    """d of the token after each token, 1 where m_next says there is none. Products over the
-    tokens after s start from it, so that none is ever divided by d_s (0 at theta = 1)."""
-    _, _, _, d_next, _, _ = routing_gates(logits, lse, eta, mu, tok + H, m_next, o_m, m_m, M)
-    return d_next
-
-
-@triton.jit
 def chunk_gates(
     logits, lse, eta, mu, slot_picks, pick_theta, pick_phi, tok, slot_row, m_t, o_m, m_m,
     M: tl.constexpr, K: tl.constexpr, SPARSE: tl.constexpr,

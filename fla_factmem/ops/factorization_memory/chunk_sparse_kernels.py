@@ -10,7 +10,12 @@ the picks that land in each slot of U, with their theta and phi). Two kernels he
 2. ``chunk_sparse_state_walk_kernel``, sequential over a sequence's chunks: the full memory
    [M, V] stays where it lies and only the rows in each chunk's U are read (saved as the
    chunk-start state) and written (decayed and incremented). Rows nobody picks are never
-   touched, and the saved states grow with T * K * V, not with (T / BT) * M * V.
+   touched, and the saved states grow with T * K * V, not with (T / BT) * M * V. The backward
+   runs the same walk in reverse over the gradient on the memory.
+
+The backward kernels of ``chunk_bwd_kernels.py`` take the compact space through the same
+switch and leave the gradients on each pick's theta and phi; ``routing_kernels.py`` turns those
+into gradients on the logits, eta and mu.
 """
 
 import triton
@@ -19,13 +24,15 @@ import triton.language as tl
 from fla_factmem.ops.factorization_memory.chunk_kernels import VARLEN_SWITCH, chunk_coordinates, sequence_chunks
 
 
-@triton.heuristics(VARLEN_SWITCH)
+@triton.heuristics({**VARLEN_SWITCH, "STORE_DOMINANT": lambda args: args["dominant"] is not None})
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_union_kernel(
     picks,
+    pick_theta,
     slot_picks,
     union_rows,
     union_count,
+    dominant,
     chunk_indices,
     cu_seqlens,
     T,
@@ -35,13 +42,17 @@ def chunk_union_kernel(
     U: tl.constexpr,
     BT: tl.constexpr,
     BE: tl.constexpr,
+    STORE_DOMINANT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """picks: [B, T, H, K] int, the rows each token picks (distinct per token).
+    """picks: [B, T, H, K] int, the rows each token picks (distinct per token, largest logit
+    first), pick_theta [B, T, H, K] their theta.
     union_rows: [NT_total, H, U] int32, the chunk's union in ascending order (the first
     union_count [NT_total, H] entries are set).
     slot_picks: [NT_total, H, BT, U] int16, all -1 on entry: for each token of the chunk and
     each slot of the union, which of the token's picks (0 .. K-1) lands there.
+    dominant (STORE_DOMINANT, for the backward): [B, T, H] int32, the slot of the token's pick
+    with theta > 1/2, or -1; only the first pick can have it (sum_k theta_k = eta <= 1).
     BE = next power of 2 of BT * K."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     _, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
@@ -61,6 +72,11 @@ def chunk_union_kernel(
     tl.store(slot_picks + (chunk * BT + e // K) * U + slot, (e % K).to(tl.int16), mask=valid)
     tl.store(union_rows + chunk * U + slot, row.to(tl.int32), mask=first)
     tl.store(union_count + chunk, tl.sum(first.to(tl.int32), 0))
+    if STORE_DOMINANT:
+        first_pick = valid & (e % K == 0)
+        tok = (bos + i_c * BT + e // K) * H + i_h
+        theta_first = tl.load(pick_theta + tok * K, mask=first_pick, other=0.0)
+        tl.store(dominant + tok, tl.where(theta_first > 0.5, slot, -1), mask=first_pick)
 
 
 @triton.jit
@@ -95,6 +111,7 @@ def chunk_sparse_state_walk_kernel(
     V: tl.constexpr,
     BU: tl.constexpr,
     BV: tl.constexpr,
+    REVERSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """memory: [N, H, M, V] float32, the initial state on entry and the final state on exit.
@@ -102,7 +119,10 @@ def chunk_sparse_state_walk_kernel(
     its decay), the memory at the chunk's start on exit; both over the chunk's union
     (union_rows, union_count). One program per (block of value columns, sequence, head) walks
     the sequence's chunks in order and reads and writes only the rows of each union; BU >= U,
-    so that a chunk is one gather and one scatter."""
+    so that a chunk is one gather and one scatter.
+    REVERSE (backward): memory holds the gradient on the final state on entry and the gradient
+    on the initial state on exit; states the chunks' gradient increments on entry and the
+    gradient on the memory at each chunk's end from the tokens after it on exit."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
     o_u = tl.arange(0, BU)
@@ -113,10 +133,11 @@ def chunk_sparse_state_walk_kernel(
     # the walk is latency-bound: everything of the next chunk that does not depend on the memory
     # (its union, increment and decay) is loaded while this one is gathered and scattered
     union = (states, decays, union_rows, union_count)
-    chunk = first * H + i_h
+    step = -H if REVERSE else H
+    chunk = (first + (count - 1) * (step < 0)) * H + i_h
     n_rows, rows, increment, decay = union_of_chunk(*union, chunk, count > 0, o_u, o_v, m_v, U, V)
     for i in range(count):
-        later = chunk + H
+        later = chunk + step
         n_rows_later, rows_later, increment_later, decay_later = union_of_chunk(
             *union, later, i + 1 < count, o_u, o_v, m_v, U, V
         )

@@ -15,7 +15,7 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     VARLEN_SWITCH,
     sequence_bounds,
 )
-from fla_factmem.ops.factorization_memory.routing_kernels import top_k
+from fla_factmem.ops.factorization_memory.routing_kernels import top_k_logits
 
 
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
@@ -85,6 +85,7 @@ def fused_recurrent_sparse_fwd_kernel(
     K: tl.constexpr,
     BM: tl.constexpr,
     KB: tl.constexpr,
+    G: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
@@ -95,16 +96,15 @@ def fused_recurrent_sparse_fwd_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
 
-    o_m = tl.arange(0, BM)
     o_k = tl.arange(0, KB)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_m, m_v = o_m < M, o_v < V
+    m_v = o_v < V
     m_rows = (o_k < K)[:, None] & m_v[None, :]
     head_state = state + i_nh.to(tl.int64) * M * V
     for t in range(bos, eos):
         tok = t * H + i_h
-        x = tl.load(logits + tok * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        rows, top = top_k(x[None, :], o_m, m_m, K, KB)
+        one_row = tl.zeros([1], dtype=tl.int64)
+        rows, top = top_k_logits(logits, one_row + tok * M, one_row == 0, M, K, BM, KB, G)
         rows, top = tl.reshape(rows, [KB]), tl.reshape(top, [KB])
         alpha = tl.exp(top - tl.max(top, 0))
         alpha = alpha / tl.sum(alpha, 0)

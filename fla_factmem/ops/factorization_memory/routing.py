@@ -126,10 +126,8 @@ def needs_autograd(*tensors: torch.Tensor | None) -> bool:
 
 def slow_path_reason(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> str:
     """Why a CUDA call fell to a PyTorch path, for the one-time warning; ``others`` are the
-    remaining tensor inputs."""
+    remaining tensor inputs. Sparse calls reach it only with float64."""
     M = logits.shape[-1]
     if any(t is not None and t.dtype == torch.float64 for t in (v, logits, *others)):
         return "float64 inputs have no Triton kernel"
-    if topk is not None and topk < M:  # sparse calls reach the PyTorch path only with autograd
-        return "the sparse (topk < M) variant has no Triton backward yet"
     return f"M = {M} > {DENSE_TRITON_MAX_M} has no dense Triton kernel"

@@ -10,21 +10,49 @@ LOWEST_LOGIT = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
-def top_k(x, o_m, m_m, K: tl.constexpr, KB: tl.constexpr):
-    """The K largest logits of each row of x [BR, BM] (lanes where m_m [BM] is False do not
-    count): their rows and values, [BR, KB] each, largest first; lanes k >= K get row 0 and
-    value -inf. Ties go to the lower row. K max-reductions over BM lanes: meant for K up to
-    about 64."""
-    x = tl.where(m_m[None, :], tl.maximum(x, LOWEST_LOGIT), float("-inf"))
+def top_k(x, rows, valid, K: tl.constexpr, KB: tl.constexpr):
+    """The K largest entries of each x[r] (x [BR, A, C]; ``rows``, the distinct int32 row of each
+    entry, and ``valid``, where entries count, broadcast to x): their rows and values, [BR, KB]
+    each, largest first; lanes k >= K get row 0 and value -inf. Ties go to the lower row.
+    x is 3-D so that the grouped search of ``top_k_logits`` needs no reshape (Triton 3.6
+    fails to compile a reduction of a reshaped tile on Hopper)."""
+    x = tl.where(valid, tl.maximum(x, LOWEST_LOGIT), float("-inf"))
     o_k = tl.arange(0, KB)[None, :]
-    rows = tl.zeros([x.shape[0], KB], dtype=tl.int32)
+    picks = tl.zeros([x.shape[0], KB], dtype=tl.int32)
     values = tl.full([x.shape[0], KB], float("-inf"), dtype=tl.float32)
     for k in range(K):
-        top, row = tl.max(x, 1, return_indices=True, return_indices_tie_break_left=True)
-        rows = tl.where(o_k == k, row[:, None], rows)
+        top = tl.max(tl.max(x, 2), 1)
+        row = tl.min(tl.min(tl.where(x == top[:, None, None], rows, 2**31 - 1), 2), 1)
+        picks = tl.where(o_k == k, row[:, None], picks)
         values = tl.where(o_k == k, top[:, None], values)
-        x = tl.where(o_m[None, :] == row[:, None], float("-inf"), x)
-    return rows, values
+        x = tl.where(rows == row[:, None, None], float("-inf"), x)
+    return picks, values
+
+
+@triton.jit
+def top_k_logits(
+    logits, start, m_r, M: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, G: tl.constexpr
+):
+    """The top K of the M logits at ``logits + start[r]`` for each row r (start [BR] int64, m_r
+    [BR] which rows exist): their rows and values as in ``top_k``, ties to the lower row.
+
+    In groups of G logits (G > 1 needs BM // G >= 2 KB, so that more than K groups hold logits):
+    the top K lie in the K groups of the largest maxima (a logit outside them is outranked by
+    those K maxima), so K searches over the BM // G group maxima and K over the K * G logits of
+    the chosen groups replace K searches over all BM logits."""
+    NG: tl.constexpr = BM // G
+    o_g, o_i = tl.arange(0, NG), tl.arange(0, G)
+    in_row = (o_g[:, None] * G + o_i[None, :])[None, :, :]  # [1, NG, G]
+    m_in = m_r[:, None, None] & (in_row < M)
+    x = tl.load(logits + start[:, None, None] + in_row, mask=m_in, other=0.0).to(tl.float32)
+    if G == 1:
+        return top_k(x, in_row, m_in, K, KB)
+    x = tl.where(m_in, tl.maximum(x, LOWEST_LOGIT), float("-inf"))
+    groups, _ = top_k(tl.max(x, 2)[:, :, None], o_g[None, :, None], (o_g * G < M)[None, :, None], K, KB)
+    rows = groups[:, :, None] * G + o_i[None, None, :]  # [BR, KB, G]
+    m_c = (tl.arange(0, KB) < K)[None, :, None] & (rows < M) & m_r[:, None, None]
+    candidates = tl.load(logits + start[:, None, None] + rows, mask=m_c, other=0.0).to(tl.float32)
+    return top_k(candidates, rows, m_c, K, KB)
 
 
 @triton.jit
@@ -41,15 +69,15 @@ def sparse_routing_kernel(
     BR: tl.constexpr,
     BM: tl.constexpr,
     KB: tl.constexpr,
+    G: tl.constexpr,
 ):
     """For BR rows of the flat [n_rows, M] logits (and [n_rows] eta, mu): picks [n_rows, K]
-    int32, the top-K rows largest first, and their theta and phi [n_rows, K] float32."""
+    int32, the top-K rows largest first, and their theta and phi [n_rows, K] float32; G as in
+    ``top_k_logits``."""
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    o_m = tl.arange(0, BM)
     o_k = tl.arange(0, KB)
-    m_r, m_m = o_r < n_rows, o_m < M
-    x = tl.load(logits + o_r[:, None].to(tl.int64) * M + o_m[None, :], mask=m_r[:, None] & m_m[None, :], other=0.0)
-    rows, top = top_k(x.to(tl.float32), o_m, m_m, K, KB)
+    m_r = o_r < n_rows
+    rows, top = top_k_logits(logits, o_r.to(tl.int64) * M, m_r, M, K, BM, KB, G)
     alpha = tl.exp(top - tl.max(top, 1)[:, None])
     alpha = alpha / tl.sum(alpha, 1)[:, None]
     eta_r = tl.load(eta + o_r, mask=m_r, other=0.0).to(tl.float32)
@@ -59,3 +87,48 @@ def sparse_routing_kernel(
     tl.store(picks + out, rows, mask=m_out)
     tl.store(theta + out, eta_r[:, None] * alpha, mask=m_out)
     tl.store(phi + out, mu_r[:, None] * alpha, mask=m_out)
+
+
+@triton.jit
+def sparse_routing_bwd_kernel(
+    logits,
+    eta,
+    mu,
+    picks,
+    pick_dtheta,
+    pick_dphi,
+    dlogits,
+    deta,
+    dmu,
+    n_rows,
+    M: tl.constexpr,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    KB: tl.constexpr,
+):
+    """For BR rows of the flat [n_rows, M] logits: from the gradients on the picks' theta and
+    phi (pick_dtheta, pick_dphi [n_rows, K] float32), the gradients through theta = eta * alpha,
+    phi = mu * alpha and the softmax re-normalised over the picks. dlogits [n_rows, M] must hold
+    zeros (rows nobody picks get no gradient): only the K picks of each row are written; deta,
+    dmu [n_rows]. Reads K logits per row, recomputing alpha as the forward did."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_k = tl.arange(0, KB)
+    m_r = o_r < n_rows
+    m_rk = m_r[:, None] & (o_k < K)[None, :]
+    pick = o_r[:, None].to(tl.int64) * K + o_k[None, :]
+    rows = tl.load(picks + pick, mask=m_rk, other=0)
+    in_logits = o_r[:, None].to(tl.int64) * M + rows
+    x = tl.load(logits + in_logits, mask=m_rk, other=0.0).to(tl.float32)
+    x = tl.where(m_rk, tl.maximum(x, LOWEST_LOGIT), float("-inf"))
+    alpha = tl.exp(x - tl.max(x, 1)[:, None])
+    alpha = alpha / tl.sum(alpha, 1)[:, None]
+    dtheta = tl.load(pick_dtheta + pick, mask=m_rk, other=0.0)
+    dphi = tl.load(pick_dphi + pick, mask=m_rk, other=0.0)
+    eta_r = tl.load(eta + o_r, mask=m_r, other=0.0).to(tl.float32)
+    mu_r = tl.load(mu + o_r, mask=m_r, other=0.0).to(tl.float32)
+    dalpha = mu_r[:, None] * dphi + eta_r[:, None] * dtheta
+    # sum_k alpha dalpha from the very values used: with one pick (alpha = 1) the gradient is exactly 0
+    grad = alpha * (dalpha - tl.sum(alpha * dalpha, 1)[:, None])
+    tl.store(dlogits + in_logits, grad.to(dlogits.dtype.element_ty), mask=m_rk)
+    tl.store(deta + o_r, tl.sum(alpha * dtheta, 1).to(deta.dtype.element_ty), mask=m_r)
+    tl.store(dmu + o_r, tl.sum(alpha * dphi, 1).to(dmu.dtype.element_ty), mask=m_r)

@@ -141,11 +141,11 @@ CUDA_SHAPES = [
 ]
 
 
-def assert_matches_float64(fn, inputs, fwd_tol, bwd_tol, cu_seqlens=None):
+def assert_matches_float64(fn, inputs, fwd_tol, bwd_tol, cu_seqlens=None, topk=None):
     """``fn``'s output, final state and input gradients against the PyTorch chunked path in float64."""
-    o, ht, grads, dout, dht = run_with_grads(fn, inputs, None, cu_seqlens=cu_seqlens)
+    o, ht, grads, dout, dht = run_with_grads(fn, inputs, topk, cu_seqlens=cu_seqlens)
     leaves = [x.detach().double().requires_grad_() if x is not None else None for x in inputs]
-    o_ref, ht_ref = run_on_weights(chunk_factorization_memory_torch, *leaves[:4], None, leaves[4], True, cu_seqlens)
+    o_ref, ht_ref = run_on_weights(chunk_factorization_memory_torch, *leaves[:4], topk, leaves[4], True, cu_seqlens)
     wanted = [x for x in leaves if x is not None]
     found = iter(torch.autograd.grad((o_ref, ht_ref), wanted, (dout.double(), dht.double())))
     assert o.dtype == inputs[0].dtype and ht.dtype == torch.float32

@@ -10,10 +10,12 @@ from fla_factmem.ops import (
     fused_recurrent_factorization_memory,
     naive_factorization_memory,
 )
+from fla_factmem.ops.factorization_memory.chunk import ChunkSparseFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.launch import chunk_sparse_fwd, fused_recurrent_fwd, sparse_routing
 from fla_factmem.ops.factorization_memory.routing import run_on_weights
-from tests.utils import assert_close, make_inputs
+from tests.ops.factorization_memory.test_kernels import GRAD_TOLERANCES, assert_matches_float64, edge_case_inputs
+from tests.utils import GRAD_NAMES, assert_close, assert_matches, make_inputs, run_with_grads
 
 # a quiet NaN with a payload: any arithmetic on it yields the canonical NaN, other bits
 POISON_BITS = 0x7FA00001
@@ -46,13 +48,17 @@ def poisoned(h0, chosen):
     return torch.where(chosen[..., None], h0, poison)
 
 
-@pytest.mark.parametrize(("M", "topk"), [(16, 1), (40, 7), (64, 16)])
-def test_sparse_routing_kernel(M, topk):
+# one stage (K = M / 2); two stages with groups of 4, 2, 8 and 16 logits (``top_k_group``)
+@pytest.mark.parametrize(("M", "topk"), [(16, 1), (40, 7), (64, 16), (32, 16), (1000, 16), (4096, 16)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_sparse_routing_kernel(M, topk, ties):
     _, logits, eta, mu, _ = detached_inputs(2, 5, 3, M, 4, with_state=False)
+    if ties:  # few distinct values: the picks among equal logits go to the lower rows
+        logits = torch.randint(-3, 4, logits.shape).float()
     picks = sparse_routing(logits, eta, mu, topk)
-    top, rows = logits.topk(topk, dim=-1)
-    alpha = top.softmax(-1)
-    assert torch.equal(picks.rows.long(), rows), "the picks, largest logit first"
+    rows = torch.sort(-logits, dim=-1, stable=True).indices[..., :topk]
+    alpha = logits.gather(-1, rows).softmax(-1)
+    assert torch.equal(picks.rows.long(), rows), "the picks, largest logit first, ties to the lower row"
     assert_close("theta", picks.theta, eta[..., None] * alpha, 1e-6)
     assert_close("phi", picks.phi, mu[..., None] * alpha, 1e-6)
 
@@ -60,7 +66,14 @@ def test_sparse_routing_kernel(M, topk):
 def sparse_chunk_kernels(v, logits, eta, mu, topk, h0, output_final_state, cu_seqlens=None):
     """The sparse Triton forward on any device (the public op takes it on CUDA only)."""
     picks = sparse_routing(logits, eta, mu, topk)
-    return chunk_sparse_fwd(v, picks, logits.shape[-1], h0, output_final_state, cu_seqlens)
+    return chunk_sparse_fwd(v, picks, logits.shape[-1], h0, output_final_state, cu_seqlens)[:2]
+
+
+def triton_sparse_chunk(v, logits, eta, mu, topk, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The sparse Triton forward and backward on any device."""
+    return ChunkSparseFactorizationMemoryFunction.apply(
+        v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
+    )
 
 
 @pytest.mark.parametrize(
@@ -113,6 +126,61 @@ def test_sparse_chunk_forward_never_touches_inactive_rows(cu_seqlens, device="cp
     o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, 4, h0, True, cu_seqlens=offsets)
     assert_close("o (finite: no inactive row was read)", o, o_ref, 1e-5)
     assert_close("active rows", ht[chosen], ht_ref[chosen], 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("B", "T", "M", "V", "topk"),
+    # as the forward's cases, and a union of one slot per pick (K = 1) over several chunks
+    [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (1, 40, 64, 20, 16), (1, 33, 128, 16, 32), (2, 20, 24, 16, 23),
+     (1, 50, 32, 16, 1)],
+)  # fmt: skip
+@pytest.mark.parametrize("with_state", [False, True])
+def test_sparse_chunk_gradients(B, T, M, V, topk, with_state):
+    inputs = make_inputs(B, T, 2, M, V, logit_scale=2.0, with_state=with_state)
+    assert_matches(triton_sparse_chunk, naive_factorization_memory, inputs, topk, 1e-5, 1e-4)
+
+
+def test_sparse_chunk_gradients_varlen():
+    offsets = torch.tensor([0, 18, 18, 19, 60], dtype=torch.int32)
+    inputs = make_inputs(1, 60, 2, 32, 16, N=4)
+    assert_matches(triton_sparse_chunk, naive_factorization_memory, inputs, 4, 1e-5, 1e-4, cu_seqlens=offsets)
+
+
+@pytest.mark.parametrize(
+    ("case", "topk"),
+    # overwrite: K = 1 and eta = 1, theta = 1 at every pick; saturating: theta near 1 at the first pick
+    [("overwrite", 1), ("overwrite", 3), ("eta_zero", 4), ("near_one_hot", 4), ("saturating", 1), ("saturating", 4)],
+)
+def test_sparse_chunk_gradients_edge_numerics(case, topk):
+    inputs = edge_case_inputs(case, 1, 50, 2, 32, 16, "cpu")
+    assert_matches(triton_sparse_chunk, naive_factorization_memory, inputs, topk, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 18, 40]])
+def test_sparse_chunk_backward_never_touches_inactive_rows(cu_seqlens, device="cpu"):
+    """The gradient on rows nobody picks passes from the final to the initial state bit for bit
+    (poisoned rows of the final state's gradient come out unchanged: never read, never written),
+    and the logits of rows a token does not pick get exactly 0."""
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
+    B = 2 if offsets is None else 1
+    inputs = make_inputs(B, 40 if offsets is not None else 20, 2, 256, 16, N=2, device=device)
+    v, logits, eta, mu, h0 = inputs
+    chosen = selected_rows(logits.detach(), 4, offsets)
+    assert not chosen.all(), "the test needs rows that no token selects"
+    dht = poisoned(torch.randn_like(h0), chosen)
+    o, ht = triton_sparse_chunk(v, logits, eta, mu, 4, h0, True, offsets)
+    dout = torch.randn_like(o)
+    # the gradients go in as they are (a product with them, as in (ht * dht).sum(), would quiet the NaN)
+    grads = torch.autograd.grad((o, ht), inputs, (dout, dht))
+    dh0 = grads[4]
+    assert torch.equal(dh0.view(torch.int32)[~chosen], dht.view(torch.int32)[~chosen]), "an inactive row was touched"
+    picked = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.detach().topk(4, -1).indices, True)
+    assert torch.equal(grads[1][~picked], torch.zeros_like(grads[1][~picked])), "dlogits outside the picks"
+    dht_clean = torch.where(chosen[..., None], dht, 0.0)
+    _, _, ref_grads, _, _ = run_with_grads(naive_factorization_memory, inputs, 4, dout, dht_clean, cu_seqlens=offsets)
+    for name, g, ref in zip(GRAD_NAMES[:4], grads, ref_grads):
+        assert_close(f"{name} (finite: no inactive row was read)", g, ref, 1e-4)
+    assert_close("dh0 of active rows", dh0[chosen], ref_grads[4][chosen], 1e-4)
 
 
 @pytest.mark.parametrize(("T", "M", "topk"), [(1, 16, 1), (3, 40, 4), (6, 64, 16), (4, 128, 32), (2, 24, 23)])
@@ -241,3 +309,31 @@ def test_cuda_sparse_decode_varlen():
     o_ref, ht_ref = float64_reference(v, logits, eta, mu, 16, h0, offsets)
     assert_close("o", o, o_ref, 1e-5)
     assert_close("final state", ht, ht_ref, 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("B", "T", "M", "topk"),
+    [(2, 1000, 1024, 16), (1, 700, 4096, 16), (1, 300, 4096, 64), (1, 257, 1024, 256), (2, 100, 256, 1)],
+)
+@pytest.mark.parametrize(("dtype", "fwd_tol", "bwd_tol"), GRAD_TOLERANCES)
+def test_cuda_sparse_chunk_backward(B, T, M, topk, dtype, fwd_tol, bwd_tol):
+    inputs = make_inputs(B, T, 4, M, 64, dtype=dtype, device="cuda", logit_scale=2.0)
+    assert_matches_float64(chunk_factorization_memory, inputs, fwd_tol, bwd_tol, topk=topk)
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_chunk_backward_varlen_and_inactive_rows():
+    test_sparse_chunk_backward_never_touches_inactive_rows([0, 18, 40], device="cuda")
+    offsets = torch.tensor([0, 700, 701, 701, 2000, 2100], device="cuda")
+    inputs = make_inputs(1, 2100, 4, 1024, 64, device="cuda", N=5)
+    assert_matches_float64(chunk_factorization_memory, inputs, 1e-5, 1e-4, cu_seqlens=offsets, topk=16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("case", "topk"), [("overwrite", 1), ("overwrite", 16), ("eta_zero", 16), ("near_one_hot", 16), ("saturating", 1)]
+)
+def test_cuda_sparse_chunk_backward_edge_numerics(case, topk):
+    inputs = edge_case_inputs(case, 1, 2048, 2, 1024, 64, "cuda")
+    assert_matches_float64(chunk_factorization_memory, inputs, 1e-5, 1e-4, topk=topk)
