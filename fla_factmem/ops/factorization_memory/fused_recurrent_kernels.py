@@ -15,7 +15,7 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     VARLEN_SWITCH,
     sequence_bounds,
 )
-from fla_factmem.ops.factorization_memory.routing_kernels import top_k_logits
+from fla_factmem.ops.factorization_memory.routing_kernels import picks_softmax, top_k_logits
 
 
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
@@ -105,9 +105,7 @@ def fused_recurrent_sparse_fwd_kernel(
         tok = t * H + i_h
         one_row = tl.zeros([1], dtype=tl.int64)
         rows, top = top_k_logits(logits, one_row + tok * M, one_row == 0, M, K, BM, KB, G)
-        rows, top = tl.reshape(rows, [KB]), tl.reshape(top, [KB])
-        alpha = tl.exp(top - tl.max(top, 0))
-        alpha = alpha / tl.sum(alpha, 0)
+        rows, alpha = tl.reshape(rows, [KB]), tl.reshape(picks_softmax(top), [KB])
         theta = tl.load(eta + tok).to(tl.float32) * alpha
         phi = tl.load(mu + tok).to(tl.float32) * alpha
         v_t = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)

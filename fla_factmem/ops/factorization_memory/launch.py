@@ -360,7 +360,7 @@ def chunk_sparse_bwd(
     the rows of each chunk's union, in the gradient on the memory too; dlogits is 0 outside each
     token's picks. ``block_m`` and ``num_warps`` set the dtheta/dphi kernel's launch (for
     tuning)."""
-    B, T, H, V = v.shape
+    _, T, H, V = v.shape
     M = logits.shape[-1]
     K = saved.rows.shape[-1]
     U = saved.states.shape[2]
@@ -374,8 +374,9 @@ def chunk_sparse_bwd(
 
     gates = sparse_gates(saved)
     chunks = (layout.NT_total, H)
-    common = dict(H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BV=triton.next_power_of_2(V))
-    common.update(DOT_PRECISION=dot_precision(v.dtype))
+    common = dict(
+        H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BV=triton.next_power_of_2(V), DOT_PRECISION=dot_precision(v.dtype)
+    )
     x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
     chunk_bwd_dominant_kernel[chunks](
         v, *gates[:-1], saved.dominant, do, saved.states, grad_states, x_dom, layout.chunk_indices, cu_seqlens,

@@ -95,28 +95,21 @@ def run_on_weights(
     return o.to(v.dtype), final_state if output_final_state else None
 
 
+def has_float64(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of these tensors is float64 (no Triton kernel takes it)."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
 def runs_dense_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> bool:
     """Whether the dense Triton kernels take this call: CUDA tensors, dense routing (topk None
     or M), M <= DENSE_TRITON_MAX_M and no float64 input."""
     M = logits.shape[-1]
-    tensors = (v, logits, *others)
-    return (
-        v.is_cuda
-        and (topk is None or topk == M)
-        and M <= DENSE_TRITON_MAX_M
-        and all(t is None or t.dtype != torch.float64 for t in tensors)
-    )
+    return v.is_cuda and (topk is None or topk == M) and M <= DENSE_TRITON_MAX_M and not has_float64(v, logits, *others)
 
 
 def runs_sparse_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> bool:
     """Whether the sparse Triton kernels take this call: CUDA tensors, topk < M, no float64 input."""
-    tensors = (v, logits, *others)
-    return (
-        v.is_cuda
-        and topk is not None
-        and topk < logits.shape[-1]
-        and all(t is None or t.dtype != torch.float64 for t in tensors)
-    )
+    return v.is_cuda and topk is not None and topk < logits.shape[-1] and not has_float64(v, logits, *others)
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
@@ -127,7 +120,6 @@ def needs_autograd(*tensors: torch.Tensor | None) -> bool:
 def slow_path_reason(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> str:
     """Why a CUDA call fell to a PyTorch path, for the one-time warning; ``others`` are the
     remaining tensor inputs. Sparse calls reach it only with float64."""
-    M = logits.shape[-1]
-    if any(t is not None and t.dtype == torch.float64 for t in (v, logits, *others)):
+    if has_float64(v, logits, *others):
         return "float64 inputs have no Triton kernel"
-    return f"M = {M} > {DENSE_TRITON_MAX_M} has no dense Triton kernel"
+    return f"M = {logits.shape[-1]} > {DENSE_TRITON_MAX_M} has no dense Triton kernel"

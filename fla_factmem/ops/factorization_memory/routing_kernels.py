@@ -10,13 +10,28 @@ LOWEST_LOGIT = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
+def ranked(x, valid):
+    """x where ``valid`` with -inf raised to LOWEST_LOGIT, -inf elsewhere: every valid entry
+    outranks every invalid one."""
+    return tl.where(valid, tl.maximum(x, LOWEST_LOGIT), float("-inf"))
+
+
+@triton.jit
+def picks_softmax(values):
+    """alpha over the picks of each row of values [BR, KB] (-inf past K): the softmax
+    re-normalised over them, the same arithmetic in the routing and in its backward."""
+    alpha = tl.exp(values - tl.max(values, 1)[:, None])
+    return alpha / tl.sum(alpha, 1)[:, None]
+
+
+@triton.jit
 def top_k(x, rows, valid, K: tl.constexpr, KB: tl.constexpr):
     """The K largest entries of each x[r] (x [BR, A, C]; ``rows``, the distinct int32 row of each
     entry, and ``valid``, where entries count, broadcast to x): their rows and values, [BR, KB]
     each, largest first; lanes k >= K get row 0 and value -inf. Ties go to the lower row.
     x is 3-D so that the grouped search of ``top_k_logits`` needs no reshape (Triton 3.6
     fails to compile a reduction of a reshaped tile on Hopper)."""
-    x = tl.where(valid, tl.maximum(x, LOWEST_LOGIT), float("-inf"))
+    x = ranked(x, valid)
     o_k = tl.arange(0, KB)[None, :]
     picks = tl.zeros([x.shape[0], KB], dtype=tl.int32)
     values = tl.full([x.shape[0], KB], float("-inf"), dtype=tl.float32)
@@ -47,7 +62,7 @@ def top_k_logits(
     x = tl.load(logits + start[:, None, None] + in_row, mask=m_in, other=0.0).to(tl.float32)
     if G == 1:
         return top_k(x, in_row, m_in, K, KB)
-    x = tl.where(m_in, tl.maximum(x, LOWEST_LOGIT), float("-inf"))
+    x = ranked(x, m_in)
     groups, _ = top_k(tl.max(x, 2)[:, :, None], o_g[None, :, None], (o_g * G < M)[None, :, None], K, KB)
     rows = groups[:, :, None] * G + o_i[None, None, :]  # [BR, KB, G]
     m_c = (tl.arange(0, KB) < K)[None, :, None] & (rows < M) & m_r[:, None, None]
@@ -78,8 +93,7 @@ def sparse_routing_kernel(
     o_k = tl.arange(0, KB)
     m_r = o_r < n_rows
     rows, top = top_k_logits(logits, o_r.to(tl.int64) * M, m_r, M, K, BM, KB, G)
-    alpha = tl.exp(top - tl.max(top, 1)[:, None])
-    alpha = alpha / tl.sum(alpha, 1)[:, None]
+    alpha = picks_softmax(top)
     eta_r = tl.load(eta + o_r, mask=m_r, other=0.0).to(tl.float32)
     mu_r = tl.load(mu + o_r, mask=m_r, other=0.0).to(tl.float32)
     out = o_r[:, None].to(tl.int64) * K + o_k[None, :]
@@ -119,9 +133,7 @@ def sparse_routing_bwd_kernel(
     rows = tl.load(picks + pick, mask=m_rk, other=0)
     in_logits = o_r[:, None].to(tl.int64) * M + rows
     x = tl.load(logits + in_logits, mask=m_rk, other=0.0).to(tl.float32)
-    x = tl.where(m_rk, tl.maximum(x, LOWEST_LOGIT), float("-inf"))
-    alpha = tl.exp(x - tl.max(x, 1)[:, None])
-    alpha = alpha / tl.sum(alpha, 1)[:, None]
+    alpha = picks_softmax(ranked(x, m_rk))
     dtheta = tl.load(pick_dtheta + pick, mask=m_rk, other=0.0)
     dphi = tl.load(pick_dphi + pick, mask=m_rk, other=0.0)
     eta_r = tl.load(eta + o_r, mask=m_r, other=0.0).to(tl.float32)
