@@ -13,9 +13,7 @@ exactly) and prints a generated sample. The defaults finish in about two minutes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
-import sysconfig
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from fla_factmem import FactorizationMemoryConfig, registered_mixers
+from fla_factmem.data import random_windows, stdlib_bytes
 
 DEFAULT_LAYERS = "factorization_memory,factorization_memory,attention,factorization_memory"
 UNTIMED_STEPS = 5  # the first steps compile kernels (Triton, on the GPU); tokens/s counts the steps after them
@@ -47,28 +46,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def stdlib_bytes() -> tuple[torch.Tensor, torch.Tensor]:
-    """The stdlib's .py files (its test suite left out) as two uint8 streams: about 95% of the
-    files for training and 5% held out, chosen by a hash of the file name."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    train, held_out = bytearray(), bytearray()
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).as_posix()
-        if relative.startswith(("test/", "idlelib/idle_test/")) or "site-packages" in relative:
-            continue
-        bucket = held_out if hashlib.md5(relative.encode()).digest()[0] < 13 else train
-        bucket += path.read_bytes() + b"\n\n"
-    if not train or not held_out:
-        raise RuntimeError(f"found no Python sources under {root}")
-    return torch.frombuffer(train, dtype=torch.uint8), torch.frombuffer(held_out, dtype=torch.uint8)
-
-
-def random_windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """``[batch_size, seq_len + 1]`` byte windows at random offsets, as token ids."""
-    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
-    return torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
 
 
 def build_config(args, layer_types: list[str]) -> FactorizationMemoryConfig:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
+from fla_factmem.layers.routing_diagnostics import AttachAuxiliaryLoss, load_balance_loss, routing_statistics
 from fla_factmem.layers.utils import check_padding_mask
 from fla_factmem.modules import FusedRMSNormGated, ShortConvolution
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
@@ -46,6 +47,15 @@ class FactorizationMemory(nn.Module):
         conv_size: its width.
         conv_bias: whether it has a bias.
         norm_eps: epsilon of the output norm.
+        track_routing: keep the routing diagnostics of every forward in ``self.routing_stats``
+            (entropy, effective fraction of states used, load per state; see
+            ``fla_factmem.layers.routing_diagnostics``). Off by default, and then free; it can be
+            switched on an existing layer by setting the attribute.
+        load_balance_coef: weight of the Switch-style load-balancing loss of the sparse routing
+            (0 by default: off). When positive, training forwards add ``coef * loss`` to the
+            gradient of whatever loss the output feeds (the loss value itself is unchanged and is
+            reported as ``routing_stats["load_balance_loss"]``, unweighted). It is not scaled
+            with the model's loss, so divide it yourself under gradient accumulation.
         layer_idx: the layer's index in the model; needed with a cache.
     """
 
@@ -62,6 +72,8 @@ class FactorizationMemory(nn.Module):
         conv_size: int = 4,
         conv_bias: bool = False,
         norm_eps: float = 1e-5,
+        track_routing: bool = False,
+        load_balance_coef: float = 0.0,
         layer_idx: int | None = None,
     ):
         super().__init__()
@@ -84,10 +96,16 @@ class FactorizationMemory(nn.Module):
             raise ValueError(f"`temperature` must be positive; got {temperature!r}")
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}")
+        if not load_balance_coef >= 0:
+            raise ValueError(f"`load_balance_coef` must be >= 0; got {load_balance_coef!r}")
+        if load_balance_coef > 0 and (topk is None or topk == num_memories):
+            raise ValueError("`load_balance_coef` balances the sparse routing; it needs topk < num_memories")
 
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.num_memories, self.topk, self.temperature = num_memories, topk, temperature
         self.mode, self.use_short_conv, self.conv_size = mode, use_short_conv, conv_size
+        self.track_routing, self.load_balance_coef = track_routing, load_balance_coef
+        self.routing_stats: dict[str, torch.Tensor] = {}
         self.layer_idx = layer_idx
         value_dim = num_heads * head_dim
 
@@ -143,6 +161,7 @@ class FactorizationMemory(nn.Module):
         logits = rearrange(self.a_proj(hidden_states), "... (h m) -> ... h m", m=self.num_memories) / self.temperature
         eta = torch.sigmoid(self.eta_proj(hidden_states))
         mu = torch.sigmoid(self.mu_proj(hidden_states))
+        aux_loss = self._routing_diagnostics(logits)
 
         initial_state = last_state["recurrent_state"] if last_state is not None else None
         if mode == "fused_recurrent":
@@ -165,5 +184,22 @@ class FactorizationMemory(nn.Module):
         update_layer_cache(self, past_key_values, recurrent_state=recurrent_state, conv_state=conv_state, offset=q_len)
 
         o = self.g_norm(rearrange(o, "... h d -> ... (h d)"), self.g_proj(hidden_states))
-        o = repad_hidden_states(self.o_proj(o), indices, batch_size, q_len)
+        o = self.o_proj(o)
+        if aux_loss is not None:
+            o = AttachAuxiliaryLoss.apply(o, self.load_balance_coef * aux_loss)
+        o = repad_hidden_states(o, indices, batch_size, q_len)
         return o, None, past_key_values
+
+    def _routing_diagnostics(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Fills ``routing_stats`` when tracking; returns the balancing loss when it trains."""
+        balancing = self.load_balance_coef > 0 and self.training and torch.is_grad_enabled()
+        self.routing_stats = {}  # never stale: it describes this forward or nothing
+        if not (self.track_routing or balancing) or logits.numel() == 0:
+            return None
+        if self.track_routing:
+            self.routing_stats = routing_statistics(logits, self.topk)
+        if not balancing:
+            return None
+        aux_loss = load_balance_loss(logits, self.topk)
+        self.routing_stats["load_balance_loss"] = aux_loss.detach()
+        return aux_loss

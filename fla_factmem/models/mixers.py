@@ -72,6 +72,8 @@ def _factorization_memory(config, layer_idx, **options):
         use_short_conv=config.use_short_conv,
         conv_size=config.conv_size,
         norm_eps=config.norm_eps,
+        track_routing=config.track_routing,
+        load_balance_coef=config.load_balance_coef,
     )
     return FactorizationMemory(**(kwargs | options), layer_idx=layer_idx)
 

@@ -153,3 +153,67 @@ def test_layer_on_gpu_equals_composition(dtype, topk):
         y = layer(x)[0]
         ref = compose(layer, x)
     assert_close("y", y, ref, 1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_routing_diagnostics_are_off_by_default_and_measure_collapse():
+    layer = make_layer(topk=2)
+    x = torch.randn(2, 9, D)
+    layer(x)
+    assert layer.routing_stats == {}
+
+    layer.track_routing = True
+    with torch.no_grad():  # uniform routing: every state takes the same share
+        layer.a_proj.weight.zero_()
+    layer(x)
+    stats = layer.routing_stats
+    assert stats["entropy"].item() == pytest.approx(1.0) and stats["load"].shape == (H, M)
+    assert_close("load sums", stats["load"].sum(-1), torch.ones(H), 1e-6)
+
+    dense = make_layer(track_routing=True)
+    with torch.no_grad():  # collapse: every token routes to state 0
+        dense.a_proj.weight.zero_()
+        dense.a_proj.weight.view(H, M, D)[:, 0] = 5.0
+    dense(x.abs() + 1)
+    assert dense.routing_stats["entropy"].item() < 0.05
+    assert dense.routing_stats["states_used"].item() == pytest.approx(1 / M, rel=0.05)
+    assert dense.routing_stats["max_load"].item() == pytest.approx(M, rel=0.05)
+
+
+def test_routing_summary_averages_layers_in_one_dict():
+    from fla_factmem.layers import routing_summary
+
+    layers = torch.nn.ModuleList([make_layer(topk=3, track_routing=True), make_layer(track_routing=True)])
+    x = torch.randn(1, 12, D)
+    for layer in layers:
+        layer(x)
+    summary = routing_summary(layers)
+    assert set(summary) == {"entropy", "states_used", "max_load"}
+    expected = (layers[0].routing_stats["entropy"] + layers[1].routing_stats["entropy"]).item() / 2
+    assert summary["entropy"] == pytest.approx(expected)
+    assert routing_summary(torch.nn.Linear(2, 2)) == {}
+
+
+def test_load_balance_loss_trains_the_routing_without_changing_the_output():
+    from fla_factmem.layers.routing_diagnostics import load_balance_loss
+
+    balanced, plain = make_layer(topk=2, load_balance_coef=0.5), make_layer(topk=2)
+    plain.load_state_dict(balanced.state_dict())
+    x = torch.randn(2, 11, D)
+    y_balanced, y_plain = balanced(x)[0], plain(x)[0]
+    assert torch.equal(y_balanced, y_plain)
+    y_balanced.square().sum().backward()
+    y_plain.square().sum().backward()
+
+    # the extra gradient is exactly that of coef * loss with respect to a_proj
+    weight = plain.a_proj.weight.detach().requires_grad_()
+    logits = (x @ weight.T).unflatten(-1, (H, M)) / plain.temperature
+    (extra,) = torch.autograd.grad(0.5 * load_balance_loss(logits, 2), weight)
+    assert_close("a_proj grad", balanced.a_proj.weight.grad, plain.a_proj.weight.grad + extra, 1e-5)
+    assert torch.equal(balanced.v_proj.weight.grad, plain.v_proj.weight.grad)
+    assert balanced.routing_stats["load_balance_loss"].item() >= 1.0 - 1e-6
+
+    balanced.eval()
+    balanced(x)
+    assert "load_balance_loss" not in balanced.routing_stats
+    with pytest.raises(ValueError, match="sparse routing"):
+        make_layer(topk=None, load_balance_coef=0.1)

@@ -204,3 +204,14 @@ def test_greedy_generate_on_gpu_equals_recomputation(topk):
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
         expected = greedy_by_recomputation(model, ids, mask, 16)
     assert torch.equal(generated, expected)
+
+
+def test_config_switches_on_routing_diagnostics_in_every_memory_layer():
+    from fla_factmem.layers import routing_summary
+
+    config = small_config(["factorization_memory", "attention"], track_routing=True, topk=2, load_balance_coef=0.01)
+    model = FactorizationMemoryForCausalLM(config)
+    model(input_ids=torch.randint(0, config.vocab_size, (2, 9)), labels=torch.randint(0, config.vocab_size, (2, 9)))
+    summary = routing_summary(model)
+    assert set(summary) == {"entropy", "states_used", "max_load", "load_balance_loss"}
+    assert 0 < summary["states_used"] <= 1

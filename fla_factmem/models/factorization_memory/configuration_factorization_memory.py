@@ -24,6 +24,10 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
             transformers reads a config's ``temperature`` as the sampling temperature of ``generate``.
         attn_mode: kernel mode of the Factorization Memory layers (``chunk`` or ``fused_recurrent``).
         use_short_conv, conv_size: the short convolution on v.
+        track_routing: the Factorization Memory layers keep routing diagnostics of every forward
+            (read them with ``fla_factmem.layers.routing_summary(model)``); off by default.
+        load_balance_coef: weight of the sparse routing's load-balancing loss (0: off); see
+            ``FactorizationMemory``.
         layer_types: the mixer of every layer by name, for instance
             ``["factorization_memory", "attention", "gla", ...]`` (see ``registered_mixers()``);
             all ``factorization_memory`` by default.
@@ -51,6 +55,8 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         attn_mode: str = "chunk",
         use_short_conv: bool = True,
         conv_size: int = 4,
+        track_routing: bool = False,
+        load_balance_coef: float = 0.0,
         layer_types: list[str] | None = None,
         mixer_options: dict[str, dict] | None = None,
         attn: AttentionConfig = None,
@@ -80,6 +86,8 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         self.attn_mode = attn_mode
         self.use_short_conv = use_short_conv
         self.conv_size = conv_size
+        self.track_routing = track_routing
+        self.load_balance_coef = load_balance_coef
         self.mixer_options = {name: dict(options) for name, options in (mixer_options or {}).items()}
         self.attn = attn  # validated by FLA's AttentionConfigBase
         self.hidden_ratio = hidden_ratio
