@@ -199,6 +199,19 @@ def _indexed(job: tuple[Callable[[dict], dict], int, dict]) -> tuple[int, dict]:
     return index, run_one(task)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (said once per call) when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG written")
+        return None
+    return plt
+
+
 def write_csv(rows: list[dict], path: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))

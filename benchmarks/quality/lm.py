@@ -27,6 +27,7 @@ from common import (
     model_config,
     parameter_count,
     print_table,
+    pyplot,
     recurrent_state_floats,
     routing_columns,
     run_all,
@@ -133,13 +134,8 @@ def curve_rows(rows: list[dict], points: int = 96) -> list[dict]:
 
 
 def plot(curves: list[dict], seq_len: int, path: str, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG written")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(c["model"] for c in curves):

@@ -24,6 +24,7 @@ from common import (
     describe_machine,
     model_config,
     print_table,
+    pyplot,
     recurrent_state_floats,
     routing_columns,
     run_all,
@@ -127,13 +128,8 @@ def run_one(task: dict) -> dict:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG written")
+    plt = pyplot()
+    if plt is None:
         return
     seq_lens = sorted({r["seq_len"] for r in rows})
     fig, axes = plt.subplots(1, len(seq_lens), figsize=(5 * len(seq_lens), 4), squeeze=False)
