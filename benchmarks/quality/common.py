@@ -9,7 +9,7 @@ import math
 import multiprocessing
 import os
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,10 +127,10 @@ def train(
     lr: float,
     weight_decay: float = 0.1,
     progress: bool = False,
-) -> Iterator[tuple[int, float]]:
+) -> float:
     """AdamW with warmup and cosine decay, gradient clipping at 1; ``next_loss(step)`` runs the
-    forward of one batch. Yields ``(step, loss)`` every 50 steps and at the end (one host sync
-    each) and raises ``FloatingPointError`` at the first non-finite loss it sees."""
+    forward of one batch. Returns the last step's loss. Checks the loss every 50 steps and at
+    the end (one host sync each) and raises ``FloatingPointError`` at the first non-finite one."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     schedule = cosine_schedule(optimizer, steps, warmup=max(1, steps // 20))
     model.train()
@@ -145,7 +145,7 @@ def train(
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss {value} at step {step}")
-            yield step, value
+    return value
 
 
 def routing_columns(model: torch.nn.Module) -> dict[str, float | str]:

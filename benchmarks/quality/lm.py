@@ -25,7 +25,6 @@ from common import (
     describe_machine,
     match_parameters,
     model_config,
-    parameter_count,
     print_table,
     pyplot,
     recurrent_state_floats,
@@ -87,7 +86,7 @@ def run_one(task: dict) -> dict:
     )
     model = FactorizationMemoryForCausalLM(config).to(device)
     row |= dict(
-        params=parameter_count(config),
+        params=sum(p.numel() for p in model.parameters()),
         mlp_width=config.intermediate_size,
         state=recurrent_state_floats(model, task["seq_len"]),
     )
@@ -101,10 +100,9 @@ def run_one(task: dict) -> dict:
             logits = model(input_ids=batch[:, :-1]).logits
         return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 
-    start, loss = time.perf_counter(), float("nan")
+    start = time.perf_counter()
     try:
-        for _, loss in train(model, next_loss, task["steps"], task["lr"], progress=task["progress"]):
-            pass
+        loss = train(model, next_loss, task["steps"], task["lr"], progress=task["progress"])
     except FloatingPointError as error:
         return row | {"status": f"diverged: {error}", "curve": None}
     train_s = time.perf_counter() - start

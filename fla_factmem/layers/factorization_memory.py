@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 
-from fla_factmem.layers.routing_diagnostics import AttachAuxiliaryLoss, load_balance_loss, routing_statistics
+from fla_factmem.layers.routing_diagnostics import (
+    AttachAuxiliaryLoss,
+    affinity,
+    load_balance_loss,
+    routing_statistics,
+)
 from fla_factmem.layers.utils import check_padding_mask
 from fla_factmem.modules import FusedRMSNormGated, ShortConvolution
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
@@ -196,10 +201,11 @@ class FactorizationMemory(nn.Module):
         self.routing_stats = {}  # never stale: it describes this forward or nothing
         if not (self.track_routing or balancing) or logits.numel() == 0:
             return None
+        alpha = affinity(logits if balancing else logits.detach())  # one softmax for both
         if self.track_routing:
-            self.routing_stats = routing_statistics(logits, self.topk)
+            self.routing_stats = routing_statistics(alpha, self.topk)
         if not balancing:
             return None
-        aux_loss = load_balance_loss(logits, self.topk)
+        aux_loss = load_balance_loss(alpha, self.topk)
         self.routing_stats["load_balance_loss"] = aux_loss.detach()
         return aux_loss

@@ -1,7 +1,7 @@
 """Routing diagnostics of the Factorization Memory layer and its optional load-balancing loss.
 
 The failure signatures of SPEC section 5 are routing collapse, to near-uniform affinities (no
-state specialises) or to a few states (most of the memory unused). Three numbers show them:
+state specialises) or to a few states (most of the memory unused). These show them:
 
 - ``entropy``: mean entropy of the affinity ``softmax(logits)`` over the M states, divided by
   ``log M``: 1 is uniform routing, 0 one-hot.
@@ -31,19 +31,24 @@ def applied_weights(alpha: torch.Tensor, topk: int | None) -> torch.Tensor:
     return torch.zeros_like(alpha).scatter_(-1, rows, values / values.sum(-1, keepdim=True))
 
 
-def routing_statistics(logits: torch.Tensor, topk: int | None = None) -> dict[str, torch.Tensor]:
-    """The diagnostics of the module docstring for one batch of routing logits.
+def affinity(logits: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits)`` in float32 with the tokens flattened: ``[..., H, M]`` to ``[N, H, M]``."""
+    return logits.flatten(0, -3).float().softmax(-1)
+
+
+def routing_statistics(alpha: torch.Tensor, topk: int | None = None) -> dict[str, torch.Tensor]:
+    """The diagnostics of the module docstring for one batch of routing affinities.
 
     Args:
-        logits: ``[N, H, M]`` (or ``[B, T, H, M]``), after the temperature; only real tokens.
+        alpha: ``[N, H, M]``, ``affinity(logits)`` of the real tokens.
         topk: K of the sparse variant, or None for dense.
 
     Returns:
         ``{"entropy": [], "states_used": [], "max_load": [], "load": [H, M]}``, float32 tensors
         detached from the graph, still on the device (no host sync).
     """
-    num_memories = logits.shape[-1]
-    alpha = logits.detach().flatten(0, -3).float().softmax(-1)
+    num_memories = alpha.shape[-1]
+    alpha = alpha.detach()
     entropy = -torch.special.xlogy(alpha, alpha).sum(-1).mean()
     load = applied_weights(alpha, topk).mean(0)
     effective = torch.exp(-torch.special.xlogy(load, load).sum(-1))
@@ -55,21 +60,20 @@ def routing_statistics(logits: torch.Tensor, topk: int | None = None) -> dict[st
     }
 
 
-def load_balance_loss(logits: torch.Tensor, topk: int) -> torch.Tensor:
+def load_balance_loss(alpha: torch.Tensor, topk: int) -> torch.Tensor:
     """Switch-Transformer balancing loss for the sparse routing, ``M * sum_m f_m P_m`` averaged
     over heads: ``f_m`` is the fraction of the top-K picks that went to state m (no gradient),
     ``P_m`` the mean affinity of state m. It is 1 when the picks are spread evenly and up to M
     when every token picks the same states.
 
     Args:
-        logits: ``[N, H, M]`` (or ``[B, T, H, M]``) routing logits, after the temperature.
+        alpha: ``[N, H, M]``, ``affinity(logits)``.
         topk: K.
 
     Returns:
-        a float32 scalar that carries the gradient to ``logits``.
+        a float32 scalar that carries the gradient to ``alpha``.
     """
-    num_memories = logits.shape[-1]
-    alpha = logits.flatten(0, -3).float().softmax(-1)
+    num_memories = alpha.shape[-1]
     rows = alpha.detach().topk(topk, dim=-1).indices
     picked = torch.zeros_like(alpha).scatter_(-1, rows, 1.0).mean(0) / topk
     return num_memories * (picked * alpha.mean(0)).sum(-1).mean()

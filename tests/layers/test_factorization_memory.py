@@ -194,7 +194,7 @@ def test_routing_summary_averages_layers_in_one_dict():
 
 
 def test_load_balance_loss_trains_the_routing_without_changing_the_output():
-    from fla_factmem.layers.routing_diagnostics import load_balance_loss
+    from fla_factmem.layers.routing_diagnostics import affinity, load_balance_loss
 
     balanced, plain = make_layer(topk=2, load_balance_coef=0.5), make_layer(topk=2)
     plain.load_state_dict(balanced.state_dict())
@@ -207,7 +207,7 @@ def test_load_balance_loss_trains_the_routing_without_changing_the_output():
     # the extra gradient is exactly that of coef * loss with respect to a_proj
     weight = plain.a_proj.weight.detach().requires_grad_()
     logits = (x @ weight.T).unflatten(-1, (H, M)) / plain.temperature
-    (extra,) = torch.autograd.grad(0.5 * load_balance_loss(logits, 2), weight)
+    (extra,) = torch.autograd.grad(0.5 * load_balance_loss(affinity(logits), 2), weight)
     assert_close("a_proj grad", balanced.a_proj.weight.grad, plain.a_proj.weight.grad + extra, 1e-5)
     assert torch.equal(balanced.v_proj.weight.grad, plain.v_proj.weight.grad)
     assert balanced.routing_stats["load_balance_loss"].item() >= 1.0 - 1e-6
