@@ -4,7 +4,6 @@ counts, the training loop, a pool of GPU workers, and the CSV, table and plot ou
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import multiprocessing
 import os
@@ -23,14 +22,7 @@ from fla_factmem.models.mixers import mixer_entry
 MIXER_OPTIONS = {
     # every recurrent mixer gets its short convolution (FLA's GLA defaults to none; FM and Mamba-2 have one)
     "gla": {"use_short_conv": True},
-    # without mamba_ssm FLA's Mamba2 runs a naive PyTorch SSD whose [B, T, chunk, H, N] intermediates
-    # take 17 GB at 16 x 1024 tokens with its default chunk of 256; 64 gives the same result in a quarter
-    "mamba2": {"chunk_size": 64},
 }
-
-# FLA's Mamba2 layer repeats one warning per layer built; its once-only warnings (the naive SSD
-# path without mamba_ssm, the Triton convolution) still show.
-logging.getLogger("fla.layers.mamba2").addFilter(lambda record: "does not recommend" not in record.getMessage())
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import fla.layers
 import torch.nn as nn
 from fla.layers import attn as fla_attn
+from fla.layers import mamba2 as fla_mamba2
 
-from fla_factmem.layers import Attention, FactorizationMemory
+from fla_factmem.layers import Attention, FactorizationMemory, Mamba2
 
 MixerFactory = Callable[..., nn.Module]
 
@@ -122,17 +123,19 @@ register_mixer(
     ),
     needs_cuda=True,
 )
-register_mixer(
-    "mamba2",
-    _fla_mixer(
-        "Mamba2",
-        lambda c: dict(
-            hidden_size=c.hidden_size,
-            num_heads=c.num_heads,
-            head_dim=2 * c.hidden_size // c.num_heads,
-            expand=2,
-            norm_eps=c.norm_eps,
-        ),
-    ),
-    needs_cuda=True,
-)
+
+
+def _mamba2(config, layer_idx, **options):
+    # FLA's own layer where mamba_ssm is installed; ours (same parameters, SSD on chunk_gla) otherwise
+    kwargs = dict(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        head_dim=2 * config.hidden_size // config.num_heads,
+        expand=2,
+        norm_eps=config.norm_eps,
+    )
+    layer = fla_mamba2.Mamba2 if fla_mamba2.is_fast_path_available else Mamba2
+    return layer(**(kwargs | options), layer_idx=layer_idx)
+
+
+register_mixer("mamba2", _mamba2, needs_cuda=True)
