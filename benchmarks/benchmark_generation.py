@@ -1,0 +1,139 @@
+"""Generation speed of whole models at equal parameters: prefill time and decode tokens/s with
+the cache, at several context lengths and batch sizes.
+
+    python benchmarks/benchmark_generation.py [--params 340e6] [--contexts 4096 16384 65536] [--batch-sizes 1 32]
+
+The models are those of ``benchmark_training_throughput.py`` (same stack, same parameter count).
+For each context length and batch size: one prefill of ``context`` random tokens that builds
+the cache (only the last position's logits are computed), then ``--decode-tokens`` greedy
+steps of one token each, timed together; decode tokens/s counts every sequence of the batch.
+Each model first runs a short untimed prefill and decode at every batch size (compilation and
+autotuning). A run that runs out of memory or fails stays in the table with the reason. Writes
+``generation.csv`` and ``.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from contenders import CONTENDERS, add_model_arguments, build_model, peak_gib, reset_peak, run_guarded, synchronize
+from quality.common import describe_machine, print_table, pyplot, write_csv
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def generate(model, batch_size: int, context: int, new_tokens: int, vocab_size: int, device) -> tuple[float, float]:
+    """``(prefill seconds, decode seconds)`` of a greedy generation from a random prompt."""
+    prompt = torch.randint(1, vocab_size, (batch_size, context), device=device)
+    synchronize(device)
+    start = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    synchronize(device)
+    prefill_s = time.perf_counter() - start
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    synchronize(device)
+    return prefill_s, time.perf_counter() - start
+
+
+def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    """The rows of one model: one per (context, batch size)."""
+    contender, device = CONTENDERS[name], torch.device(args.device)
+    cells = [(context, batch) for context in args.contexts for batch in args.batch_sizes]
+    rows = [dict(model=name, context=context, batch_size=batch) for context, batch in cells]
+    if contender.needs_cuda and device.type != "cuda":
+        return [row | {"status": "needs CUDA (FLA's Triton kernels)"} for row in rows]
+    built = {}
+
+    def build():
+        built["model"] = build_model(
+            contender,
+            args.params,
+            args.hidden_size,
+            args.num_layers,
+            args.num_heads,
+            args.vocab_size,
+            max(args.contexts) + args.decode_tokens,
+            device,
+            dtype,
+        ).eval()
+        for batch in args.batch_sizes:  # compile and autotune outside the timings
+            generate(built["model"], batch, args.warmup_context, 4, args.vocab_size, device)
+        return {}
+
+    status = run_guarded(build, device)["status"]
+    if status != "ok":
+        return [row | {"status": f"warm-up {status}"} for row in rows]
+
+    def measure(context, batch):
+        reset_peak(device)
+        prefill_s, decode_s = generate(built["model"], batch, context, args.decode_tokens, args.vocab_size, device)
+        return dict(
+            prefill_ms=round(1e3 * prefill_s, 1),
+            decode_ms_per_token=round(1e3 * decode_s / args.decode_tokens, 3),
+            decode_tokens_per_s=round(batch * args.decode_tokens / decode_s),
+            peak_gib=peak_gib(device),
+        )
+
+    out = [row | run_guarded(lambda: measure(*cell), device) for row, cell in zip(rows, cells)]
+    del built["model"]
+    return out
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    plt = pyplot()
+    ok = [r for r in rows if r["status"] == "ok"]
+    if plt is None or not ok:
+        return
+    batches = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for name in dict.fromkeys(r["model"] for r in rows):
+            points = sorted(
+                (r["context"], r["decode_tokens_per_s"]) for r in ok if r["model"] == name and r["batch_size"] == batch
+            )
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set(title=f"batch {batch}", xlabel="context length", ylabel="decode tokens/s", xscale="log", yscale="log")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--contexts", nargs="+", type=int, default=[4096, 16384, 65536])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--warmup-context", type=int, default=256)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    machine = describe_machine(torch.device(args.device))
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    print(f"generation on {machine}; {dtype}, ~{args.params / 1e6:g}M parameters, {args.decode_tokens} new tokens")
+    csv_path = os.path.join(args.out, "generation.csv")
+    rows = []
+    for name in tqdm(args.models, desc="models"):
+        rows += run_model(name, args, dtype)
+        write_csv(rows, csv_path)
+    columns = ["model", "context", "batch_size", "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"]
+    print_table(rows, columns + ["peak_gib", "status"])
+    plot(rows, os.path.join(args.out, "generation.png"), f"decoding with the cache, {dtype}; {machine}")
+    print(f"wrote {csv_path}")
+
+
+if __name__ == "__main__":
+    main()

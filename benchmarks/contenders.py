@@ -1,0 +1,100 @@
+"""The models that the end-to-end speed benchmarks compare, built at equal parameter counts."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import traceback
+
+import torch
+from quality.common import Contender, match_parameters
+
+from fla_factmem import FactorizationMemoryConfig, FactorizationMemoryForCausalLM
+
+CONTENDERS = {
+    c.name: c
+    for c in (
+        Contender("transformer", "attention"),
+        Contender("gla", "gla"),
+        Contender("delta_net", "delta_net"),
+        Contender("gated_deltanet", "gated_deltanet"),
+        Contender("mamba2", "mamba2"),
+        Contender("fm_dense_64", "factorization_memory", num_memories=64),
+        Contender("fm_dense_256", "factorization_memory", num_memories=256),
+        Contender("fm_sparse_1024_16", "factorization_memory", num_memories=1024, topk=16),
+    )
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both speed scripts share: which models, their size, the device, the output folder."""
+    parser.add_argument("--models", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--params", type=float, default=340e6, help="parameters of every model (MLP width adapts)")
+    parser.add_argument("--hidden-size", type=int, default=1024)
+    parser.add_argument("--num-layers", type=int, default=24)
+    parser.add_argument("--num-heads", type=int, default=16)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="results/speed")
+
+
+def build_model(
+    contender: Contender,
+    params: float,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    vocab_size: int,
+    max_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> FactorizationMemoryForCausalLM:
+    """A stack of ``num_layers`` blocks (the contender's mixer, then a SwiGLU MLP) whose MLP
+    width makes about ``params`` parameters, in ``dtype`` on ``device``, with FLA's fused kernels."""
+    config = FactorizationMemoryConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_heads=num_heads,
+        num_memories=contender.num_memories or 64,
+        topk=contender.topk,
+        layer_types=[contender.mixer] * num_layers,
+        max_position_embeddings=max_len,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    config = match_parameters(config, int(params))
+    torch.manual_seed(0)
+    return FactorizationMemoryForCausalLM(config).to(device, dtype)
+
+
+def run_guarded(measure, device: torch.device) -> dict:
+    """``measure()``'s result, or a ``status`` that says why it did not run: out of memory, or
+    the exception (for instance an FLA kernel that refuses the installed Triton), so that the
+    row stays in the table. Frees the GPU memory either way."""
+    try:
+        return measure() | {"status": "ok"}
+    except torch.OutOfMemoryError:
+        return {"status": "out of memory"}
+    except Exception as error:  # noqa: BLE001 (any failure becomes a row that names it)
+        last = traceback.extract_tb(error.__traceback__)[-1]
+        return {"status": f"failed: {type(error).__name__}: {str(error)[:120]} ({last.filename.split('/')[-1]})"}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float | str:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else ""
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
