@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from quality.common import Contender, match_parameters
@@ -98,3 +100,14 @@ def peak_gib(device: torch.device) -> float | str:
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def in_own_process(function, *args, device: torch.device):
+    """``function(*args)``, in a spawned process of its own on CUDA: a CUDA error such as an
+    illegal memory access poisons the process's context, and every later model would then fail
+    with a misleading message. In this process on the CPU."""
+    if device.type != "cuda":
+        return function(*args)
+    # an executor, not a Pool: a worker that dies raises BrokenProcessPool instead of hanging
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as executor:
+        return executor.submit(function, *args).result()
