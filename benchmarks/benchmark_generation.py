@@ -30,7 +30,7 @@ from contenders import (
     run_guarded,
     synchronize,
 )
-from quality.common import describe_machine, print_table, pyplot, write_csv
+from quality.common import describe_machine, print_table, pyplot, save_figure, write_csv
 from tqdm import tqdm
 
 
@@ -60,12 +60,11 @@ def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[d
     contender, device = CONTENDERS[name], torch.device(args.device)
     cells = [(context, batch) for context in args.contexts for batch in args.batch_sizes]
     rows = [dict(model=name, context=context, batch_size=batch) for context, batch in cells]
-    if contender.needs_cuda and device.type != "cuda":
-        return [row | {"status": "needs CUDA (FLA's Triton kernels)"} for row in rows]
-    built = {}
+    if reason := contender.unavailable_on(device):
+        return [row | {"status": reason} for row in rows]
 
     def build():
-        built["model"] = build_model(
+        model = build_model(
             contender,
             args.params,
             args.hidden_size,
@@ -77,16 +76,17 @@ def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[d
             dtype,
         ).eval()
         for batch in args.batch_sizes:  # compile and autotune outside the timings
-            generate(built["model"], batch, args.warmup_context, 4, args.vocab_size, device)
-        return {}
+            generate(model, batch, args.warmup_context, 4, args.vocab_size, device)
+        return {"model": model}
 
-    status = run_guarded(build, device)["status"]
-    if status != "ok":
-        return [row | {"status": f"warm-up {status}"} for row in rows]
+    built = run_guarded(build, device)
+    if built["status"] != "ok":
+        return [row | {"status": f"warm-up {built['status']}"} for row in rows]
+    model = built.pop("model")
 
     def measure(context, batch):
         reset_peak(device)
-        prefill_s, decode_s = generate(built["model"], batch, context, args.decode_tokens, args.vocab_size, device)
+        prefill_s, decode_s = generate(model, batch, context, args.decode_tokens, args.vocab_size, device)
         return dict(
             prefill_ms=round(1e3 * prefill_s, 1),
             decode_ms_per_token=round(1e3 * decode_s / args.decode_tokens, 3),
@@ -94,9 +94,7 @@ def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[d
             peak_gib=peak_gib(device),
         )
 
-    out = [row | run_guarded(lambda: measure(*cell), device) for row, cell in zip(rows, cells)]
-    del built["model"]
-    return out
+    return [row | run_guarded(lambda: measure(*cell), device) for row, cell in zip(rows, cells)]
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -116,9 +114,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.set(title=f"batch {batch}", xlabel="context length", ylabel="decode tokens/s", xscale="log", yscale="log")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def parse_args() -> argparse.Namespace:

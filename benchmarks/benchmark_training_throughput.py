@@ -31,7 +31,7 @@ from contenders import (
     run_guarded,
     synchronize,
 )
-from quality.common import describe_machine, print_table, pyplot, write_csv
+from quality.common import describe_machine, print_table, pyplot, save_figure, write_csv
 from tqdm import tqdm
 
 
@@ -77,8 +77,8 @@ def measure_training(task: dict) -> dict:
 def run_one(task: dict) -> dict:
     contender = task["contender"]
     row = dict(model=contender.name, seq_len=task["seq_len"])
-    if contender.needs_cuda and task["device"] != "cuda":
-        return row | {"status": "needs CUDA (FLA's Triton kernels)"}
+    if reason := contender.unavailable_on(task["device"]):
+        return row | {"status": reason}
     return row | run_guarded(lambda: measure_training(task), torch.device(task["device"]))
 
 
@@ -99,9 +99,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.set(xlabel="sequence length", ylabel="training throughput (K tokens/s)")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def parse_args() -> argparse.Namespace:

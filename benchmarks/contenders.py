@@ -9,9 +9,9 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from quality.common import Contender, match_parameters
+from quality.common import Contender, match_parameters, stack_config
 
-from fla_factmem import FactorizationMemoryConfig, FactorizationMemoryForCausalLM
+from fla_factmem import FactorizationMemoryForCausalLM
 
 CONTENDERS = {
     c.name: c
@@ -53,20 +53,9 @@ def build_model(
 ) -> FactorizationMemoryForCausalLM:
     """A stack of ``num_layers`` blocks (the contender's mixer, then a SwiGLU MLP) whose MLP
     width makes about ``params`` parameters, in ``dtype`` on ``device``, with FLA's fused kernels."""
-    config = FactorizationMemoryConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_heads=num_heads,
-        num_memories=contender.num_memories or 64,
-        topk=contender.topk,
-        layer_types=[contender.mixer] * num_layers,
-        max_position_embeddings=max_len,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
+    config = match_parameters(
+        stack_config(contender, hidden_size, num_layers, num_heads, vocab_size, max_len), int(params)
     )
-    config = match_parameters(config, int(params))
     torch.manual_seed(0)
     return FactorizationMemoryForCausalLM(config).to(device, dtype)
 

@@ -38,6 +38,39 @@ class Contender:
     def needs_cuda(self) -> bool:
         return mixer_entry(self.mixer).needs_cuda
 
+    def unavailable_on(self, device: torch.device | str) -> str | None:
+        """Why this contender cannot run on ``device``, or None when it can."""
+        if self.needs_cuda and torch.device(device).type != "cuda":
+            return "needs CUDA (FLA's Triton kernels)"
+        return None
+
+
+def stack_config(
+    contender: Contender,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    vocab_size: int,
+    max_len: int,
+    **settings,
+) -> FactorizationMemoryConfig:
+    """A stack of ``num_layers`` blocks of the contender's mixer and a SwiGLU MLP, with no
+    special tokens but padding id 0; ``settings`` are further config fields."""
+    return FactorizationMemoryConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_heads=num_heads,
+        num_memories=contender.num_memories or 64,
+        topk=contender.topk,
+        layer_types=[contender.mixer] * num_layers,
+        max_position_embeddings=max_len,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        **settings,
+    )
+
 
 def model_config(
     contender: Contender,
@@ -48,24 +81,19 @@ def model_config(
     max_len: int,
     intermediate_size: int | None = None,
 ) -> FactorizationMemoryConfig:
-    """A stack of ``num_layers`` blocks of the contender's mixer and a SwiGLU MLP, with the
-    routing diagnostics of the Factorization Memory layers switched on. The MLP is PyTorch's
-    (``fuse_swiglu=False``): FLA's fused one autotunes for every new shape, about 48 s each."""
-    return FactorizationMemoryConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_heads=num_heads,
-        num_memories=contender.num_memories or 64,
-        topk=contender.topk,
-        layer_types=[contender.mixer] * num_layers,
+    """The quality experiments' stack (``stack_config``), with the routing diagnostics of the
+    Factorization Memory layers switched on. The MLP is PyTorch's (``fuse_swiglu=False``):
+    FLA's fused one autotunes for every new shape, about 48 s each."""
+    return stack_config(
+        contender,
+        hidden_size,
+        num_layers,
+        num_heads,
+        vocab_size,
+        max_len,
         mixer_options=MIXER_OPTIONS,
         intermediate_size=intermediate_size,
-        max_position_embeddings=max_len,
         track_routing=True,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
         tie_word_embeddings=False,
         fuse_swiglu=False,
     )
@@ -202,6 +230,12 @@ def pyplot():
         print("matplotlib missing: no PNG written")
         return None
     return plt
+
+
+def save_figure(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def write_csv(rows: list[dict], path: str) -> None:

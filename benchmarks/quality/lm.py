@@ -30,6 +30,7 @@ from common import (
     recurrent_state_floats,
     routing_columns,
     run_all,
+    save_figure,
     train,
     write_csv,
 )
@@ -70,8 +71,8 @@ def run_one(task: dict) -> dict:
     contender: Contender = task["contender"]
     device = torch.device(task["device"])
     row = dict(model=contender.name, steps=task["steps"], seq_len=task["seq_len"])
-    if contender.needs_cuda and device.type != "cuda":
-        return row | {"status": "needs CUDA (FLA's Triton kernels)", "curve": None}
+    if reason := contender.unavailable_on(device):
+        return row | {"status": reason, "curve": None}
     torch.manual_seed(task["seed"])
     config = match_parameters(
         model_config(
@@ -145,9 +146,7 @@ def plot(curves: list[dict], seq_len: int, path: str, title: str) -> None:
     ax.set_ylim(low - 0.05, low + 1.0)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def parse_args() -> argparse.Namespace:

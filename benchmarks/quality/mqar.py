@@ -28,6 +28,7 @@ from common import (
     recurrent_state_floats,
     routing_columns,
     run_all,
+    save_figure,
     train,
     write_csv,
 )
@@ -76,8 +77,8 @@ def run_one(task: dict) -> dict:
     row = dict(
         model=contender.name, width=task["width"], seq_len=task["seq_len"], num_pairs=task["num_pairs"], lr=task["lr"]
     )
-    if contender.needs_cuda and device.type != "cuda":
-        return row | {"status": "needs CUDA (FLA's Triton kernels)"}
+    if reason := contender.unavailable_on(device):
+        return row | {"status": reason}
     torch.manual_seed(task["seed"])
     config = model_config(
         contender,
@@ -145,9 +146,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.set_xticks(sorted({r["width"] for r in rows}), labels=[str(w) for w in sorted({r["width"] for r in rows})])
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def parse_args() -> argparse.Namespace:
