@@ -6,17 +6,21 @@ the cache, at several context lengths and batch sizes.
 The models are those of ``benchmark_training_throughput.py`` (same stack, same parameter count).
 For each context length and batch size: one prefill of ``context`` random tokens that builds
 the cache (only the last position's logits are computed), then ``--decode-tokens`` greedy
-steps of one token each, timed together; decode tokens/s counts every sequence of the batch.
-Each model first runs a short untimed prefill and decode at every batch size (compilation and
-autotuning). Mamba-2 without mamba_ssm prefills through our ``chunk_gla`` SSD and decodes with
-FLA's PyTorch step, so its decode rows measure that fallback, not mamba_ssm's kernel. A run that runs out of memory or fails stays in the table with the reason. Writes
-``generation.csv`` and ``.png`` under ``--out``.
+steps of one token each, each timed on its own; the median step is reported, and decode
+tokens/s counts every sequence of the batch. Decoding is eager (no CUDA graphs), so at these
+sizes it measures the host's launch overhead as much as the kernels. Each model first runs a
+short untimed prefill and decode at every batch size (compilation and autotuning). Mamba-2
+without mamba_ssm prefills through our ``chunk_gla`` SSD and decodes with FLA's PyTorch step, so
+its decode rows measure that fallback, not mamba_ssm's kernel. ``--max-tokens`` skips the
+largest cells (batch 32 at 64K is 2M prompt tokens). A run that runs out of memory or fails
+stays in the table with the reason. Writes ``generation.csv`` and ``.png`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -36,9 +40,11 @@ from tqdm import tqdm
 
 @torch.no_grad()
 def generate(model, batch_size: int, context: int, new_tokens: int, vocab_size: int, device) -> tuple[float, float]:
-    """``(prefill seconds, decode seconds)`` of a greedy generation from a random prompt. The
-    prefill runs twice and the second is timed: kernels whose autotuning depends on the length
-    tune in the first."""
+    """``(prefill seconds, median seconds of one decode step)`` of a greedy generation from a
+    random prompt. The prefill runs twice and the second is timed: kernels whose autotuning
+    depends on the length tune in the first. Each decode step is timed on its own (eager decoding
+    is bound by the host, and with one total over all steps rows moved by up to 2x between
+    context lengths on an H200, where the work of a step does not depend on the context)."""
     prompt = torch.randint(1, vocab_size, (batch_size, context), device=device)
     for _ in range(2):
         synchronize(device)
@@ -47,12 +53,14 @@ def generate(model, batch_size: int, context: int, new_tokens: int, vocab_size: 
         synchronize(device)
         prefill_s = time.perf_counter() - start
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
+    steps = []
     for _ in range(new_tokens):
+        start = time.perf_counter()
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    synchronize(device)
-    return prefill_s, time.perf_counter() - start
+        synchronize(device)
+        steps.append(time.perf_counter() - start)
+    return prefill_s, statistics.median(steps)
 
 
 def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
@@ -86,15 +94,20 @@ def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[d
 
     def measure(context, batch):
         reset_peak(device)
-        prefill_s, decode_s = generate(model, batch, context, args.decode_tokens, args.vocab_size, device)
+        prefill_s, step_s = generate(model, batch, context, args.decode_tokens, args.vocab_size, device)
         return dict(
             prefill_ms=round(1e3 * prefill_s, 1),
-            decode_ms_per_token=round(1e3 * decode_s / args.decode_tokens, 3),
-            decode_tokens_per_s=round(batch * args.decode_tokens / decode_s),
+            decode_ms_per_token=round(1e3 * step_s, 3),
+            decode_tokens_per_s=round(batch / step_s),
             peak_gib=peak_gib(device),
         )
 
-    return [row | run_guarded(lambda: measure(*cell), device) for row, cell in zip(rows, cells)]
+    return [
+        row | {"status": f"skipped: {batch} x {context} tokens over --max-tokens"}
+        if args.max_tokens and batch * context > args.max_tokens
+        else row | run_guarded(lambda: measure(context, batch), device)
+        for row, (context, batch) in zip(rows, cells)
+    ]
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -112,6 +125,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             if points:
                 ax.plot(*zip(*points), marker="o", label=name)
         ax.set(title=f"batch {batch}", xlabel="context length", ylabel="decode tokens/s", xscale="log", yscale="log")
+        contexts = sorted({r["context"] for r in rows})
+        ax.set_xticks(contexts, labels=[f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts], minor=False)
+        ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
     save_figure(fig, path)
@@ -124,6 +140,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--warmup-context", type=int, default=256)
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="skip (and list as skipped) cells of more prompt tokens than this"
+    )
     return parser.parse_args()
 
 

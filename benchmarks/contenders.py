@@ -23,7 +23,9 @@ CONTENDERS = {
         Contender("mamba2", "mamba2"),
         Contender("fm_dense_64", "factorization_memory", num_memories=64),
         Contender("fm_dense_256", "factorization_memory", num_memories=256),
-        Contender("fm_sparse_1024_16", "factorization_memory", num_memories=1024, topk=16),
+        # 4 heads of V = 256: at 16 heads the routing projection alone (1024 x 16*1024 per layer)
+        # would exceed the parameter budget
+        Contender("fm_sparse_1024_16", "factorization_memory", num_memories=1024, topk=16, num_heads=4),
     )
 }
 

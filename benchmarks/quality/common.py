@@ -27,12 +27,15 @@ MIXER_OPTIONS = {
 
 @dataclass(frozen=True)
 class Contender:
-    """One model of a comparison: every layer is ``mixer``; M and K for Factorization Memory."""
+    """One model of a comparison: every layer is ``mixer``; M and K for Factorization Memory;
+    ``num_heads`` overrides the experiment's heads (a wide M needs fewer heads to keep the
+    routing projection, hidden x heads*M, within an equal parameter count)."""
 
     name: str
     mixer: str
     num_memories: int | None = None
     topk: int | None = None
+    num_heads: int | None = None
 
     @property
     def needs_cuda(self) -> bool:
@@ -60,7 +63,7 @@ def stack_config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
-        num_heads=num_heads,
+        num_heads=contender.num_heads or num_heads,
         num_memories=contender.num_memories or 64,
         topk=contender.topk,
         layer_types=[contender.mixer] * num_layers,
