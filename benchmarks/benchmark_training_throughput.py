@@ -74,12 +74,18 @@ def measure_training(task: dict) -> dict:
     )
 
 
-def run_one(task: dict) -> dict:
-    contender = task["contender"]
-    row = dict(model=contender.name, seq_len=task["seq_len"])
-    if reason := contender.unavailable_on(task["device"]):
-        return row | {"status": reason}
-    return row | run_guarded(lambda: measure_training(task), torch.device(task["device"]))
+def run_model(tasks: list[dict]) -> list[dict]:
+    """The rows of one model, one per task (sequence length), in one process: the Triton
+    kernels compile and autotune once, not once per length."""
+    rows = []
+    for task in tasks:
+        contender = task["contender"]
+        row = dict(model=contender.name, seq_len=task["seq_len"])
+        if reason := contender.unavailable_on(task["device"]):
+            rows.append(row | {"status": reason})
+        else:
+            rows.append(row | run_guarded(lambda: measure_training(task), torch.device(task["device"])))
+    return rows
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -120,15 +126,13 @@ def main():
     print(
         f"training throughput on {machine}; {dtype}, {args.batch_tokens} tokens per step, ~{args.params / 1e6:g}M parameters"
     )
-    tasks = [
-        dict(vars(args), contender=CONTENDERS[name], seq_len=seq_len, dtype=dtype)
-        for seq_len in args.seq_lens
-        for name in args.models
-    ]
     csv_path = os.path.join(args.out, "training_throughput.csv")
     rows = []
-    for task in tqdm(tasks, desc="runs"):
-        rows.append(in_own_process(run_one, task, device=torch.device(args.device)))
+    for name in tqdm(args.models, desc="models"):
+        tasks = [
+            dict(vars(args), contender=CONTENDERS[name], seq_len=seq_len, dtype=dtype) for seq_len in args.seq_lens
+        ]
+        rows += in_own_process(run_model, tasks, device=torch.device(args.device))
         write_csv(rows, csv_path)
     print_table(rows, ["model", "seq_len", "params", "batch_size", "ms_per_step", "tokens_per_s", "peak_gib", "status"])
     plot(rows, os.path.join(args.out, "training_throughput.png"), f"training throughput, {dtype}; {machine}")

@@ -22,7 +22,7 @@ def read(path):
 
 
 def test_mqar_smoke(tmp_path):
-    # T = 128: the curriculum trains at 64 and 128
+    # T = 128: mixed lengths train at 64 and 128
     args = ["--widths", "32", "--seq-lens", "128", "--steps", "4", "--batch-size", "4", "--vocab-size", "64"]
     args += ["--head-dim", "16", "--test-batches", "1", "--models", "attention", "fm_sparse_256_64", "gla"]
     out = run("mqar.py", tmp_path, *args)
