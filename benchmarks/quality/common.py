@@ -150,10 +150,14 @@ def train(
     lr: float,
     weight_decay: float = 0.1,
     progress: bool = False,
+    every: int = 0,
+    on_every: Callable[[int], None] | None = None,
 ) -> float:
     """AdamW with warmup and cosine decay, gradient clipping at 1; ``next_loss(step)`` runs the
     forward of one batch. Returns the last step's loss. Checks the loss every 50 steps and at
-    the end (one host sync each) and raises ``FloatingPointError`` at the first non-finite one."""
+    the end (one host sync each) and raises ``FloatingPointError`` at the first non-finite one.
+    ``on_every(steps done)`` runs after every ``every`` steps but the last (for a learning
+    curve; it must leave the model in training mode)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     schedule = cosine_schedule(optimizer, steps, warmup=max(1, steps // 20))
     model.train()
@@ -168,6 +172,8 @@ def train(
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss {value} at step {step}")
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            on_every(step + 1)
     return value
 
 

@@ -12,8 +12,9 @@ every step; like Zoology, which trains on a mixture of lengths, each step draws 
 the ladder 64, 128, ..., T (``--mixed-lengths``, on by default) with the same number of tokens
 per step and ``length * pairs-per-token`` pairs, and the test is at T. Trained at T alone, no
 model learned the task within a few thousand steps here; with mixed lengths attention does. The
-vocabulary is 256 by default: at Zoology's 8192 no run learned within 2000 steps here. Writes ``mqar.csv`` and ``mqar.png``
-under ``--out`` and prints a table.
+vocabulary is 256 by default: at Zoology's 8192 no run learned within 2000 steps here. Writes
+``mqar.csv``, ``mqar.png`` and ``mqar_curve.csv`` (the held-out accuracy every ``--eval-every``
+steps) under ``--out`` and prints a table.
 """
 
 from __future__ import annotations
@@ -128,27 +129,58 @@ def run_one(task: dict) -> dict:
         batch = mqar_batch(batch_size, length, pairs, task["vocab_size"], train_generator)
         return F.cross_entropy(*query_logits(*batch))
 
-    start = time.perf_counter()
-    try:
-        loss = train(model, next_loss, task["steps"], task["lr"], progress=task["progress"])
-    except FloatingPointError as error:
-        return row | {"status": f"diverged: {error}"}
-    train_s = time.perf_counter() - start
-    model.eval()
-    test_generator = torch.Generator().manual_seed(10_000 + task["seed"])
-    correct = total = 0
-    with torch.no_grad():
+    @torch.no_grad()
+    def test_accuracy() -> float:
+        """Accuracy on the held-out set (the same sequences at every call), at T."""
+        model.eval()
+        test_generator = torch.Generator().manual_seed(10_000 + task["seed"])
+        correct = total = 0
         for _ in range(task["test_batches"]):
             logits, targets = query_logits(*mqar_batch(task["batch_size"], *shape, test_generator))
             correct += (logits.argmax(-1) == targets).sum().item()
             total += len(targets)
+        model.train()
+        return round(correct / total, 4)
+
+    curve = []  # (steps done, accuracy): when a run learns, if it does
+
+    start = time.perf_counter()
+    try:
+        loss = train(
+            model,
+            next_loss,
+            task["steps"],
+            task["lr"],
+            progress=task["progress"],
+            every=task["eval_every"],
+            on_every=lambda step: curve.append((step, test_accuracy())),
+        )
+    except FloatingPointError as error:
+        return row | {"status": f"diverged: {error}", "curve": curve}
+    train_s = time.perf_counter() - start
+    accuracy = test_accuracy()
+    curve.append((task["steps"], accuracy))
     return row | dict(
-        accuracy=round(correct / total, 4),
+        accuracy=accuracy,
         train_loss=round(loss, 4),
         **routing_columns(model),
         train_s=round(train_s, 1),
         status="ok",
+        curve=curve,
     )
+
+
+def write_outputs(rows: list[dict], out: str) -> None:
+    """``mqar.csv`` (a row per run) and ``mqar_curve.csv`` (a row per run and evaluation)."""
+    write_csv([{k: v for k, v in row.items() if k != "curve"} for row in rows], os.path.join(out, "mqar.csv"))
+    run_keys = ("model", "width", "seq_len", "lr")
+    points = [
+        {k: row[k] for k in run_keys} | {"step": step, "accuracy": accuracy}
+        for row in rows
+        for step, accuracy in row.get("curve", [])
+    ]
+    if points:
+        write_csv(points, os.path.join(out, "mqar_curve.csv"))
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -195,6 +227,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3], help="each is a run; the table keeps all")
     parser.add_argument("--test-batches", type=int, default=16)
+    parser.add_argument(
+        "--eval-every", type=int, default=250, help="steps between held-out evaluations (0: at the end only)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes sharing the GPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -217,6 +252,7 @@ def main():
             vocab_size=args.vocab_size,
             head_dim=args.head_dim,
             steps=args.steps,
+            eval_every=args.eval_every,
             mixed_lengths=args.mixed_lengths,
             batch_size=args.batch_size,
             test_batches=args.test_batches,
@@ -229,12 +265,11 @@ def main():
         for name in args.models
         for lr in args.lrs
     ]
-    csv_path = os.path.join(args.out, "mqar.csv")
-    rows = run_all(tasks, run_one, args.jobs, desc="MQAR runs", on_result=lambda done: write_csv(done, csv_path))
+    rows = run_all(tasks, run_one, args.jobs, desc="MQAR runs", on_result=lambda done: write_outputs(done, args.out))
     columns = ["model", "seq_len", "num_pairs", "width", "lr", "params", "state", "accuracy", "train_loss"]
     print_table(rows, columns + ["entropy", "states_used", "max_load", "train_s", "status"])
     plot([r for r in rows if r["status"] == "ok"], os.path.join(args.out, "mqar.png"), f"MQAR on {machine}")
-    print(f"wrote {args.out}/mqar.csv")
+    print(f"wrote {args.out}/mqar.csv and mqar_curve.csv")
 
 
 if __name__ == "__main__":

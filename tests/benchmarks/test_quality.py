@@ -24,7 +24,8 @@ def read(path):
 def test_mqar_smoke(tmp_path):
     # T = 128: mixed lengths train at 64 and 128
     args = ["--widths", "32", "--seq-lens", "128", "--steps", "4", "--batch-size", "4", "--vocab-size", "64"]
-    args += ["--head-dim", "16", "--test-batches", "1", "--models", "attention", "fm_sparse_256_64", "gla"]
+    args += ["--head-dim", "16", "--test-batches", "1", "--eval-every", "2"]
+    args += ["--models", "attention", "fm_sparse_256_64", "gla"]
     out = run("mqar.py", tmp_path, *args)
     rows = read(tmp_path / "mqar.csv")
     assert "accuracy" in out and set(rows) == {"attention", "fm_sparse_256_64", "gla"}
@@ -32,6 +33,9 @@ def test_mqar_smoke(tmp_path):
     assert 0 <= float(rows["fm_sparse_256_64"]["accuracy"]) <= 1
     assert 0 < float(rows["fm_sparse_256_64"]["states_used"]) <= 1  # the routing diagnostics are logged
     assert rows["gla"]["status"].startswith("needs CUDA")
+    with open(tmp_path / "mqar_curve.csv") as f:
+        curve = [(row["model"], int(row["step"])) for row in csv.DictReader(f)]
+    assert curve == [("attention", 2), ("attention", 4), ("fm_sparse_256_64", 2), ("fm_sparse_256_64", 4)]
 
 
 def test_lm_smoke(tmp_path):
