@@ -6,8 +6,9 @@ the cache, at several context lengths and batch sizes.
 The models are those of ``benchmark_training_throughput.py`` (same stack, same parameter count).
 For each context length and batch size: one prefill of ``context`` random tokens that builds
 the cache (only the last position's logits are computed), then ``--decode-tokens`` greedy
-steps of one token each, each timed on its own; the median step is reported, and decode
-tokens/s counts every sequence of the batch. Decoding is eager (no CUDA graphs), so at these
+steps of one token each, each timed on its own (with a sync, as transformers' ``generate``
+syncs at every token to check for stops); the median step is reported, and decode tokens/s
+counts every sequence of the batch. Decoding is eager (no CUDA graphs), so at these
 sizes it measures the host's launch overhead as much as the kernels. Each model first runs a
 short untimed prefill and decode at every batch size (compilation and autotuning). Mamba-2
 without mamba_ssm prefills through our ``chunk_gla`` SSD and decodes with FLA's PyTorch step, so

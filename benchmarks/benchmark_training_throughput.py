@@ -75,16 +75,19 @@ def measure_training(task: dict) -> dict:
 
 
 def run_model(tasks: list[dict]) -> list[dict]:
-    """The rows of one model, one per task (sequence length), in one process: the Triton
-    kernels compile and autotune once, not once per length."""
+    """The rows of one model's tasks (sequence lengths) in order, in one process, so that its
+    Triton kernels compile once. Stops after a failure other than running out of memory (a
+    CUDA error poisons the process's context); the caller runs the rest in a fresh process."""
     rows = []
     for task in tasks:
         contender = task["contender"]
         row = dict(model=contender.name, seq_len=task["seq_len"])
         if reason := contender.unavailable_on(task["device"]):
             rows.append(row | {"status": reason})
-        else:
-            rows.append(row | run_guarded(lambda: measure_training(task), torch.device(task["device"])))
+            continue
+        rows.append(row | run_guarded(lambda: measure_training(task), torch.device(task["device"])))
+        if rows[-1]["status"].startswith("failed"):
+            break
     return rows
 
 
@@ -132,8 +135,11 @@ def main():
         tasks = [
             dict(vars(args), contender=CONTENDERS[name], seq_len=seq_len, dtype=dtype) for seq_len in args.seq_lens
         ]
-        rows += in_own_process(run_model, tasks, device=torch.device(args.device))
-        write_csv(rows, csv_path)
+        while tasks:
+            done = in_own_process(run_model, tasks, device=torch.device(args.device))
+            rows += done
+            tasks = tasks[len(done) :]
+            write_csv(rows, csv_path)
     print_table(rows, ["model", "seq_len", "params", "batch_size", "ms_per_step", "tokens_per_s", "peak_gib", "status"])
     plot(rows, os.path.join(args.out, "training_throughput.png"), f"training throughput, {dtype}; {machine}")
     print(f"wrote {csv_path}")

@@ -9,7 +9,7 @@ query key (the value) and scored by its accuracy there, on a held-out set. Every
 blocks (mixer, then a SwiGLU MLP) of the same width, and the recurrent state of each is
 reported, so that comparisons at equal state are visible. Training samples fresh sequences at
 every step; like Zoology, which trains on a mixture of lengths, each step draws its length from
-the ladder 64, 128, ..., T (``--mixed-lengths``, on by default) with the same number of tokens
+T, T/2, T/4, ... not below 64 (``--mixed-lengths``, on by default) with the same number of tokens
 per step and ``length * pairs-per-token`` pairs, and the test is at T. Trained at T alone, no
 model learned the task within a few thousand steps here; with mixed lengths attention does. The
 vocabulary is 256 by default: at Zoology's 8192 no run learned within 2000 steps here. Writes
@@ -77,7 +77,7 @@ def mqar_batch(
 
 
 def length_ladder(seq_len: int, shortest: int = 64) -> list[int]:
-    """The training lengths of ``--mixed-lengths``: ``shortest``, doubling, up to ``seq_len``."""
+    """The training lengths of ``--mixed-lengths``: ``seq_len``, halved while not below ``shortest``."""
     lengths = [seq_len]
     while lengths[0] // 2 >= shortest:
         lengths.insert(0, lengths[0] // 2)
@@ -129,9 +129,13 @@ def run_one(task: dict) -> dict:
         batch = mqar_batch(batch_size, length, pairs, task["vocab_size"], train_generator)
         return F.cross_entropy(*query_logits(*batch))
 
+    eval_s = 0.0  # evaluation time, kept out of train_s
+
     @torch.no_grad()
     def test_accuracy() -> float:
         """Accuracy on the held-out set (the same sequences at every call), at T."""
+        nonlocal eval_s
+        eval_start = time.perf_counter()
         model.eval()
         test_generator = torch.Generator().manual_seed(10_000 + task["seed"])
         correct = total = 0
@@ -140,6 +144,7 @@ def run_one(task: dict) -> dict:
             correct += (logits.argmax(-1) == targets).sum().item()
             total += len(targets)
         model.train()
+        eval_s += time.perf_counter() - eval_start
         return round(correct / total, 4)
 
     curve = []  # (steps done, accuracy): when a run learns, if it does
@@ -157,7 +162,7 @@ def run_one(task: dict) -> dict:
         )
     except FloatingPointError as error:
         return row | {"status": f"diverged: {error}", "curve": curve}
-    train_s = time.perf_counter() - start
+    train_s = time.perf_counter() - start - eval_s
     accuracy = test_accuracy()
     curve.append((task["steps"], accuracy))
     return row | dict(
@@ -171,7 +176,8 @@ def run_one(task: dict) -> dict:
 
 
 def write_outputs(rows: list[dict], out: str) -> None:
-    """``mqar.csv`` (a row per run) and ``mqar_curve.csv`` (a row per run and evaluation)."""
+    """``mqar.csv`` (a row per run) and ``mqar_curve.csv`` (a row per run and evaluation; none
+    when no run trained, and then an older one is removed)."""
     write_csv([{k: v for k, v in row.items() if k != "curve"} for row in rows], os.path.join(out, "mqar.csv"))
     run_keys = ("model", "width", "seq_len", "lr")
     points = [
@@ -179,8 +185,11 @@ def write_outputs(rows: list[dict], out: str) -> None:
         for row in rows
         for step, accuracy in row.get("curve", [])
     ]
+    curve_path = os.path.join(out, "mqar_curve.csv")
     if points:
-        write_csv(points, os.path.join(out, "mqar_curve.csv"))
+        write_csv(points, curve_path)
+    elif os.path.exists(curve_path):
+        os.remove(curve_path)
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -222,7 +231,8 @@ def parse_args() -> argparse.Namespace:
         "--mixed-lengths",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="each step draws its length from 64, 128, ..., T (the same tokens per step); --no-mixed-lengths: T only",
+        help="each step draws its length from T, T/2, ... (not below 64), at the same tokens per step; "
+        "--no-mixed-lengths: T only",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3], help="each is a run; the table keeps all")
@@ -242,12 +252,16 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     machine = describe_machine(torch.device(args.device))
     print(f"MQAR on {machine}; {args.steps} steps of {args.batch_size} sequences, seed {args.seed}")
+
+    def pairs_at(seq_len: int) -> int:
+        return max(1, round(seq_len * args.pairs_per_token))
+
     tasks = [
         dict(
             contender=CONTENDERS[name],
             width=width,
             seq_len=seq_len,
-            num_pairs=max(1, round(seq_len * args.pairs_per_token)),
+            num_pairs=pairs_at(seq_len),
             lr=lr,
             vocab_size=args.vocab_size,
             head_dim=args.head_dim,
@@ -265,11 +279,13 @@ def main():
         for name in args.models
         for lr in args.lrs
     ]
+    for seq_len in args.seq_lens:  # fail now, not after hours of other runs (the shorter lengths fit if T does)
+        mqar_batch(1, seq_len, pairs_at(seq_len), args.vocab_size, torch.Generator())
     rows = run_all(tasks, run_one, args.jobs, desc="MQAR runs", on_result=lambda done: write_outputs(done, args.out))
     columns = ["model", "seq_len", "num_pairs", "width", "lr", "params", "state", "accuracy", "train_loss"]
     print_table(rows, columns + ["entropy", "states_used", "max_load", "train_s", "status"])
     plot([r for r in rows if r["status"] == "ok"], os.path.join(args.out, "mqar.png"), f"MQAR on {machine}")
-    print(f"wrote {args.out}/mqar.csv and mqar_curve.csv")
+    print(f"wrote {args.out}/mqar.csv" + (" and mqar_curve.csv" if any(r.get("curve") for r in rows) else ""))
 
 
 if __name__ == "__main__":
