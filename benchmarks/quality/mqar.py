@@ -113,6 +113,15 @@ def run_one(task: dict) -> dict:
     shape = (task["seq_len"], task["num_pairs"], task["vocab_size"])
     train_generator = torch.Generator().manual_seed(task["seed"])
     lengths = length_ladder(task["seq_len"]) if task["mixed_lengths"] else [task["seq_len"]]
+    # (batch, length, pairs) of each training length: the same tokens and pairs per token as at T
+    train_shapes = [
+        (
+            task["batch_size"] * task["seq_len"] // length,
+            length,
+            max(1, round(length * task["num_pairs"] / task["seq_len"])),
+        )
+        for length in lengths
+    ]
 
     def query_logits(inputs, targets):
         """``([queries, vocab] logits, [queries] targets)``: the head runs only where a value is asked."""
@@ -123,11 +132,10 @@ def run_one(task: dict) -> dict:
             return model.lm_head(hidden[asked]).float(), targets[asked]
 
     def next_loss(step):
-        length = lengths[torch.randint(len(lengths), (), generator=train_generator)]
-        pairs = max(1, round(length * task["num_pairs"] / task["seq_len"]))
-        batch_size = task["batch_size"] * task["seq_len"] // length
-        batch = mqar_batch(batch_size, length, pairs, task["vocab_size"], train_generator)
-        return F.cross_entropy(*query_logits(*batch))
+        batch_size, length, pairs = train_shapes[torch.randint(len(train_shapes), (), generator=train_generator)]
+        return F.cross_entropy(
+            *query_logits(*mqar_batch(batch_size, length, pairs, task["vocab_size"], train_generator))
+        )
 
     eval_s = 0.0  # evaluation time, kept out of train_s
 
