@@ -153,12 +153,15 @@ def train(
     every: int = 0,
     on_every: Callable[[int], None] | None = None,
 ) -> float:
-    """AdamW with warmup and cosine decay, gradient clipping at 1; ``next_loss(step)`` runs the
+    """AdamW (fused on CUDA) with warmup and cosine decay, gradient clipping at 1; ``next_loss(step)`` runs the
     forward of one batch. Returns the last step's loss. Checks the loss every 50 steps and at
     the end (one host sync each) and raises ``FloatingPointError`` at the first non-finite one.
     ``on_every(steps done)`` runs after every ``every`` steps but the last (for a learning
     curve; it must leave the model in training mode)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    on_cuda = next(model.parameters()).is_cuda
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=on_cuda or None
+    )
     schedule = cosine_schedule(optimizer, steps, warmup=max(1, steps // 20))
     model.train()
     for step in tqdm(range(steps), desc="steps", leave=False, disable=not progress):

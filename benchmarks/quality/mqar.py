@@ -14,7 +14,8 @@ per step and ``length * pairs-per-token`` pairs, and the test is at T. Trained a
 model learned the task within a few thousand steps here; with mixed lengths attention does. The
 vocabulary is 256 by default: at Zoology's 8192 no run learned within 2000 steps here. Writes
 ``mqar.csv``, ``mqar.png`` and ``mqar_curve.csv`` (the held-out accuracy every ``--eval-every``
-steps) under ``--out`` and prints a table.
+steps) under ``--out`` and prints a table. With ``--jobs`` above 1 every evaluation also prints a
+line, so that a run cut off by a time limit leaves its curve in the log.
 """
 
 from __future__ import annotations
@@ -123,13 +124,18 @@ def run_one(task: dict) -> dict:
         for length in lengths
     ]
 
+    def to_device(tensor):
+        # pinned and non-blocking: a step queues its kernels without waiting for the last one's
+        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
     def query_logits(inputs, targets):
-        """``([queries, vocab] logits, [queries] targets)``: the head runs only where a value is asked."""
-        targets = targets.to(device)
-        asked = targets != IGNORE
+        """``([queries, vocab] logits, [queries] targets)``: the head runs only where a value is asked.
+        The query positions are found on the host, where the batch is drawn: a boolean index on
+        the GPU would wait for the forward to finish."""
+        asked = (targets != IGNORE).flatten().nonzero().squeeze(1)
         with autocast:
-            hidden = model.model(input_ids=inputs.to(device)).last_hidden_state
-            return model.lm_head(hidden[asked]).float(), targets[asked]
+            hidden = model.model(input_ids=to_device(inputs)).last_hidden_state.flatten(0, 1)
+            return model.lm_head(hidden.index_select(0, to_device(asked))).float(), to_device(targets.flatten()[asked])
 
     def next_loss(step):
         batch_size, length, pairs = train_shapes[torch.randint(len(train_shapes), (), generator=train_generator)]
@@ -157,6 +163,15 @@ def run_one(task: dict) -> dict:
 
     curve = []  # (steps done, accuracy): when a run learns, if it does
 
+    def record(step: int) -> None:
+        curve.append((step, test_accuracy()))
+        if not task["progress"]:  # parallel workers: a line per evaluation, so a cut-off run leaves its curve
+            print(
+                f"{contender.name} width {task['width']} T {task['seq_len']} lr {task['lr']}: "
+                f"step {step} accuracy {curve[-1][1]}",
+                flush=True,
+            )
+
     start = time.perf_counter()
     try:
         loss = train(
@@ -166,13 +181,13 @@ def run_one(task: dict) -> dict:
             task["lr"],
             progress=task["progress"],
             every=task["eval_every"],
-            on_every=lambda step: curve.append((step, test_accuracy())),
+            on_every=record,
         )
     except FloatingPointError as error:
         return row | {"status": f"diverged: {error}", "curve": curve}
     train_s = time.perf_counter() - start - eval_s
-    accuracy = test_accuracy()
-    curve.append((task["steps"], accuracy))
+    record(task["steps"])
+    accuracy = curve[-1][1]
     return row | dict(
         accuracy=accuracy,
         train_loss=round(loss, 4),
@@ -216,6 +231,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 ax.plot(*zip(*sorted(best.items())), marker="o", label=name)
         ax.set(title=f"MQAR, T={seq_len}", xlabel="model width", ylabel="accuracy", xscale="log", ylim=(0, 1.02))
         ax.set_xticks(sorted({r["width"] for r in rows}), labels=[str(w) for w in sorted({r["width"] for r in rows})])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
     save_figure(fig, path)
