@@ -8,8 +8,10 @@ For each context length and batch size: one prefill of ``context`` random tokens
 the cache (only the last position's logits are computed), then ``--decode-tokens`` greedy
 steps of one token each, each timed on its own (with a sync, as transformers' ``generate``
 syncs at every token to check for stops); the median step is reported, and decode tokens/s
-counts every sequence of the batch. Decoding is eager (no CUDA graphs), so at these
-sizes it measures the host's launch overhead as much as the kernels. Each model first runs a
+counts every sequence of the batch. Decoding is eager, so at these sizes it measures the host's
+launch overhead as much as the kernels; ``--cuda-graph`` also times each step as one CUDA graph
+replay (``graph_decoding.GraphDecoder``; models with attention, whose KV cache grows, are listed
+as not capturable), which leaves the kernels and the memory traffic. Each model first runs a
 short untimed prefill and decode at every batch size (compilation and autotuning). Mamba-2
 without mamba_ssm prefills through our ``chunk_gla`` SSD and decodes with FLA's PyTorch step, so
 its decode rows measure that fallback, not mamba_ssm's kernel. ``--max-tokens`` skips the
@@ -35,17 +37,33 @@ from contenders import (
     run_guarded,
     synchronize,
 )
+from graph_decoding import GraphDecoder
 from quality.common import describe_machine, print_table, pyplot, save_figure, write_csv
 from tqdm import tqdm
 
 
+def median_step_s(step, new_tokens: int, device) -> float:
+    """The median wall time of ``new_tokens`` calls of ``step``, each timed on its own up to a sync."""
+    times = []
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 @torch.no_grad()
-def generate(model, batch_size: int, context: int, new_tokens: int, vocab_size: int, device) -> tuple[float, float]:
-    """``(prefill seconds, median seconds of one decode step)`` of a greedy generation from a
-    random prompt. The prefill runs twice and the second is timed: kernels whose autotuning
-    depends on the length tune in the first. Each decode step is timed on its own (eager decoding
-    is bound by the host, and with one total over all steps rows moved by up to 2x between
-    context lengths on an H200, where the work of a step does not depend on the context)."""
+def generate(
+    model, batch_size: int, context: int, new_tokens: int, vocab_size: int, device, cuda_graph: bool = False
+) -> dict:
+    """A greedy generation from a random prompt: ``prefill_s`` and ``step_s``, the median seconds
+    of one eager decode step; with ``cuda_graph`` also ``graph_step_s`` (one graph replay per
+    step, then the same number of steps on), or ``graph_status`` saying why there is none.
+    The prefill runs twice and the second is timed: kernels whose autotuning depends on the
+    length tune in the first. Each decode step is timed on its own (eager decoding is bound by
+    the host, and with one total over all steps rows moved by up to 2x between context lengths
+    on an H200, where the work of a step does not depend on the context)."""
     prompt = torch.randint(1, vocab_size, (batch_size, context), device=device)
     for _ in range(2):
         synchronize(device)
@@ -54,14 +72,20 @@ def generate(model, batch_size: int, context: int, new_tokens: int, vocab_size: 
         synchronize(device)
         prefill_s = time.perf_counter() - start
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    steps = []
-    for _ in range(new_tokens):
-        start = time.perf_counter()
+
+    def eager_step():
+        nonlocal cache, token
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        synchronize(device)
-        steps.append(time.perf_counter() - start)
-    return prefill_s, statistics.median(steps)
+
+    result = dict(prefill_s=prefill_s, step_s=median_step_s(eager_step, new_tokens, device))
+    if cuda_graph:
+        try:
+            decoder = GraphDecoder(model, cache, token)
+        except (ValueError, RuntimeError) as error:  # not capturable: the row says why
+            return result | dict(graph_status=f"no graph: {str(error).splitlines()[0][:120]}")
+        result["graph_step_s"] = median_step_s(decoder.step, new_tokens, device)
+    return result
 
 
 def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
@@ -85,7 +109,7 @@ def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[d
             dtype,
         ).eval()
         for batch in args.batch_sizes:  # compile and autotune outside the timings
-            generate(model, batch, args.warmup_context, 4, args.vocab_size, device)
+            generate(model, batch, args.warmup_context, 4, args.vocab_size, device, args.cuda_graph)
         return {"model": model}
 
     built = run_guarded(build, device)
@@ -95,13 +119,18 @@ def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[d
 
     def measure(context, batch):
         reset_peak(device)
-        prefill_s, step_s = generate(model, batch, context, args.decode_tokens, args.vocab_size, device)
-        return dict(
-            prefill_ms=round(1e3 * prefill_s, 1),
-            decode_ms_per_token=round(1e3 * step_s, 3),
-            decode_tokens_per_s=round(batch / step_s),
-            peak_gib=peak_gib(device),
+        timed = generate(model, batch, context, args.decode_tokens, args.vocab_size, device, args.cuda_graph)
+        row = dict(
+            prefill_ms=round(1e3 * timed["prefill_s"], 1),
+            decode_ms_per_token=round(1e3 * timed["step_s"], 3),
+            decode_tokens_per_s=round(batch / timed["step_s"]),
         )
+        if "graph_step_s" in timed:
+            row |= dict(
+                graph_ms_per_token=round(1e3 * timed["graph_step_s"], 3),
+                graph_tokens_per_s=round(batch / timed["graph_step_s"]),
+            )
+        return row | {"graph_status": timed.get("graph_status", ""), "peak_gib": peak_gib(device)}
 
     return [
         row | {"status": f"skipped: {batch} x {context} tokens over --max-tokens"}
@@ -124,7 +153,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 (r["context"], r["decode_tokens_per_s"]) for r in ok if r["model"] == name and r["batch_size"] == batch
             )
             if points:
-                ax.plot(*zip(*points), marker="o", label=name)
+                (line,) = ax.plot(*zip(*points), marker="o", label=name)
+            graphed = sorted(
+                (r["context"], r["graph_tokens_per_s"])
+                for r in ok
+                if r["model"] == name and r["batch_size"] == batch and r.get("graph_tokens_per_s")
+            )
+            if graphed:
+                ax.plot(*zip(*graphed), marker="s", linestyle="--", color=line.get_color(), label=f"{name}, CUDA graph")
         ax.set(title=f"batch {batch}", xlabel="context length", ylabel="decode tokens/s", xscale="log", yscale="log")
         contexts = sorted({r["context"] for r in rows})
         ax.set_xticks(contexts, labels=[f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts], minor=False)
@@ -142,9 +178,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--warmup-context", type=int, default=256)
     parser.add_argument(
+        "--cuda-graph", action="store_true", help="also time decoding as one CUDA graph replay per token (CUDA only)"
+    )
+    parser.add_argument(
         "--max-tokens", type=int, default=None, help="skip (and list as skipped) cells of more prompt tokens than this"
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
+    return args
 
 
 def main():
@@ -159,6 +201,8 @@ def main():
         rows += in_own_process(run_model, name, args, dtype, device=torch.device(args.device))
         write_csv(rows, csv_path)
     columns = ["model", "context", "batch_size", "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"]
+    if args.cuda_graph:
+        columns += ["graph_ms_per_token", "graph_tokens_per_s", "graph_status"]
     print_table(rows, columns + ["peak_gib", "status"])
     plot(rows, os.path.join(args.out, "generation.png"), f"decoding with the cache, {dtype}; {machine}")
     print(f"wrote {csv_path}")

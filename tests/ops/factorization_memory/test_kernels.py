@@ -86,6 +86,19 @@ def test_forward_without_scores_for_backward():
     assert_close("final state", ht, ht_ref, 1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 5])
+def test_dense_decode_in_place(T):
+    """The decode kernel writes the final state over the initial one: each program reads its
+    block of the state whole before writing it."""
+    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(2, T, 2, 24, 20, logit_scale=2.0, with_state=True))
+    state = h0.clone()
+    o, ht = fused_recurrent_fwd(v, logits, eta, mu, state, True, None, inplace_final_state=True)
+    assert ht is state
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, None, h0, True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot"])
 def test_kernel_edge_numerics(kernel, case):
@@ -201,9 +214,12 @@ def test_cuda_long_sequence():
 @pytest.mark.cuda
 @pytest.mark.parametrize("T", [1, 7])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_cuda_decode(T, dtype, tol):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_decode(T, dtype, tol, inplace):
     v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(64, T, 8, 256, 64, dtype=dtype, device="cuda"))
-    o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, None, h0, True)
+    state = h0.clone()
+    o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, None, state, True, inplace_final_state=inplace)
+    assert (ht is state) == inplace
     o_ref, ht_ref = float64_reference(v, logits, eta, mu, h0)
     assert_close("o", o, o_ref, tol)
     assert_close("final state", ht, ht_ref, tol)
