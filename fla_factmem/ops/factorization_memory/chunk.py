@@ -51,10 +51,10 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
 
 class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
     """Sparse (top-K) op on CUDA: Triton kernels both ways, over each chunk's union of picked rows.
-    Saves the inputs, the picks and their weights ([B, T, H, K]), the unions, the compact
-    chunk-start states ([NT_total, H, min(M, 16 K), V] float32, T * K * V floats per head) and
-    the intra-chunk scores ([B, T, H, 16] float32); ``store_for_backward`` False skips the
-    scores."""
+    Saves the inputs, the picks and their weights ([B, T, H, K]), the unions and the intra-chunk
+    scores ([B, T, H, 16] float32); ``store_for_backward`` False skips the scores. The compact
+    chunk-start states ([NT_total, H, min(M, 16 K), V] float32, T * K * V floats per head) are
+    recomputed in the backward instead of saved."""
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
@@ -62,16 +62,18 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
         o, final_state, saved = chunk_sparse_fwd(
             v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
         )
-        ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, *saved[:-1])
+        ctx.save_for_backward(v, logits, eta, mu, initial_state, cu_seqlens, *saved[:-1])
         ctx.layout = saved.layout
         ctx.needs_dh0 = initial_state is not None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        v, logits, eta, mu, cu_seqlens, *saved = ctx.saved_tensors
+        v, logits, eta, mu, initial_state, cu_seqlens, *saved = ctx.saved_tensors
         saved = SparseSavedForBackward(*saved, ctx.layout)
-        dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(v, logits, eta, mu, saved, do, dht, cu_seqlens, ctx.needs_dh0)
+        dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(
+            v, logits, eta, mu, saved, initial_state, do, dht, cu_seqlens, ctx.needs_dh0
+        )
         return dv, dlogits, deta, dmu, None, dh0, None, None, None
 
 
@@ -98,8 +100,9 @@ def chunk_factorization_memory(
     the memory at every chunk's start (``[T/32 * B, H, M, V]`` float32) and the intra-chunk
     scores (``[B, T, H, 32]`` float32), never q, k or the decays. Sparse calls (``topk`` < M,
     any M) run the sparse Triton kernels, forward and backward: each chunk of 16 tokens reads
-    and writes only the union of the rows its tokens pick, and keeps those rows at the chunk's
-    start (``[T/16 * B, H, min(M, 16 K), V]`` float32: T * K * V floats per head). Other calls
+    and writes only the union of the rows its tokens pick; the backward recomputes those rows at
+    each chunk's start (``[T/16 * B, H, min(M, 16 K), V]`` float32: T * K * V floats per head)
+    rather than keeping them from the forward. Other calls
     (dense M > 256, float64), and every call on the CPU, run the PyTorch chunked path (on CUDA
     it warns once).
 

@@ -8,10 +8,11 @@ the picks that land in each slot of U, with their theta and phi). Two kernels he
 1. ``chunk_union_kernel``, parallel over chunks: U in ascending row order, its size, and for
    each token and slot of U which of the token's picks lands there.
 2. ``chunk_sparse_state_walk_kernel``, sequential over a sequence's chunks: the full memory
-   [M, V] stays where it lies and only the rows in each chunk's U are read (saved as the
+   [M, V] stays where it lies and only the rows in each chunk's U are read (kept as the
    chunk-start state) and written (decayed and incremented). Rows nobody picks are never
-   touched, and the saved states grow with T * K * V, not with (T / BT) * M * V. The backward
-   runs the same walk in reverse over the gradient on the memory.
+   touched, and the chunk-start states grow with T * K * V, not with (T / BT) * M * V. The
+   backward runs the walk again to recompute them, then in reverse over the gradient on the
+   memory.
 
 The backward kernels of ``chunk_bwd_kernels.py`` take the compact space through the same
 switch and leave the gradients on each pick's theta and phi; ``routing_kernels.py`` turns those

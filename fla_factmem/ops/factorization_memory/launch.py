@@ -220,8 +220,8 @@ def sparse_routing(
 class SparseSavedForBackward(NamedTuple):
     """What the sparse backward needs besides the inputs: the picks (``SparseRouting``), each
     chunk's union (``chunk_union_kernel``: slot_picks, union_rows, union_count, and the dominant
-    slot of every token), the compact chunk-start states ``[NT_total, H, U, V]`` float32 and the
-    intra-chunk scores ``[B, T, H, 16]`` float32."""
+    slot of every token) and the intra-chunk scores ``[B, T, H, 16]`` float32. Not the compact
+    chunk-start states: the backward recomputes them (``sparse_chunk_states``)."""
 
     rows: torch.Tensor
     theta: torch.Tensor
@@ -230,7 +230,6 @@ class SparseSavedForBackward(NamedTuple):
     union_rows: torch.Tensor
     union_count: torch.Tensor
     dominant: torch.Tensor | None
-    states: torch.Tensor
     scores: torch.Tensor | None
     layout: ChunkLayout
 
@@ -286,6 +285,24 @@ def sparse_increments(
     return states, decays
 
 
+def sparse_chunk_states(
+    v: torch.Tensor,
+    saved: SparseSavedForBackward,
+    initial_state: torch.Tensor | None,
+    M: int,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory at every chunk's start over the chunk's union, ``[NT_total, H, U, V]`` float32,
+    and the memory after the last chunk, ``[N, H, M, V]`` float32: each chunk's increment, then
+    the sequential walk from ``initial_state`` (zeros if None), which it leaves as it was."""
+    B, _, H, V = v.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    states, decays = sparse_increments(v, saved, cu_seqlens, grad=False)
+    memory = memory_copy(initial_state, N, H, M, V, v.device)  # the walk updates the memory where it lies
+    sparse_state_walk(states, decays, saved, memory, cu_seqlens, reverse=False)
+    return states, memory
+
+
 def chunk_sparse_fwd(
     v: torch.Tensor,
     picks: SparseRouting,
@@ -300,7 +317,8 @@ def chunk_sparse_fwd(
     """Sparse forward over each token's K picks (``picks``, rows < M, e.g. from
     ``sparse_routing``): ``(o [B, T, H, V] in v's dtype, final state [N, H, M, V] float32 or
     None, what the backward needs)``. Rows outside every chunk's union of picks are never read or
-    written; the per-chunk states are ``[NT_total, H, min(M, 16 K), V]`` float32. Without
+    written; the per-chunk states, ``[NT_total, H, min(M, 16 K), V]`` float32, live only while it
+    runs (the backward recomputes them). Without
     ``store_for_backward`` the saved scores and dominant slots are None. ``block_m`` and
     ``num_warps`` set the output kernel's launch (for tuning)."""
     B, T, H, V = v.shape
@@ -308,7 +326,6 @@ def chunk_sparse_fwd(
     U = min(M, SPARSE_CHUNK * K)
     v = v.contiguous()
     rows, theta, phi = (x.contiguous() for x in picks)
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     layout = chunk_layout(B, T, cu_seqlens, SPARSE_CHUNK)
     dev = v.device
 
@@ -321,14 +338,8 @@ def chunk_sparse_fwd(
         H=H, K=K, U=U, BT=SPARSE_CHUNK, BE=triton.next_power_of_2(SPARSE_CHUNK * K), num_warps=4,
     )  # fmt: skip
     scores = torch.empty(B, T, H, SPARSE_CHUNK, dtype=torch.float32, device=dev) if store_for_backward else None
-    saved = SparseSavedForBackward(
-        rows, theta, phi, slot_picks, union_rows, union_count, dominant, None, scores, layout
-    )
-
-    states, decays = sparse_increments(v, saved, cu_seqlens, grad=False)
-    saved = saved._replace(states=states)
-    memory = memory_copy(initial_state, N, H, M, V, dev)  # the walk updates the memory where it lies
-    sparse_state_walk(states, decays, saved, memory, cu_seqlens, reverse=False)
+    saved = SparseSavedForBackward(rows, theta, phi, slot_picks, union_rows, union_count, dominant, scores, layout)
+    states, memory = sparse_chunk_states(v, saved, initial_state, M, cu_seqlens)
 
     o = torch.empty_like(v)
     # best measured on an H200 at (M, K) = (1024, 16) and (4096, 16): blocks of 16 slots, 2 warps
@@ -347,6 +358,7 @@ def chunk_sparse_bwd(
     eta: torch.Tensor,
     mu: torch.Tensor,
     saved: SparseSavedForBackward,
+    initial_state: torch.Tensor | None,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
@@ -354,19 +366,23 @@ def chunk_sparse_bwd(
     block_m: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Sparse backward from the forward's inputs and ``saved`` (``chunk_sparse_fwd`` with
-    ``store_for_backward``): ``(dv, dlogits, deta, dmu, dh0)`` in the layouts and dtypes of the
-    inputs (dh0 float32, None unless ``needs_dh0``). Like the forward it reads and writes only
-    the rows of each chunk's union, in the gradient on the memory too; dlogits is 0 outside each
-    token's picks. ``block_m`` and ``num_warps`` set the dtheta/dphi kernel's launch (for
-    tuning)."""
+    """Sparse backward from the forward's inputs (``initial_state`` among them) and ``saved``
+    (``chunk_sparse_fwd`` with ``store_for_backward``): ``(dv, dlogits, deta, dmu, dh0)`` in the
+    layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``). Like the forward
+    it reads and writes only the rows of each chunk's union, in the gradient on the memory too;
+    dlogits is 0 outside each token's picks. ``block_m`` and ``num_warps`` set the dtheta/dphi
+    kernel's launch (for tuning)."""
     _, T, H, V = v.shape
     M = logits.shape[-1]
     K = saved.rows.shape[-1]
-    U = saved.states.shape[2]
+    U = saved.slot_picks.shape[-1]
     layout = saved.layout
     v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens, dense=False)
     do = do.contiguous()
+    # the chunk-start states again, as in the forward: K * V floats per token and head, 16 times
+    # the dense path's at K = 16, too many to keep from the forward (FLA's chunk_gla recomputes
+    # its chunk states too); this costs one more increments pass and walk
+    states, _ = sparse_chunk_states(v, saved, initial_state, M, cu_seqlens)
 
     grad_states, decays = sparse_increments(do, saved, cu_seqlens, grad=True)
     grad_memory = memory_copy(dht, N, H, M, V, v.device)
@@ -379,7 +395,7 @@ def chunk_sparse_bwd(
     )
     x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
     chunk_bwd_dominant_kernel[chunks](
-        v, *gates[:-1], saved.dominant, do, saved.states, grad_states, x_dom, layout.chunk_indices, cu_seqlens,
+        v, *gates[:-1], saved.dominant, do, states, grad_states, x_dom, layout.chunk_indices, cu_seqlens,
         T, layout.NT, **common, num_warps=4,
     )  # fmt: skip
 
@@ -388,7 +404,7 @@ def chunk_sparse_bwd(
     # of 64 slots with 4 warps (8, the dense choice, was 1.2x slower)
     BM = min(triton.next_power_of_2(U), block_m or 64)
     chunk_bwd_dqk_kernel[(*chunks, triton.cdiv(U, BM))](
-        v, *gates, saved.dominant, x_dom, do, saved.states, grad_states, None, None, None, None, None,
+        v, *gates, saved.dominant, x_dom, do, states, grad_states, None, None, None, None, None,
         pick_dtheta, pick_dphi, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
         **common, LEVELS=SPARSE_LEVELS, BM=BM, num_warps=num_warps or 4,
     )  # fmt: skip

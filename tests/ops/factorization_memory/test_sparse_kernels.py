@@ -146,6 +146,21 @@ def test_sparse_chunk_gradients_varlen():
     assert_matches(triton_sparse_chunk, naive_factorization_memory, inputs, 4, 1e-5, 1e-4, cu_seqlens=offsets)
 
 
+def test_sparse_chunk_saves_no_chunk_states():
+    """Nothing the op keeps for the backward besides its inputs grows with V: the compact
+    chunk-start states (T * K * V floats per head) are recomputed there."""
+
+    def kept_elements(V):
+        v, logits, eta, mu, h0 = make_inputs(1, 40, 2, 64, V)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+            triton_sparse_chunk(v, logits, eta, mu, 8, h0)
+        inputs = {id(x) for x in (v, logits, eta, mu, h0)}
+        return sum(x.numel() for x in saved if id(x) not in inputs)
+
+    assert kept_elements(16) == kept_elements(64)
+
+
 @pytest.mark.parametrize(
     ("case", "topk"),
     # overwrite: K = 1 and eta = 1, theta = 1 at every pick; saturating: theta near 1 at the first pick
