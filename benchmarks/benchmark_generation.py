@@ -58,8 +58,9 @@ def generate(
     model, batch_size: int, context: int, new_tokens: int, vocab_size: int, device, cuda_graph: bool = False
 ) -> dict:
     """A greedy generation from a random prompt: ``prefill_s`` and ``step_s``, the median seconds
-    of one eager decode step; with ``cuda_graph`` also ``graph_step_s`` (one graph replay per
-    step, then the same number of steps on), or ``graph_status`` saying why there is none.
+    of one eager decode step, and ``peak_gib`` up to there; with ``cuda_graph`` also
+    ``graph_step_s`` (one graph replay per step, then the same number of steps on) and
+    ``graph_status``, which says why when there is no graph.
     The prefill runs twice and the second is timed: kernels whose autotuning depends on the
     length tune in the first. Each decode step is timed on its own (eager decoding is bound by
     the host, and with one total over all steps rows moved by up to 2x between context lengths
@@ -78,13 +79,14 @@ def generate(
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    result = dict(prefill_s=prefill_s, step_s=median_step_s(eager_step, new_tokens, device))
+    result = dict(prefill_s=prefill_s, step_s=median_step_s(eager_step, new_tokens, device), peak_gib=peak_gib(device))
     if cuda_graph:
         try:
             decoder = GraphDecoder(model, cache, token)
-        except (ValueError, RuntimeError) as error:  # not capturable: the row says why
-            return result | dict(graph_status=f"no graph: {str(error).splitlines()[0][:120]}")
-        result["graph_step_s"] = median_step_s(decoder.step, new_tokens, device)
+        except Exception as error:  # noqa: BLE001 (not capturable: the row keeps its eager timings and says why)
+            cause = error.__context__ or error  # a broken capture reports itself over the step's error
+            return result | dict(graph_status=f"no graph: {type(cause).__name__}: {str(cause).splitlines()[0][:120]}")
+        result |= dict(graph_step_s=median_step_s(decoder.step, new_tokens, device), graph_status="ok")
     return result
 
 
@@ -130,7 +132,9 @@ def run_model(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[d
                 graph_ms_per_token=round(1e3 * timed["graph_step_s"], 3),
                 graph_tokens_per_s=round(batch / timed["graph_step_s"]),
             )
-        return row | {"graph_status": timed.get("graph_status", ""), "peak_gib": peak_gib(device)}
+        if "graph_status" in timed:
+            row["graph_status"] = timed["graph_status"]
+        return row | {"peak_gib": timed["peak_gib"]}
 
     return [
         row | {"status": f"skipped: {batch} x {context} tokens over --max-tokens"}

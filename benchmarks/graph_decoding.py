@@ -12,8 +12,9 @@ class GraphDecoder:
     and writes the next token and the new states back there.
 
     A layer that updates its state in place (Factorization Memory's decode) costs nothing more.
-    A layer that returns a new state tensor (FLA's GLA and Mamba-2 steps) gets it copied back
-    into the cached tensor inside the graph: one extra read and write of its state per token.
+    A layer that returns a new state tensor (FLA's GLA step, and its Mamba-2 step without
+    mamba_ssm) gets it copied back into the cached tensor inside the graph: one extra read and
+    write of its state per token.
 
     Args:
         model: a causal LM in eval mode, called as ``model(input_ids=, past_key_values=, use_cache=True)``.
@@ -21,29 +22,35 @@ class GraphDecoder:
         token: ``[B, 1]`` int64, the next input token.
 
     The constructor runs one step, a warm-up outside the capture (the capture records a step
-    without running it), so the cache and ``token`` move on by one token. Call it, and ``step``,
-    under ``torch.no_grad()``.
+    without running it), so the cache and ``token`` move on by one token, also when the capture
+    then fails. Replays do not advance the cache's host-side token count (``get_seq_length``).
+    Call it, and ``step``, under ``torch.no_grad()``.
     """
 
     def __init__(self, model: torch.nn.Module, cache, token: torch.Tensor):
-        for layer_idx in range(len(cache.layers)):
+        for layer_idx in range(len(cache)):
             if cache[layer_idx].get("attn_state") is not None:
                 raise ValueError(f"layer {layer_idx} keeps an attention KV cache, which grows: no fixed-address graph")
         self.model, self.cache, self.token = model, cache, token.clone()
         self.fixed = [
             (cache[layer_idx], key, value)
-            for layer_idx in range(len(cache.layers))
+            for layer_idx in range(len(cache))
             for key, value in cache[layer_idx].items()
             if value is not None
         ]
-        side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph asks
+        side = torch.cuda.Stream()  # warm-up and capture off the default stream, as torch.cuda.graph does
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._step()
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin()
+            try:
+                self._step()
+            finally:
+                # raises when the capture broke; the step's own error is then its __context__
+                self.graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
 
     def _step(self) -> None:
         out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
@@ -62,6 +69,10 @@ def _copy_back(fixed, new) -> None:
     """Copies a new state (a tensor or a tuple of them) into the fixed one, unless it is the same."""
     if isinstance(fixed, torch.Tensor):
         if new is not fixed:
+            if new.shape != fixed.shape or new.dtype != fixed.dtype:
+                raise ValueError(
+                    f"a state changed from {fixed.dtype} {tuple(fixed.shape)} to {new.dtype} {tuple(new.shape)}"
+                )
             fixed.copy_(new)
     else:
         for fixed_part, new_part in zip(fixed, new, strict=True):

@@ -139,7 +139,7 @@ class FactorizationMemory(nn.Module):
             attention_mask: optional ``[B, T]`` (or ``[B, past + T]`` when decoding) 0/1 padding mask.
             past_key_values: FLA ``Cache``; this layer keeps ``recurrent_state`` ``[N, H, M, V]``
                 float32 and ``conv_state`` ``[N, H * V, conv_size]`` in it. Decoding without
-                autograd updates the cached ``recurrent_state`` tensor in place.
+                autograd updates a float32 cached ``recurrent_state`` tensor in place.
             use_cache: whether to write the states after this call into the cache.
             cu_seqlens (kwarg): ``[N + 1]`` offsets of sequences packed along T, with B = 1.
 
@@ -171,8 +171,15 @@ class FactorizationMemory(nn.Module):
         initial_state = last_state["recurrent_state"] if last_state is not None else None
         if mode == "fused_recurrent":
             # decoding updates the cached state where it lies (sparse: K rows per token, no copy of
-            # M), so a step allocates no state and reads and writes the cache at fixed addresses
-            inplace = short_decode and use_cache and initial_state is not None
+            # M), so a step allocates no state and reads and writes the cache at fixed addresses;
+            # the kernels keep float32 states (a float64 model's cache is replaced instead)
+            inplace = (
+                short_decode
+                and use_cache
+                and initial_state is not None
+                and initial_state.dtype == torch.float32
+                and initial_state.is_contiguous()
+            )
             memory_op = partial(fused_recurrent_factorization_memory, inplace_final_state=inplace)
         else:
             memory_op = chunk_factorization_memory

@@ -40,10 +40,15 @@ def test_graph_replays_decode_like_eager_steps(name):
     assert torch.equal(decoder.token, eager[0])
     replayed = [decoder.step().clone() for _ in range(5)]
     assert torch.equal(torch.cat(replayed, 1), torch.cat(eager[1:], 1))
-    for layer_idx in range(len(cache.layers)):
-        ours, theirs = graph_cache[layer_idx]["recurrent_state"], cache[layer_idx]["recurrent_state"]
-        for a, b in zip(*((s,) if isinstance(s, torch.Tensor) else s for s in (ours, theirs)), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for layer_idx in range(len(cache)):  # every state: the recurrent one and the convolutions'
+        for key, theirs in cache[layer_idx].items():
+            ours = graph_cache[layer_idx][key]
+            if theirs is None:
+                assert ours is None, key
+                continue
+            pairs = [(ours, theirs)] if isinstance(theirs, torch.Tensor) else list(zip(ours, theirs, strict=True))
+            for a, b in pairs:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"layer {layer_idx} {key}")
 
 
 @torch.no_grad()

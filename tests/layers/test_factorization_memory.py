@@ -104,17 +104,21 @@ def test_chunk_mode_equals_fused_recurrent_mode(topk):
 
 
 @pytest.mark.parametrize("topk", [None, 2])
-def test_cache_continues_the_sequence(topk):
-    """A prefill then token-by-token decoding through FLA's Cache equals one pass."""
-    layer = make_layer(topk).eval()
-    x = torch.randn(2, 12, D)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cache_continues_the_sequence(topk, dtype):
+    """A prefill then token-by-token decoding through FLA's Cache equals one pass; a float32
+    cached state is updated where it lies, a float64 one (which the kernels do not take) replaced."""
+    layer = make_layer(topk).eval().to(dtype)
+    x = torch.randn(2, 12, D, dtype=dtype)
     with torch.no_grad():
         full = layer(x)[0]
         cache = Cache()
         pieces = [layer(x[:, :5], past_key_values=cache, use_cache=True)[0]]
+        prefilled = cache[0]["recurrent_state"]
         for t in range(5, 12):
             pieces.append(layer(x[:, t : t + 1], past_key_values=cache, use_cache=True)[0])
     assert_close("y", torch.cat(pieces, 1), full, 1e-5)
+    assert (cache[0]["recurrent_state"] is prefilled) == (dtype == torch.float32)
     assert cache[0]["recurrent_state"].shape == (2, H, M, V)
     assert cache[0]["conv_state"].shape == (2, H * V, 4)
     assert cache.get_seq_length(0) == 12

@@ -218,8 +218,10 @@ def test_cuda_long_sequence():
 def test_cuda_decode(T, dtype, tol, inplace):
     v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(64, T, 8, 256, 64, dtype=dtype, device="cuda"))
     state = h0.clone()
+    version = state._version
     o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, None, state, True, inplace_final_state=inplace)
     assert (ht is state) == inplace
+    assert (state._version > version) == inplace, "autograd must see the in-place write"
     o_ref, ht_ref = float64_reference(v, logits, eta, mu, h0)
     assert_close("o", o, o_ref, tol)
     assert_close("final state", ht, ht_ref, tol)

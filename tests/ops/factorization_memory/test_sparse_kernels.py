@@ -158,7 +158,7 @@ def test_sparse_chunk_saves_no_chunk_states():
         inputs = {id(x) for x in (v, logits, eta, mu, h0)}
         return sum(x.numel() for x in saved if id(x) not in inputs)
 
-    assert kept_elements(16) == kept_elements(64)
+    assert 0 < kept_elements(16) == kept_elements(64)
 
 
 @pytest.mark.parametrize(
@@ -304,8 +304,9 @@ def test_cuda_sparse_chunk_forward_varlen_and_inactive_rows():
 def test_cuda_sparse_decode(M, topk, T, dtype, tol):
     v, logits, eta, mu, h0 = detached_inputs(16, T, 8, M, 64, dtype=dtype, device="cuda")
     state = h0.clone()
+    version = state._version
     o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, topk, state, True, inplace_final_state=True)
-    assert ht is state
+    assert ht is state and state._version > version
     o_ref, ht_ref = float64_reference(v, logits, eta, mu, topk, h0)
     assert_close("o", o, o_ref, tol)
     assert_close("final state", ht, ht_ref, tol)
