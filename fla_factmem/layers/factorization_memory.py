@@ -19,6 +19,7 @@ from fla_factmem.layers.routing_diagnostics import (
 from fla_factmem.layers.utils import check_padding_mask
 from fla_factmem.modules import FusedRMSNormGated, ShortConvolution
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
+from fla_factmem.ops.factorization_memory.validation import takes_state_in_place
 
 MODES = ("chunk", "fused_recurrent")
 RECURRENT_MAX_LEN = 64  # inputs this short, without autograd (decoding), take the token-by-token kernel
@@ -173,13 +174,7 @@ class FactorizationMemory(nn.Module):
             # decoding updates the cached state where it lies (sparse: K rows per token, no copy of
             # M), so a step allocates no state and reads and writes the cache at fixed addresses;
             # the kernels keep float32 states (a float64 model's cache is replaced instead)
-            inplace = (
-                short_decode
-                and use_cache
-                and initial_state is not None
-                and initial_state.dtype == torch.float32
-                and initial_state.is_contiguous()
-            )
+            inplace = short_decode and use_cache and takes_state_in_place(initial_state)
             memory_op = partial(fused_recurrent_factorization_memory, inplace_final_state=inplace)
         else:
             memory_op = chunk_factorization_memory

@@ -98,11 +98,16 @@ def validate_inputs(
     return Dims(B, T, H, M, V, N)
 
 
+def takes_state_in_place(state: torch.Tensor | None) -> bool:
+    """Whether the decode kernels can write the final state into ``state``: contiguous float32."""
+    return state is not None and state.dtype == torch.float32 and state.is_contiguous()
+
+
 def check_inplace_state(initial_state: torch.Tensor | None, needs_grad: bool) -> None:
     """Checks that ``initial_state`` can take the final state in place."""
     if initial_state is None:
         raise ValueError("`inplace_final_state=True` needs an `initial_state` to update")
-    if initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
+    if not takes_state_in_place(initial_state):
         raise ValueError(
             f"`inplace_final_state=True` needs a contiguous float32 `initial_state`; got {initial_state.dtype}"
             f"{'' if initial_state.is_contiguous() else ', not contiguous'}"
