@@ -164,7 +164,9 @@ class FactorizationMemory(nn.Module):
         else:
             v = F.silu(v)
         v = rearrange(v, "... (h d) -> ... h d", d=self.head_dim)
-        logits = rearrange(self.a_proj(hidden_states), "... (h m) -> ... h m", m=self.num_memories) / self.temperature
+        logits = rearrange(self.a_proj(hidden_states), "... (h m) -> ... h m", m=self.num_memories)
+        if self.temperature != 1:  # a pass over B * T * H * M logits each way, skipped at the default
+            logits = logits / self.temperature
         eta = torch.sigmoid(self.eta_proj(hidden_states))
         mu = torch.sigmoid(self.mu_proj(hidden_states))
         aux_loss = self._routing_diagnostics(logits)
