@@ -62,14 +62,9 @@ def fused_recurrent_factorization_memory(
         runs_dense_triton(v, logits, topk, eta, mu, initial_state)
         or runs_sparse_triton(v, logits, topk, eta, mu, initial_state)
     ):
-        o, final_state = fused_recurrent_fwd(
+        return fused_recurrent_fwd(
             v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, topk, inplace_final_state
         )
-        if inplace_final_state:
-            # the kernel wrote behind autograd's back: a backward that saved this tensor (the
-            # sparse one recomputes from its initial state) now fails loudly instead of silently
-            torch.autograd.graph.increment_version(initial_state)
-        return o, final_state
     if v.is_cuda:
         others = (eta, mu, initial_state)
         reason = "its Triton kernel has no backward" if needs_grad else slow_path_reason(v, logits, topk, *others)

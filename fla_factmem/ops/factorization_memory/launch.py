@@ -517,14 +517,19 @@ def fused_recurrent_fwd(
             v, logits, eta, mu, state, o, cu_seqlens, T, H=H, M=M, V=V, K=topk, BM=BM, KB=KB,
             G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or 2,
         )  # fmt: skip
-        return o, state if output_final_state else None
-    if inplace_final_state:
-        ht = initial_state  # each program reads its block of the state whole before writing it
+        ht = state
     else:
-        ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
-    BM = triton.next_power_of_2(M)
-    BV = block_v or min(triton.next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
-    fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps or 4
-    )
+        if inplace_final_state:
+            ht = initial_state  # each program reads its block of the state whole before writing it
+        else:
+            ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
+        BM = triton.next_power_of_2(M)
+        BV = block_v or min(triton.next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
+        fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+            v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps or 4
+        )
+    if inplace_final_state:
+        # the kernels wrote behind autograd's back: a backward that saved this tensor (the sparse
+        # one recomputes from its initial state) now fails loudly instead of silently
+        torch.autograd.graph.increment_version(initial_state)
     return o, ht if output_final_state else None
