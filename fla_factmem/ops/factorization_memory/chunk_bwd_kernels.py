@@ -183,17 +183,9 @@ def chunk_bwd_dqk_kernel(
     i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
-    o_v = tl.arange(0, BV)
-    m_v = o_v < V
-    m_tv = m_t[:, None] & m_v[None, :]
-    v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < (tl.load(union_count + i_tc * H + i_h) if SPARSE else M)
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
-    m_vm = m_v[:, None] & m_m[None, :]
-    hT = tl.load(states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)  # [BV, BM]
-    dhT = tl.load(grad_states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)
 
     slot_row = (i_tc * H + i_h) * BT + o_t
     gates = (logits, lse, eta, mu, slot_picks, pick_theta, pick_phi)
@@ -202,20 +194,38 @@ def chunk_bwd_dqk_kernel(
     else:
         alpha, theta, phi, d, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
     _, _, d_next = chunk_gates(*gates, tok + H, slot_row + 1, m_next, o_m, m_m, M, K, SPARSE)
-    # the chunk's start and end through every token, and within it the pairs of each level
-    dq = tl.cumprod(d, 0) * tl.dot(do_t, hT, input_precision=DOT_PRECISION)
     decay_out = tl.cumprod(d_next, 0, reverse=True)
-    dk = decay_out * tl.dot(v_t, dhT, input_precision=DOT_PRECISION)
-    # <dh, h_end>, of the suffix sum below
-    hT_end = tl.dot(tl.trans(v_t), theta * decay_out, hT * product(d, 0)[None, :], input_precision=DOT_PRECISION)
-    dh_h_end = tl.sum(dhT * hT_end, 0)
-    do_v_own = tl.sum(do_t * v_t, 1)
-    dq += do_v_own[:, None] * theta
-    dk += do_v_own[:, None] * phi
+    w_end = theta * decay_out
+    decay_all = product(d, 0)
+    # everything below contracts over V: blocks of BV columns, so that the [BV, BM] tiles of the
+    # states stay in registers at V = 256
+    dq = tl.zeros([BT, BM], dtype=tl.float32)
+    dk = tl.zeros([BT, BM], dtype=tl.float32)
+    dh_h_end = tl.zeros([BM], dtype=tl.float32)  # <dh, h_end>, of the suffix sum below
+    do_v_own = tl.zeros([BT], dtype=tl.float32)
     # both orientations are products: a dot's accumulator is never transposed (Triton 3.6
     # miscompiles that on Hopper)
-    do_v = tl.dot(do_t, tl.trans(v_t), input_precision=DOT_PRECISION)  # [t, s]: <do_t, v_s>
-    v_do = tl.dot(v_t, tl.trans(do_t), input_precision=DOT_PRECISION)  # [s, t]
+    do_v = tl.zeros([BT, BT], dtype=tl.float32)  # [t, s]: <do_t, v_s>
+    v_do = tl.zeros([BT, BT], dtype=tl.float32)  # [s, t]
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        m_vm = m_v[:, None] & m_m[None, :]
+        hT = tl.load(states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)  # [BV, BM]
+        dhT = tl.load(grad_states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)
+        dq = tl.dot(do_t, hT, dq, input_precision=DOT_PRECISION)
+        dk = tl.dot(v_t, dhT, dk, input_precision=DOT_PRECISION)
+        hT_end = tl.dot(tl.trans(v_t), w_end, hT * decay_all[None, :], input_precision=DOT_PRECISION)
+        dh_h_end += tl.sum(dhT * hT_end, 0)
+        do_v_own += tl.sum(do_t * v_t, 1)
+        do_v = tl.dot(do_t, tl.trans(v_t), do_v, input_precision=DOT_PRECISION)
+        v_do = tl.dot(v_t, tl.trans(do_t), v_do, input_precision=DOT_PRECISION)
+    # the chunk's start and end through every token, and within it the pairs of each level
+    dq = tl.cumprod(d, 0) * dq + do_v_own[:, None] * theta
+    dk = decay_out * dk + do_v_own[:, None] * phi
     for l in tl.static_range(LEVELS):
         qx, kx = pair_decay_factors(d, d_next, 1 << l, BT, BM)
         pairs = level_pairs(o_t[:, None], o_t[None, :], 1 << l)  # [t, s]

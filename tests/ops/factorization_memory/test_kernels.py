@@ -111,8 +111,9 @@ def test_kernel_edge_numerics(kernel, case):
 
 @pytest.mark.parametrize(
     ("B", "T", "H", "M", "V"),
-    # T = 1; a partial chunk; M and V not powers of two; several chunks, several blocks of M rows
-    [(2, 1, 2, 16, 16), (1, 37, 2, 16, 16), (1, 70, 1, 24, 20), (1, 130, 1, 80, 16)],
+    # T = 1; a partial chunk; M and V not powers of two; several chunks, several blocks of M rows;
+    # V over one block of the backward's columns (the last one partly masked)
+    [(2, 1, 2, 16, 16), (1, 37, 2, 16, 16), (1, 70, 1, 24, 20), (1, 130, 1, 80, 16), (1, 37, 1, 16, 80)],
 )
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunk_kernels_gradients(B, T, H, M, V, with_state):
@@ -150,6 +151,7 @@ CUDA_SHAPES = [
     (1, 2049, 2, 256, 64),
     (2, 300, 2, 16, 32),
     (1, 500, 2, 100, 128),
+    (1, 300, 2, 64, 256),
     (1, 257, 1, 32, 256),
 ]
 

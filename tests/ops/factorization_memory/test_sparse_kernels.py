@@ -130,9 +130,10 @@ def test_sparse_chunk_forward_never_touches_inactive_rows(cu_seqlens, device="cp
 
 @pytest.mark.parametrize(
     ("B", "T", "M", "V", "topk"),
-    # as the forward's cases, and a union of one slot per pick (K = 1) over several chunks
+    # as the forward's cases, a union of one slot per pick (K = 1) over several chunks, and V over
+    # one block of the backward's columns (the last one partly masked)
     [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (1, 40, 64, 20, 16), (1, 33, 128, 16, 32), (2, 20, 24, 16, 23),
-     (1, 50, 32, 16, 1)],
+     (1, 50, 32, 16, 1), (1, 37, 40, 80, 4)],
 )  # fmt: skip
 @pytest.mark.parametrize("with_state", [False, True])
 def test_sparse_chunk_gradients(B, T, M, V, topk, with_state):
@@ -329,12 +330,14 @@ def test_cuda_sparse_decode_varlen():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    ("B", "T", "M", "topk"),
-    [(2, 1000, 1024, 16), (1, 700, 4096, 16), (1, 300, 4096, 64), (1, 257, 1024, 256), (2, 100, 256, 1)],
-)
+    ("B", "T", "M", "topk", "V"),
+    # V = 256: the width of the 340M speed benchmarks' heads
+    [(2, 1000, 1024, 16, 64), (1, 700, 4096, 16, 64), (1, 300, 4096, 64, 64), (1, 257, 1024, 256, 64),
+     (2, 100, 256, 1, 64), (1, 300, 1024, 16, 256)],
+)  # fmt: skip
 @pytest.mark.parametrize(("dtype", "fwd_tol", "bwd_tol"), GRAD_TOLERANCES)
-def test_cuda_sparse_chunk_backward(B, T, M, topk, dtype, fwd_tol, bwd_tol):
-    inputs = make_inputs(B, T, 4, M, 64, dtype=dtype, device="cuda", logit_scale=2.0)
+def test_cuda_sparse_chunk_backward(B, T, M, topk, V, dtype, fwd_tol, bwd_tol):
+    inputs = make_inputs(B, T, 4, M, V, dtype=dtype, device="cuda", logit_scale=2.0)
     assert_matches_float64(chunk_factorization_memory, inputs, fwd_tol, bwd_tol, topk=topk)
 
 
