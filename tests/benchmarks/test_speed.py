@@ -1,5 +1,6 @@
-"""Smoke tests of the end-to-end speed benchmarks at tiny sizes on the CPU: they time the models
-and write their CSVs and plots; FLA's CUDA-only mixers stay in the table with the reason."""
+"""Smoke tests of the end-to-end speed benchmarks at tiny sizes on the CPU: they time or profile
+the models and write their CSVs and plots; FLA's CUDA-only mixers stay in the table with the
+reason."""
 
 import csv
 import subprocess
@@ -41,3 +42,14 @@ def test_generation_smoke(tmp_path):
             assert row["status"].startswith("skipped") and row["prefill_ms"] == ""
         else:
             assert row["status"] == "ok" and float(row["decode_tokens_per_s"]) > 0 and float(row["prefill_ms"]) > 0
+
+
+def test_profile_kernels_smoke(tmp_path):
+    args = ["--seq-len", "32", "--batch-tokens", "64", "--prompt", "8", "--decode-steps", "2", "--top", "3"]
+    rows = run("profile_kernels.py", tmp_path, *args)
+    assert (tmp_path / "profile_kernels.png").exists()
+    assert [r["status"] for r in rows if r["model"] == "gla"] == ["needs CUDA (FLA's Triton kernels)"]
+    for model in ("transformer", "fm_dense_64", "fm_sparse_1024_16"):
+        for phase in ("train", "decode"):
+            entries = [r for r in rows if r["model"] == model and r["phase"] == phase]
+            assert entries and all(r["status"] == "ok" and float(r["ms_per_step"]) > 0 for r in entries)
