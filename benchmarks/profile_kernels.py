@@ -52,8 +52,40 @@ def profiled(step, steps: int, device: torch.device) -> list[dict]:
     return sorted(entries, key=lambda e: -e["ms_per_step"])
 
 
+def profile_training(model: torch.nn.Module, task: dict, device: torch.device) -> list[dict]:
+    """The entries of one forward + backward + AdamW step, after ``task["warmup"]`` untimed ones."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    batch_size = max(1, task["batch_tokens"] // task["seq_len"])
+
+    def train_step():
+        ids = torch.randint(1, task["vocab_size"], (batch_size, task["seq_len"]), device=device)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(task["warmup"]):
+        train_step()
+    return [{"phase": "train"} | e for e in profiled(train_step, 1, device)]
+
+
+@torch.no_grad()
+def profile_decoding(model: torch.nn.Module, task: dict, device: torch.device) -> list[dict]:
+    """The entries of ``task["decode_steps"]`` eager decode steps after a prefill, per step."""
+    prompt = torch.randint(1, task["vocab_size"], (task["decode_batch"], task["prompt"]), device=device)
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def decode_step():
+        nonlocal cache, token
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    decode_step()  # the decode kernels compile here, outside the profile
+    return [{"phase": "decode"} | e for e in profiled(decode_step, task["decode_steps"], device)]
+
+
 def profile_model(task: dict) -> list[dict]:
-    """The entries of one model's training step and decode step, each tagged with its phase."""
+    """The entries of one model's training step, then of its decode step."""
     device = torch.device(task["device"])
     model = build_model(
         task["contender"],
@@ -66,33 +98,8 @@ def profile_model(task: dict) -> list[dict]:
         device,
         task["dtype"],
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
-    batch_size = max(1, task["batch_tokens"] // task["seq_len"])
-
-    def train_step():
-        ids = torch.randint(1, task["vocab_size"], (batch_size, task["seq_len"]), device=device)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(task["warmup"]):
-        train_step()
-    entries = [{"phase": "train"} | e for e in profiled(train_step, 1, device)]
-    del optimizer
-    model.eval()
-    with torch.no_grad():
-        prompt = torch.randint(1, task["vocab_size"], (task["decode_batch"], task["prompt"]), device=device)
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-        def decode_step():
-            nonlocal cache, token
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-        decode_step()  # the decode kernels compile here, outside the profile
-        entries += [{"phase": "decode"} | e for e in profiled(decode_step, task["decode_steps"], device)]
-    return entries
+    entries = profile_training(model, task, device)  # its optimizer state is freed on return
+    return entries + profile_decoding(model.eval(), task, device)
 
 
 def run_model(task: dict) -> list[dict]:
