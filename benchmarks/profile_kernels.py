@@ -8,8 +8,9 @@ parameters, bf16 on CUDA). ``--warmup`` training steps (compilation, autotuning)
 one forward + backward + AdamW step of ``--batch-tokens`` random tokens runs under
 ``torch.profiler``. Then, after a prefill of ``--prompt`` tokens at batch ``--decode-batch``
 and one untimed step, ``--decode-steps`` eager decode steps run under it. On CUDA an entry's
-time is its kernels' own device time: eager decoding is bound by the host, but its kernel time is
-what one CUDA graph replay of the step runs. On the CPU it is the operators' own CPU time.
+time is its kernels' own device time: eager decoding is bound by the host, and the sum of its
+kernel times is a lower bound on one CUDA graph replay of the step (which adds the gaps between
+kernels). On the CPU it is the operators' own CPU time. Each model runs in a process of its own.
 
 Prints the ``--top`` entries of each model and phase, with the phase's total, and writes
 ``profile_kernels.csv`` (every entry: calls and milliseconds per step, milliseconds per call)
@@ -54,7 +55,8 @@ def profiled(step, steps: int, device: torch.device) -> list[dict]:
 
 def profile_training(model: torch.nn.Module, task: dict, device: torch.device) -> list[dict]:
     """The entries of one forward + backward + AdamW step, after ``task["warmup"]`` untimed ones."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
     batch_size = max(1, task["batch_tokens"] // task["seq_len"])
 
     def train_step():
@@ -71,6 +73,7 @@ def profile_training(model: torch.nn.Module, task: dict, device: torch.device) -
 @torch.no_grad()
 def profile_decoding(model: torch.nn.Module, task: dict, device: torch.device) -> list[dict]:
     """The entries of ``task["decode_steps"]`` eager decode steps after a prefill, per step."""
+    model.eval()
     prompt = torch.randint(1, task["vocab_size"], (task["decode_batch"], task["prompt"]), device=device)
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -84,10 +87,9 @@ def profile_decoding(model: torch.nn.Module, task: dict, device: torch.device) -
     return [{"phase": "decode"} | e for e in profiled(decode_step, task["decode_steps"], device)]
 
 
-def profile_model(task: dict) -> list[dict]:
-    """The entries of one model's training step, then of its decode step."""
-    device = torch.device(task["device"])
-    model = build_model(
+def build(task: dict) -> torch.nn.Module:
+    """The model as the speed benchmarks build it, long enough for training and for decoding."""
+    return build_model(
         task["contender"],
         task["params"],
         task["hidden_size"],
@@ -95,37 +97,46 @@ def profile_model(task: dict) -> list[dict]:
         task["num_heads"],
         task["vocab_size"],
         max(task["seq_len"], task["prompt"] + task["decode_steps"] + 1),
-        device,
+        torch.device(task["device"]),
         task["dtype"],
     )
-    entries = profile_training(model, task, device)  # its optimizer state is freed on return
-    return entries + profile_decoding(model.eval(), task, device)
 
 
 def run_model(task: dict) -> list[dict]:
-    """The model's rows, or one row that says why it did not run."""
-    contender = task["contender"]
+    """The model's entries, phase by phase; a phase (or a build) that fails leaves one row that
+    says why. After a failure other than running out of memory (a CUDA error poisons the
+    process's context) the later phase does not run."""
+    contender, device = task["contender"], torch.device(task["device"])
     head = dict(model=contender.name)
-    if reason := contender.unavailable_on(task["device"]):
+    if reason := contender.unavailable_on(device):
         return [head | {"status": reason}]
-    result = run_guarded(lambda: {"entries": profile_model(task)}, torch.device(task["device"]))
-    if result["status"] != "ok":
-        return [head | {"status": result["status"]}]
-    return [head | entry | {"status": "ok"} for entry in result["entries"]]
+    built = run_guarded(lambda: {"model": build(task)}, device)
+    if built["status"] != "ok":
+        return [head | {"status": f"build {built['status']}"}]
+    model, rows = built["model"], []
+    for phase, profile_phase in (("train", profile_training), ("decode", profile_decoding)):
+        result = run_guarded(lambda: {"entries": profile_phase(model, task, device)}, device)
+        if result["status"] != "ok":
+            rows.append(head | {"phase": phase, "status": result["status"]})
+            if result["status"].startswith("failed"):
+                break
+        else:
+            rows += [head | entry | {"status": "ok"} for entry in result["entries"]]
+    return rows
 
 
 def report(rows: list[dict], top: int) -> None:
     """The top entries of each model and phase, and the phase's total per step."""
     for model in dict.fromkeys(r["model"] for r in rows):
         for phase in ("train", "decode"):
-            entries = [r for r in rows if r["model"] == model and r.get("phase") == phase]
+            entries = [r for r in rows if r["model"] == model and r.get("phase") == phase and r["status"] == "ok"]
             if entries:
                 total = sum(e["ms_per_step"] for e in entries)
                 print(f"\n{model}, {phase}: {total:.3f} ms per step in {len(entries)} entries")
                 print_table(entries[:top], ["ms_per_step", "calls_per_step", "ms_per_call", "name"])
         for row in rows:
             if row["model"] == model and row["status"] != "ok":
-                print(f"\n{model}: {row['status']}")
+                print(f"\n{model}{', ' + row['phase'] if row.get('phase') else ''}: {row['status']}")
 
 
 def plot(rows: list[dict], path: str, top: int, title: str) -> None:
@@ -135,7 +146,8 @@ def plot(rows: list[dict], path: str, top: int, title: str) -> None:
         return
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 0.25 * top * len(panels) + 1), squeeze=False)
     for ax, (model, phase) in zip(axes[:, 0], panels):
-        entries = [r for r in rows if r["model"] == model and r.get("phase") == phase][:top][::-1]
+        entries = [r for r in rows if r["model"] == model and r.get("phase") == phase and r["status"] == "ok"]
+        entries = entries[:top][::-1]
         ax.barh([e["name"][:60] for e in entries], [e["ms_per_step"] for e in entries])
         ax.set_title(f"{model}, {phase}", fontsize=8)
         ax.set_xlabel("ms per step (own time)", fontsize=7)
@@ -163,13 +175,13 @@ def main():
     machine = describe_machine(torch.device(args.device))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     print(f"kernel profile on {machine}; {dtype}, ~{args.params / 1e6:g}M parameters")
+    csv_path = os.path.join(args.out, "profile_kernels.csv")
     rows = []
     for name in tqdm(args.models, desc="models"):
         task = dict(vars(args), contender=CONTENDERS[name], dtype=dtype)
         rows += in_own_process(run_model, task, device=torch.device(args.device))
+        write_csv(rows, csv_path)  # a run cut off later keeps the models done
     report(rows, args.top)
-    csv_path = os.path.join(args.out, "profile_kernels.csv")
-    write_csv(rows, csv_path)
     title = f"own time per step, {dtype}; training T={args.seq_len}, decode batch {args.decode_batch}; {machine}"
     plot(rows, os.path.join(args.out, "profile_kernels.png"), args.top, title)
     print(f"wrote {csv_path}")

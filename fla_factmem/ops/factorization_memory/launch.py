@@ -42,9 +42,9 @@ SPARSE_LEVELS = SPARSE_CHUNK.bit_length() - 1
 def dqk_block_v(V: int) -> int:
     """Columns of V per step of the dq/dk kernel's loop: at most 64, so that its [BV, BM] tiles of
     the chunk states stay in registers. Measured on an H200 at the 340M speed models' shape
-    (B=4, T=8192, H=4, V=256, M=1024, K=16, bf16): 13.8 ms per call with whole rows of V, 6.5 ms
-    with blocks of 64. The dv kernel keeps whole rows: blocks of V there recompute its gates per
-    block (2.5 ms against 1.1 ms)."""
+    (B=4, T=8192, H=4, V=256, M=1024, K=16, bf16): 13.8 ms per call with whole rows of V (in the
+    model's profile), 6.5 ms with blocks of 64 (the op alone). The dv kernel keeps whole rows:
+    blocks of V there recompute its gates per block (2.5 ms against 1.1 ms)."""
     return min(triton.next_power_of_2(V), 64)
 
 
