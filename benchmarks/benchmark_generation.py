@@ -35,10 +35,11 @@ from contenders import (
     peak_gib,
     reset_peak,
     run_guarded,
+    start_run,
     synchronize,
 )
 from graph_decoding import GraphDecoder
-from quality.common import describe_machine, print_table, pyplot, save_figure, write_csv
+from quality.common import print_table, pyplot, save_figure, write_csv
 from tqdm import tqdm
 
 
@@ -195,9 +196,7 @@ def parse_args() -> argparse.Namespace:
 
 def main():
     args = parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    machine = describe_machine(torch.device(args.device))
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    machine, dtype = start_run(args)
     print(f"generation on {machine}; {dtype}, ~{args.params / 1e6:g}M parameters, {args.decode_tokens} new tokens")
     csv_path = os.path.join(args.out, "generation.csv")
     rows = []

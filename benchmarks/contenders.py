@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import gc
 import multiprocessing
+import os
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from quality.common import Contender, match_parameters, stack_config
+from quality.common import Contender, describe_machine, match_parameters, stack_config
 
 from fla_factmem import FactorizationMemoryForCausalLM
 
@@ -40,6 +41,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results/speed")
+
+
+def start_run(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """What every speed script does first: makes ``args.out`` and returns the machine's
+    description and the models' dtype (bf16 on CUDA, float32 on the CPU)."""
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device(args.device)
+    return describe_machine(device), torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def build_model(

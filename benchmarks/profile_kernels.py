@@ -24,8 +24,8 @@ import argparse
 import os
 
 import torch
-from contenders import CONTENDERS, add_model_arguments, build_model, in_own_process, run_guarded, synchronize
-from quality.common import describe_machine, print_table, pyplot, save_figure, write_csv
+from contenders import CONTENDERS, add_model_arguments, build_model, in_own_process, run_guarded, start_run, synchronize
+from quality.common import print_table, pyplot, save_figure, write_csv
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
@@ -171,9 +171,7 @@ def parse_args() -> argparse.Namespace:
 
 def main():
     args = parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    machine = describe_machine(torch.device(args.device))
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    machine, dtype = start_run(args)
     print(f"kernel profile on {machine}; {dtype}, ~{args.params / 1e6:g}M parameters")
     csv_path = os.path.join(args.out, "profile_kernels.csv")
     rows = []
