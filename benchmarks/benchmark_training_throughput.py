@@ -24,13 +24,14 @@ import torch
 from contenders import (
     CONTENDERS,
     add_model_arguments,
-    build_model,
+    build_task_model,
     in_own_process,
     peak_gib,
     reset_peak,
     run_guarded,
     start_run,
     synchronize,
+    training_step,
 )
 from quality.common import print_table, pyplot, save_figure, write_csv
 from tqdm import tqdm
@@ -39,18 +40,8 @@ from tqdm import tqdm
 def measure_training(task: dict) -> dict:
     """Builds the model and times its training steps; the row's measured columns."""
     device = torch.device(task["device"])
-    model = build_model(
-        task["contender"],
-        task["params"],
-        task["hidden_size"],
-        task["num_layers"],
-        task["num_heads"],
-        task["vocab_size"],
-        task["seq_len"],
-        device,
-        task["dtype"],
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
+    model = build_task_model(task, task["seq_len"])
+    train_step = training_step(model, device)
     batch_size = max(1, task["batch_tokens"] // task["seq_len"])
     times = []
     for step in tqdm(range(task["warmup"] + task["steps"]), desc="steps", leave=False):
@@ -59,9 +50,7 @@ def measure_training(task: dict) -> dict:
         ids = torch.randint(1, task["vocab_size"], (batch_size, task["seq_len"]), device=device)
         synchronize(device)
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(ids)
         synchronize(device)
         if step >= task["warmup"]:
             times.append(time.perf_counter() - start)

@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import os
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -69,6 +70,36 @@ def build_model(
     )
     torch.manual_seed(0)
     return FactorizationMemoryForCausalLM(config).to(device, dtype)
+
+
+def build_task_model(task: dict, max_len: int) -> FactorizationMemoryForCausalLM:
+    """``build_model`` from a speed script's task (its parsed options plus ``contender`` and
+    ``dtype``)."""
+    return build_model(
+        task["contender"],
+        task["params"],
+        task["hidden_size"],
+        task["num_layers"],
+        task["num_heads"],
+        task["vocab_size"],
+        max_len,
+        torch.device(task["device"]),
+        task["dtype"],
+    )
+
+
+def training_step(model: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor], None]:
+    """``step(ids)``: one forward + backward + AdamW step of ``model`` on ``ids`` [B, T] (the
+    labels too), as the speed scripts time it: AdamW fused on CUDA with weight decay 0.1, the
+    gradients freed after the step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
+
+    def step(ids: torch.Tensor) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def run_guarded(measure, device: torch.device) -> dict:

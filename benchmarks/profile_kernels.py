@@ -24,7 +24,16 @@ import argparse
 import os
 
 import torch
-from contenders import CONTENDERS, add_model_arguments, build_model, in_own_process, run_guarded, start_run, synchronize
+from contenders import (
+    CONTENDERS,
+    add_model_arguments,
+    build_task_model,
+    in_own_process,
+    run_guarded,
+    start_run,
+    synchronize,
+    training_step,
+)
 from quality.common import print_table, pyplot, save_figure, write_csv
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
@@ -55,15 +64,11 @@ def profiled(step, steps: int, device: torch.device) -> list[dict]:
 
 def profile_training(model: torch.nn.Module, task: dict, device: torch.device) -> list[dict]:
     """The entries of one forward + backward + AdamW step, after ``task["warmup"]`` untimed ones."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
+    step = training_step(model.train(), device)
     batch_size = max(1, task["batch_tokens"] // task["seq_len"])
 
     def train_step():
-        ids = torch.randint(1, task["vocab_size"], (batch_size, task["seq_len"]), device=device)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step(torch.randint(1, task["vocab_size"], (batch_size, task["seq_len"]), device=device))
 
     for _ in range(task["warmup"]):
         train_step()
@@ -87,21 +92,6 @@ def profile_decoding(model: torch.nn.Module, task: dict, device: torch.device) -
     return [{"phase": "decode"} | e for e in profiled(decode_step, task["decode_steps"], device)]
 
 
-def build(task: dict) -> torch.nn.Module:
-    """The model as the speed benchmarks build it, long enough for training and for decoding."""
-    return build_model(
-        task["contender"],
-        task["params"],
-        task["hidden_size"],
-        task["num_layers"],
-        task["num_heads"],
-        task["vocab_size"],
-        max(task["seq_len"], task["prompt"] + task["decode_steps"] + 1),
-        torch.device(task["device"]),
-        task["dtype"],
-    )
-
-
 def run_model(task: dict) -> list[dict]:
     """The model's entries, phase by phase; a phase (or a build) that fails leaves one row that
     says why. After a failure other than running out of memory (a CUDA error poisons the
@@ -110,7 +100,8 @@ def run_model(task: dict) -> list[dict]:
     head = dict(model=contender.name)
     if reason := contender.unavailable_on(device):
         return [head | {"status": reason}]
-    built = run_guarded(lambda: {"model": build(task)}, device)
+    max_len = max(task["seq_len"], task["prompt"] + task["decode_steps"] + 1)
+    built = run_guarded(lambda: {"model": build_task_model(task, max_len)}, device)
     if built["status"] != "ok":
         return [head | {"status": f"build {built['status']}"}]
     model, rows = built["model"], []
