@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 
 from fla_factmem.ops.factorization_memory.chunk_torch import DEFAULT_CHUNK_SIZE, chunk_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.launch import SavedForBackward, chunk_bwd, chunk_fwd, sparse_routing
-from fla_factmem.ops.factorization_memory.launch_sparse import (
+from fla_factmem.ops.factorization_memory.launch import (
+    SavedForBackward,
     SparseSavedForBackward,
+    chunk_bwd,
+    chunk_fwd,
     chunk_sparse_bwd,
     chunk_sparse_fwd,
+    sparse_routing,
 )
 from fla_factmem.ops.factorization_memory.routing import (
     needs_autograd,
@@ -47,17 +50,17 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
 
 
 class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
-    """Sparse (top-K) op on CUDA: Triton kernels both ways, over each chunk's picks sorted by
-    row. Saves the inputs, the picks and their weights ([B, T, H, K]) and each chunk's sorted
-    picks and union of rows (T * K and (T / chunk) * min(M, chunk * K) int32 per head). The
-    chunk-start states ([T / chunk, H, min(M, chunk * K), V] float32) are recomputed in the
-    backward instead of saved. ``chunk_size`` overrides the tokens per chunk (tests, tuning)."""
+    """Sparse (top-K) op on CUDA: Triton kernels both ways, over each chunk's union of picked rows.
+    Saves the inputs, the picks and their weights ([B, T, H, K]), the unions and the intra-chunk
+    scores ([B, T, H, 16] float32); ``store_for_backward`` False skips the scores. The compact
+    chunk-start states ([NT_total, H, min(M, 16 K), V] float32, T * K * V floats per head) are
+    recomputed in the backward instead of saved."""
 
     @staticmethod
-    def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, chunk_size=None):
+    def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
         picks = sparse_routing(logits, eta, mu, topk)
         o, final_state, saved = chunk_sparse_fwd(
-            v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens, chunk_size
+            v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
         )
         ctx.save_for_backward(v, logits, eta, mu, initial_state, cu_seqlens, *saved[:-1])
         ctx.layout = saved.layout
@@ -135,7 +138,7 @@ def chunk_factorization_memory(
         )
     if runs_sparse_triton(v, logits, topk, eta, mu, initial_state):
         return ChunkSparseFactorizationMemoryFunction.apply(
-            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
+            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
         )
     if v.is_cuda:
         warn_once(

@@ -19,17 +19,24 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     chunk_state_scan_kernel,
     logsumexp_kernel,
 )
+from fla_factmem.ops.factorization_memory.chunk_sparse_kernels import (
+    chunk_sparse_state_walk_kernel,
+    chunk_union_kernel,
+)
 from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import (
     fused_recurrent_fwd_kernel,
     fused_recurrent_sparse_fwd_kernel,
 )
 from fla_factmem.ops.factorization_memory.routing import DENSE_TRITON_MAX_M, SparseRouting
-from fla_factmem.ops.factorization_memory.routing_kernels import sparse_routing_kernel
+from fla_factmem.ops.factorization_memory.routing_kernels import sparse_routing_bwd_kernel, sparse_routing_kernel
 
 # BT: tokens per chunk. 32 measured faster than 64 on an H100 (benchmarks/ops/NOTES.md): the
 # [BT, BT] tiles of the intra-chunk pairs stay small, at twice the chunk states' traffic.
 CHUNK = 32
 LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py)
+# Sparse: the smallest chunk that tl.dot takes, so that a chunk's union of picks (<= 16 K rows) stays small
+SPARSE_CHUNK = 16
+SPARSE_LEVELS = SPARSE_CHUNK.bit_length() - 1
 
 
 def dqk_block_v(V: int) -> int:
@@ -42,24 +49,22 @@ def dqk_block_v(V: int) -> int:
 
 
 class ChunkLayout(NamedTuple):
-    """How the sequences split into chunks of ``size`` tokens: NT chunks per sequence (equal
-    lengths), or the chunk_indices [NT_total, 2] and chunk_offsets [N + 1] of FLA for packed
-    sequences."""
+    """How the sequences split into chunks: NT chunks per sequence (equal lengths), or the
+    chunk_indices [NT_total, 2] and chunk_offsets [N + 1] of FLA for packed sequences."""
 
     NT: int
     NT_total: int
     chunk_indices: torch.Tensor | None
     chunk_offsets: torch.Tensor | None
-    size: int
 
 
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk: int = CHUNK) -> ChunkLayout:
     if cu_seqlens is None:
         NT = triton.cdiv(T, chunk)
-        return ChunkLayout(NT, B * NT, None, None, chunk)
+        return ChunkLayout(NT, B * NT, None, None)
     # FLA's helpers, cached per cu_seqlens tensor; counting the chunks reads the lengths on the host once
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk)
-    return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, chunk), chunk)
+    return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, chunk))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -219,6 +224,215 @@ def sparse_routing(
         G=top_k_group(BM, KB), num_warps=num_warps or max(1, BR * BM // 4096),
     )  # fmt: skip
     return SparseRouting(picks, theta, phi)
+
+
+class SparseSavedForBackward(NamedTuple):
+    """What the sparse backward needs besides the inputs: the picks (``SparseRouting``), each
+    chunk's union (``chunk_union_kernel``: slot_picks, union_rows, union_count, and the dominant
+    slot of every token) and the intra-chunk scores ``[B, T, H, 16]`` float32. Not the compact
+    chunk-start states: the backward recomputes them (``sparse_chunk_states``)."""
+
+    rows: torch.Tensor
+    theta: torch.Tensor
+    phi: torch.Tensor
+    slot_picks: torch.Tensor
+    union_rows: torch.Tensor
+    union_count: torch.Tensor
+    dominant: torch.Tensor | None
+    scores: torch.Tensor | None
+    layout: ChunkLayout
+
+
+def sparse_gates(saved: SparseSavedForBackward) -> tuple:
+    """The gate arguments of the chunk kernels in SPARSE mode (no logits, lse, eta or mu: each
+    slot's theta and phi come from the pick that lands there)."""
+    return None, None, None, None, saved.slot_picks, saved.theta, saved.phi, saved.union_count
+
+
+def sparse_state_walk(
+    states: torch.Tensor,
+    decays: torch.Tensor,
+    saved: SparseSavedForBackward,
+    memory: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    reverse: bool,
+) -> None:
+    """The sequential pass over chunks, in place: ``memory`` [N, H, M, V] float32 goes from the
+    initial to the final state (``reverse``: from the gradient on the final state to the one on
+    the initial state) and ``states`` [NT_total, H, U, V] from the chunks' increments to the
+    chunk-start states (``reverse``: the gradients on the chunk-end states)."""
+    N, H, M, V = memory.shape
+    U = states.shape[2]
+    # a chunk's whole union in one tile of at most 16K elements
+    BU = triton.next_power_of_2(U)
+    BV = max(min(triton.next_power_of_2(V), 16384 // BU, 32), 1)
+    # num_stages=1: no gather of a later chunk may be hoisted above this chunk's scatter
+    chunk_sparse_state_walk_kernel[(triton.cdiv(V, BV), N, H)](
+        states, decays, saved.union_rows, saved.union_count, memory, saved.layout.chunk_offsets, cu_seqlens,
+        saved.layout.NT, H=H, M=M, U=U, V=V, BU=BU, BV=BV, REVERSE=reverse,
+        num_warps=4 if BU * BV <= 4096 else 8, num_stages=1,
+    )  # fmt: skip
+
+
+def sparse_increments(
+    x: torch.Tensor, saved: SparseSavedForBackward, cu_seqlens: torch.Tensor | None, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each chunk's increment over its union, ``[NT_total, H, U, V]`` float32, and its decay
+    ``[NT_total, H, U]``: of the memory (x = v) or, with ``grad``, of the gradient on the memory
+    before it (x = do)."""
+    _, T, H, V = x.shape
+    K = saved.rows.shape[-1]
+    NT_total, _, _, U = saved.slot_picks.shape
+    states = torch.empty(NT_total, H, U, V, dtype=torch.float32, device=x.device)
+    decays = torch.empty(NT_total, H, U, dtype=torch.float32, device=x.device)
+    BM, BV = min(triton.next_power_of_2(U), 64), min(triton.next_power_of_2(V), 64)
+    chunk_state_increment_kernel[(triton.cdiv(U, BM) * triton.cdiv(V, BV), NT_total, H)](
+        x, *sparse_gates(saved), states, decays, saved.layout.chunk_indices, cu_seqlens, T, saved.layout.NT,
+        H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BM=BM, BV=BV, GRAD=grad, DOT_PRECISION=dot_precision(x.dtype),
+        num_warps=4,
+    )  # fmt: skip
+    return states, decays
+
+
+def sparse_chunk_states(
+    v: torch.Tensor,
+    saved: SparseSavedForBackward,
+    initial_state: torch.Tensor | None,
+    M: int,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory at every chunk's start over the chunk's union, ``[NT_total, H, U, V]`` float32,
+    and the memory after the last chunk, ``[N, H, M, V]`` float32: each chunk's increment, then
+    the sequential walk from ``initial_state`` (zeros if None), which it leaves as it was."""
+    B, _, H, V = v.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    states, decays = sparse_increments(v, saved, cu_seqlens, grad=False)
+    memory = memory_copy(initial_state, N, H, M, V, v.device)  # the walk updates the memory where it lies
+    sparse_state_walk(states, decays, saved, memory, cu_seqlens, reverse=False)
+    return states, memory
+
+
+def chunk_sparse_fwd(
+    v: torch.Tensor,
+    picks: SparseRouting,
+    M: int,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    store_for_backward: bool = False,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, SparseSavedForBackward]:
+    """Sparse forward over each token's K picks (``picks``, rows < M, e.g. from
+    ``sparse_routing``): ``(o [B, T, H, V] in v's dtype, final state [N, H, M, V] float32 or
+    None, what the backward needs)``. Rows outside every chunk's union of picks are never read or
+    written; the per-chunk states, ``[NT_total, H, min(M, 16 K), V]`` float32, live only while it
+    runs (the backward recomputes them). Without
+    ``store_for_backward`` the saved scores and dominant slots are None. ``block_m`` and
+    ``num_warps`` set the output kernel's launch (for tuning)."""
+    B, T, H, V = v.shape
+    K = picks.rows.shape[-1]
+    U = min(M, SPARSE_CHUNK * K)
+    v = v.contiguous()
+    rows, theta, phi = (x.contiguous() for x in picks)
+    layout = chunk_layout(B, T, cu_seqlens, SPARSE_CHUNK)
+    dev = v.device
+
+    slot_picks = torch.full((layout.NT_total, H, SPARSE_CHUNK, U), -1, dtype=torch.int16, device=dev)
+    union_rows = torch.empty(layout.NT_total, H, U, dtype=torch.int32, device=dev)
+    union_count = torch.empty(layout.NT_total, H, dtype=torch.int32, device=dev)
+    dominant = torch.empty(B, T, H, dtype=torch.int32, device=dev) if store_for_backward else None
+    chunk_union_kernel[(layout.NT_total, H)](
+        rows, theta, slot_picks, union_rows, union_count, dominant, layout.chunk_indices, cu_seqlens, T, layout.NT,
+        H=H, K=K, U=U, BT=SPARSE_CHUNK, BE=triton.next_power_of_2(SPARSE_CHUNK * K), num_warps=4,
+    )  # fmt: skip
+    scores = torch.empty(B, T, H, SPARSE_CHUNK, dtype=torch.float32, device=dev) if store_for_backward else None
+    saved = SparseSavedForBackward(rows, theta, phi, slot_picks, union_rows, union_count, dominant, scores, layout)
+    states, memory = sparse_chunk_states(v, saved, initial_state, M, cu_seqlens)
+
+    o = torch.empty_like(v)
+    # best measured on an H200 at (M, K) = (1024, 16) and (4096, 16): blocks of 16 slots, 2 warps
+    BM, BV = min(triton.next_power_of_2(U), block_m or 16), min(triton.next_power_of_2(V), 64)
+    chunk_fwd_o_kernel[(layout.NT_total, H, triton.cdiv(V, BV))](
+        v, *sparse_gates(saved), states, o, scores, layout.chunk_indices, cu_seqlens, T, layout.NT,
+        H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, LEVELS=SPARSE_LEVELS, BM=BM, BV=BV,
+        DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_for_backward, num_warps=num_warps or 2,
+    )  # fmt: skip
+    return o, memory if output_final_state else None, saved
+
+
+def chunk_sparse_bwd(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    saved: SparseSavedForBackward,
+    initial_state: torch.Tensor | None,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    needs_dh0: bool,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sparse backward from the forward's inputs (``initial_state`` among them) and ``saved``
+    (``chunk_sparse_fwd`` with ``store_for_backward``): ``(dv, dlogits, deta, dmu, dh0)`` in the
+    layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``). Like the forward
+    it reads and writes only the rows of each chunk's union, in the gradient on the memory too;
+    dlogits is 0 outside each token's picks. ``block_m`` and ``num_warps`` set the dtheta/dphi
+    kernel's launch (for tuning)."""
+    _, T, H, V = v.shape
+    M = logits.shape[-1]
+    K = saved.rows.shape[-1]
+    U = saved.slot_picks.shape[-1]
+    layout = saved.layout
+    v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens, dense=False)
+    do = do.contiguous()
+    # the chunk-start states again, as in the forward: K * V floats per token and head, 16 times
+    # the dense path's at K = 16, too many to keep from the forward (FLA's chunk_gla recomputes
+    # its chunk states too); this costs one more increments pass and walk
+    states, _ = sparse_chunk_states(v, saved, initial_state, M, cu_seqlens)
+
+    grad_states, decays = sparse_increments(do, saved, cu_seqlens, grad=True)
+    grad_memory = memory_copy(dht, N, H, M, V, v.device)
+    sparse_state_walk(grad_states, decays, saved, grad_memory, cu_seqlens, reverse=True)
+
+    gates = sparse_gates(saved)
+    chunks = (layout.NT_total, H)
+    common = dict(
+        H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BV=triton.next_power_of_2(V), DOT_PRECISION=dot_precision(v.dtype)
+    )
+    x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
+    chunk_bwd_dominant_kernel[chunks](
+        v, *gates[:-1], saved.dominant, do, states, grad_states, x_dom, layout.chunk_indices, cu_seqlens,
+        T, layout.NT, **common, num_warps=4,
+    )  # fmt: skip
+
+    pick_dtheta, pick_dphi = (torch.empty_like(saved.theta) for _ in range(2))
+    # best measured on an H200 at (M, K) in {(256, 4), (1024, 16), (4096, 16), (1024, 256)}: blocks
+    # of 64 slots with 4 warps (8, the dense choice, was 1.2x slower)
+    BM = min(triton.next_power_of_2(U), block_m or 64)
+    chunk_bwd_dqk_kernel[(*chunks, triton.cdiv(U, BM))](
+        v, *gates, saved.dominant, x_dom, do, states, grad_states, None, None, None, None, None,
+        pick_dtheta, pick_dphi, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
+        **common | dict(BV=dqk_block_v(V)), LEVELS=SPARSE_LEVELS, BM=BM, num_warps=num_warps or 4,
+    )  # fmt: skip
+    BM = min(triton.next_power_of_2(U), 64)
+    dv = torch.empty_like(v)
+    chunk_bwd_dv_kernel[chunks](
+        *gates, do, grad_states, saved.scores, dv, None, None, None, None, None,
+        layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(), **common, BM=BM, num_warps=4,
+    )  # fmt: skip
+
+    dlogits = torch.zeros_like(logits)
+    deta, dmu = torch.empty_like(eta), torch.empty_like(mu)
+    KB = triton.next_power_of_2(K)
+    BR = max(1, 1024 // KB)
+    sparse_routing_bwd_kernel[(triton.cdiv(eta.numel(), BR),)](
+        logits, eta, mu, saved.rows, pick_dtheta, pick_dphi, dlogits, deta, dmu, eta.numel(),
+        M=M, K=K, BR=BR, KB=KB, num_warps=4,
+    )  # fmt: skip
+    return dv, dlogits, deta, dmu, grad_memory if needs_dh0 else None
 
 
 def chunk_bwd(

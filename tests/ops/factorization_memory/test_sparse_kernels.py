@@ -12,8 +12,7 @@ from fla_factmem.ops import (
 )
 from fla_factmem.ops.factorization_memory.chunk import ChunkSparseFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd, sparse_routing
-from fla_factmem.ops.factorization_memory.launch_sparse import chunk_sparse_fwd
+from fla_factmem.ops.factorization_memory.launch import chunk_sparse_fwd, fused_recurrent_fwd, sparse_routing
 from fla_factmem.ops.factorization_memory.routing import run_on_weights
 from tests.ops.factorization_memory.test_kernels import GRAD_TOLERANCES, assert_matches_float64, edge_case_inputs
 from tests.utils import GRAD_NAMES, assert_close, assert_matches, make_inputs, run_with_grads
