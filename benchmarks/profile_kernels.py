@@ -139,7 +139,10 @@ def plot(rows: list[dict], path: str, top: int, title: str) -> None:
     for ax, (model, phase) in zip(axes[:, 0], panels):
         entries = [r for r in rows if r["model"] == model and r.get("phase") == phase and r["status"] == "ok"]
         entries = entries[:top][::-1]
-        ax.barh([e["name"][:60] for e in entries], [e["ms_per_step"] for e in entries])
+        # bars at numeric positions: kernels whose names agree in their first 60 characters (two
+        # of PyTorch's elementwise kernels, say) would share one categorical position
+        ax.barh(range(len(entries)), [e["ms_per_step"] for e in entries])
+        ax.set_yticks(range(len(entries)), [e["name"][:60] for e in entries])
         ax.set_title(f"{model}, {phase}", fontsize=8)
         ax.set_xlabel("ms per step (own time)", fontsize=7)
         ax.tick_params(labelsize=6)

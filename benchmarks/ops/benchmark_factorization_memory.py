@@ -1,7 +1,7 @@
 """Speed of dense Factorization Memory against FLA's kernels and SDPA, and of its decoding step.
 
     python benchmarks/ops/benchmark_factorization_memory.py [--out results/ops] [--quick]
-        [--T 2048 4096 16384] [--M 64 128 256] [--ops fm gla ...] [--no-decode] [--no-sparse]
+        [--T 2048 4096 16384] [--M 64 128 256] [--ops fm gla ...] [--no-training] [--no-decode] [--no-sparse]
 
 Training table: forward and forward+backward medians (triton.testing.do_bench) at B=4, H=8,
 V=64, bf16, T in {2048, 4096, 16384}, M in {64, 128, 256}, for
@@ -223,6 +223,7 @@ def main():
         choices=["fm", "fm_via_gla", "gla", "simple_gla", "delta_rule", "sdpa"],
         help="ops of the training table (default: all)",
     )
+    parser.add_argument("--no-training", action="store_true", help="skip the training table")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--no-sparse", action="store_true", help="skip the sparse table")
     args = parser.parse_args()
@@ -239,7 +240,7 @@ def main():
     Ts = args.T or ([4096] if args.quick else [2048, 4096, 16384])
     Ms = args.M or ([64, 256] if args.quick else [64, 128, 256])
     selected_ops = args.ops or (["fm", "fm_via_gla", "gla"] if args.quick else None)
-    for T in Ts:
+    for T in () if args.no_training else Ts:
         for M in Ms:
             for name, fn in training_cases(4, T, 8, M, 64, torch.bfloat16).items():
                 if (name == "sdpa" and M != Ms[0]) or (selected_ops and name not in selected_ops):
@@ -285,10 +286,11 @@ def main():
             )
             torch.cuda.empty_cache()
 
-    with open(os.path.join(args.out, "training.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    if rows:
+        with open(os.path.join(args.out, "training.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     if sparse:
         with open(os.path.join(args.out, "sparse.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(sparse[0]))
@@ -300,19 +302,20 @@ def main():
             w.writeheader()
             w.writerows(decode)
 
-    print(f"\n## {gpu}: B=4 H=8 V=64 bf16, medians in ms (fwd / fwd+bwd)")
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    print("| T | M | " + " | ".join(ops) + " |")
-    print("|---|---|" + "---|" * len(ops))
-    for T in Ts:
-        for M in Ms:
-            cells = []
-            for op in ops:
-                r = next((r for r in rows if r["T"] == T and r["M"] == M and r["op"] == op), None)
-                cells.append(
-                    "-" if r is None else ("fails" if r["error"] else f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}")
-                )
-            print(f"| {T} | {M} | " + " | ".join(cells) + " |")
+    if rows:
+        print(f"\n## {gpu}: B=4 H=8 V=64 bf16, medians in ms (fwd / fwd+bwd)")
+        print("| T | M | " + " | ".join(ops) + " |")
+        print("|---|---|" + "---|" * len(ops))
+        for T in Ts:
+            for M in Ms:
+                cells = []
+                for op in ops:
+                    r = next((r for r in rows if r["T"] == T and r["M"] == M and r["op"] == op), None)
+                    cells.append(
+                        "-" if r is None else ("fails" if r["error"] else f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}")
+                    )
+                print(f"| {T} | {M} | " + " | ".join(cells) + " |")
     if sparse:
         print(f"\n## sparse, B=4 H=8 V=64 bf16 ({gpu}); peak: forward+backward, above the inputs")
         print(
@@ -334,18 +337,19 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        plot_T = 4096 if 4096 in Ts else Ts[0]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, key in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
-            for op in ops:
-                pts = [(r["M"], r[key]) for r in rows if r["op"] == op and r["T"] == plot_T and not r["error"]]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=op)
-            ax.set(title=f"{key} at B=4 T={plot_T} H=8 V=64 bf16", xlabel="M (key dim)", ylabel="ms")
-            ax.legend(fontsize=7)
-        fig.suptitle(gpu)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "training.png"), dpi=120)
+        if rows:
+            plot_T = 4096 if 4096 in Ts else Ts[0]
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for ax, key in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
+                for op in ops:
+                    pts = [(r["M"], r[key]) for r in rows if r["op"] == op and r["T"] == plot_T and not r["error"]]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=op)
+                ax.set(title=f"{key} at B=4 T={plot_T} H=8 V=64 bf16", xlabel="M (key dim)", ylabel="ms")
+                ax.legend(fontsize=7)
+            fig.suptitle(gpu)
+            fig.tight_layout()
+            fig.savefig(os.path.join(args.out, "training.png"), dpi=120)
         if sparse:
             fig, axes = plt.subplots(1, 2, figsize=(11, 4))
             for ax, key, unit in zip(axes, ("fwd_bwd_ms", "fwd_bwd_peak_MB"), ("ms", "MB")):

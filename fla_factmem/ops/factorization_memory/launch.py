@@ -518,13 +518,16 @@ def fused_recurrent_fwd(
     if sparse:
         # the kernel updates the state where it lies: a fresh copy unless asked to work in place
         state = initial_state if inplace_final_state else memory_copy(h0, N, H, M, V, v.device)
-        # best measured on an H200 at (M, K) = (1024, 16) and (4096, 16): one top-K per (sequence,
-        # head) up to V = 64, with 2 warps (benchmarks/ops/NOTES.md)
+        # best measured on an H200 (benchmarks/ops/NOTES.md): one top-K per (sequence, head) and
+        # block of 64 columns, in one warp (its K searches are reductions over the logits, which one
+        # warp does in shuffles without shared memory; likely the gain): 7.2 us against
+        # 11.2 with 2 warps at (M, K) = (1024, 16), B = 64, H = 8, V = 64, and at the 340M model's
+        # B = 32, H = 4, V = 256; 9.8 against 13.3 at (4096, 16)
         BV = block_v or min(triton.next_power_of_2(V), 64)
         BM, KB = triton.next_power_of_2(M), triton.next_power_of_2(topk)
         fused_recurrent_sparse_fwd_kernel[(triton.cdiv(V, BV), N * H)](
             v, logits, eta, mu, state, o, cu_seqlens, T, H=H, M=M, V=V, K=topk, BM=BM, KB=KB,
-            G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or 2,
+            G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or 1,
         )  # fmt: skip
         ht = state
     else:
