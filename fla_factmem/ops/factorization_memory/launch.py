@@ -519,10 +519,10 @@ def fused_recurrent_fwd(
         # the kernel updates the state where it lies: a fresh copy unless asked to work in place
         state = initial_state if inplace_final_state else memory_copy(h0, N, H, M, V, v.device)
         # best measured on an H200 (benchmarks/ops/NOTES.md): one top-K per (sequence, head) and
-        # block of 64 columns, in one warp (its K searches are reductions over the logits, which one
-        # warp does in shuffles without shared memory; likely the gain): 7.2 us against
-        # 11.2 with 2 warps at (M, K) = (1024, 16), B = 64, H = 8, V = 64, and at the 340M model's
-        # B = 32, H = 4, V = 256; 9.8 against 13.3 at (4096, 16)
+        # block of 64 columns, in one warp: 7.2 us against 11.1 to 11.2 with 2 warps at
+        # (M, K) = (1024, 16), both at B = 64, H = 8, V = 64 and at the 340M model's B = 32, H = 4,
+        # V = 256; 9.8 against 13.3 at (4096, 16). Likely because the K searches, reductions over
+        # the logits, stay within one warp (shuffles, no shared memory).
         BV = block_v or min(triton.next_power_of_2(V), 64)
         BM, KB = triton.next_power_of_2(M), triton.next_power_of_2(topk)
         fused_recurrent_sparse_fwd_kernel[(triton.cdiv(V, BV), N * H)](
