@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
 from fla_factmem.ops.factorization_memory.chunk_bwd_kernels import (
@@ -39,13 +38,25 @@ SPARSE_CHUNK = 16
 SPARSE_LEVELS = SPARSE_CHUNK.bit_length() - 1
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1). ``triton.next_power_of_2`` and ``triton.cdiv`` are
+    constexpr functions, which cost 1.5 us a call on the host (Triton 3.6, the CI machine's CPU),
+    against 0.04 us here; a decode step makes four such calls."""
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (see ``next_power_of_2``)."""
+    return -(-a // b)
+
+
 def dqk_block_v(V: int) -> int:
     """Columns of V per step of the dq/dk kernel's loop: at most 64, so that its [BV, BM] tiles of
     the chunk states stay in registers. Measured on an H200 at the 340M speed models' shape
     (B=4, T=8192, H=4, V=256, M=1024, K=16, bf16): 13.8 ms per call with whole rows of V (in the
     model's profile), 6.5 ms with blocks of 64 (the op alone). The dv kernel keeps whole rows:
     blocks of V there recompute its gates per block (2.5 ms against 1.1 ms)."""
-    return min(triton.next_power_of_2(V), 64)
+    return min(next_power_of_2(V), 64)
 
 
 class ChunkLayout(NamedTuple):
@@ -60,7 +71,7 @@ class ChunkLayout(NamedTuple):
 
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk: int = CHUNK) -> ChunkLayout:
     if cu_seqlens is None:
-        NT = triton.cdiv(T, chunk)
+        NT = cdiv(T, chunk)
         return ChunkLayout(NT, B * NT, None, None)
     # FLA's helpers, cached per cu_seqlens tensor; counting the chunks reads the lengths on the host once
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk)
@@ -80,9 +91,7 @@ def logsumexp(logits: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, to
     dominant = torch.empty(logits.shape[:-1], dtype=torch.int32, device=logits.device)
     n_rows = lse.numel()
     BR = 16
-    logsumexp_kernel[(triton.cdiv(n_rows, BR),)](
-        logits, eta, lse, dominant, n_rows, M=M, BR=BR, BM=triton.next_power_of_2(M)
-    )
+    logsumexp_kernel[(cdiv(n_rows, BR),)](logits, eta, lse, dominant, n_rows, M=M, BR=BR, BM=next_power_of_2(M))
     return lse, dominant
 
 
@@ -128,16 +137,16 @@ def chunk_states(
     M = logits.shape[-1]
     states = torch.empty(layout.NT_total, H, M, V, dtype=torch.float32, device=x.device)
     decays = torch.empty(layout.NT_total, H, M, dtype=torch.float32, device=x.device)
-    BM, BV = min(triton.next_power_of_2(M), 64), min(triton.next_power_of_2(V), 64)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(V, BV), layout.NT_total, H)
+    BM, BV = min(next_power_of_2(M), 64), min(next_power_of_2(V), 64)
+    grid = (cdiv(M, BM) * cdiv(V, BV), layout.NT_total, H)
     chunk_state_increment_kernel[grid](
         x, logits, lse, eta, mu, None, None, None, None, states, decays, layout.chunk_indices, cu_seqlens,
         T, layout.NT, H=H, M=M, K=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=4,
     )  # fmt: skip
     end = torch.empty(N, H, M, V, dtype=torch.float32, device=x.device) if store_end else None
-    BM, BV = min(triton.next_power_of_2(M), 16), min(triton.next_power_of_2(V), 32)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(V, BV), N, H)
+    BM, BV = min(next_power_of_2(M), 16), min(next_power_of_2(V), 32)
+    grid = (cdiv(M, BM) * cdiv(V, BV), N, H)
     chunk_state_scan_kernel[grid](
         states, decays, start, end, layout.chunk_offsets, cu_seqlens, layout.NT,
         H=H, M=M, V=V, BM=BM, BV=BV, REVERSE=reverse, num_warps=2,
@@ -178,12 +187,12 @@ def chunk_fwd(
     states, ht = chunk_states(v, logits, lse, eta, mu, h0, output_final_state, layout, cu_seqlens, N, reverse=False)
 
     # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): blocks of 16 rows, 4 warps
-    BM = min(triton.next_power_of_2(M), block_m or 16)
-    BV = min(triton.next_power_of_2(V), block_v)
+    BM = min(next_power_of_2(M), block_m or 16)
+    BV = min(next_power_of_2(V), block_v)
     o = torch.empty_like(v)
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
     scores = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device) if store_scores else None
-    chunk_fwd_o_kernel[(layout.NT_total, H, triton.cdiv(V, BV))](
+    chunk_fwd_o_kernel[(layout.NT_total, H, cdiv(V, BV))](
         v, logits, lse, eta, mu, None, None, None, None, states, o, scores, layout.chunk_indices, cu_seqlens,
         T, layout.NT, H=H, M=M, K=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV,
         DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_scores, num_warps=num_warps or 4,
@@ -215,11 +224,11 @@ def sparse_routing(
     logits, eta, mu = (x.contiguous() for x in (logits, eta, mu))
     picks = torch.empty(*eta.shape, topk, dtype=torch.int32, device=logits.device)
     theta, phi = (torch.empty(*eta.shape, topk, dtype=torch.float32, device=logits.device) for _ in range(2))
-    BM, KB = triton.next_power_of_2(M), triton.next_power_of_2(topk)
+    BM, KB = next_power_of_2(M), next_power_of_2(topk)
     # best measured on an H200 (benchmarks/ops/NOTES.md): up to 4 rows of at most 4K logits per
     # program, one warp per 4K logits, so that the K reductions stay within a warp
     BR = rows_per_program or max(1, min(4, 4096 // BM))
-    sparse_routing_kernel[(triton.cdiv(eta.numel(), BR),)](
+    sparse_routing_kernel[(cdiv(eta.numel(), BR),)](
         logits, eta, mu, picks, theta, phi, eta.numel(), M=M, K=topk, BR=BR, BM=BM, KB=KB,
         G=top_k_group(BM, KB), num_warps=num_warps or max(1, BR * BM // 4096),
     )  # fmt: skip
@@ -264,10 +273,10 @@ def sparse_state_walk(
     N, H, M, V = memory.shape
     U = states.shape[2]
     # a chunk's whole union in one tile of at most 16K elements
-    BU = triton.next_power_of_2(U)
-    BV = max(min(triton.next_power_of_2(V), 16384 // BU, 32), 1)
+    BU = next_power_of_2(U)
+    BV = max(min(next_power_of_2(V), 16384 // BU, 32), 1)
     # num_stages=1: no gather of a later chunk may be hoisted above this chunk's scatter
-    chunk_sparse_state_walk_kernel[(triton.cdiv(V, BV), N, H)](
+    chunk_sparse_state_walk_kernel[(cdiv(V, BV), N, H)](
         states, decays, saved.union_rows, saved.union_count, memory, saved.layout.chunk_offsets, cu_seqlens,
         saved.layout.NT, H=H, M=M, U=U, V=V, BU=BU, BV=BV, REVERSE=reverse,
         num_warps=4 if BU * BV <= 4096 else 8, num_stages=1,
@@ -285,8 +294,8 @@ def sparse_increments(
     NT_total, _, _, U = saved.slot_picks.shape
     states = torch.empty(NT_total, H, U, V, dtype=torch.float32, device=x.device)
     decays = torch.empty(NT_total, H, U, dtype=torch.float32, device=x.device)
-    BM, BV = min(triton.next_power_of_2(U), 64), min(triton.next_power_of_2(V), 64)
-    chunk_state_increment_kernel[(triton.cdiv(U, BM) * triton.cdiv(V, BV), NT_total, H)](
+    BM, BV = min(next_power_of_2(U), 64), min(next_power_of_2(V), 64)
+    chunk_state_increment_kernel[(cdiv(U, BM) * cdiv(V, BV), NT_total, H)](
         x, *sparse_gates(saved), states, decays, saved.layout.chunk_indices, cu_seqlens, T, saved.layout.NT,
         H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BM=BM, BV=BV, GRAD=grad, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=4,
@@ -344,7 +353,7 @@ def chunk_sparse_fwd(
     dominant = torch.empty(B, T, H, dtype=torch.int32, device=dev) if store_for_backward else None
     chunk_union_kernel[(layout.NT_total, H)](
         rows, theta, slot_picks, union_rows, union_count, dominant, layout.chunk_indices, cu_seqlens, T, layout.NT,
-        H=H, K=K, U=U, BT=SPARSE_CHUNK, BE=triton.next_power_of_2(SPARSE_CHUNK * K), num_warps=4,
+        H=H, K=K, U=U, BT=SPARSE_CHUNK, BE=next_power_of_2(SPARSE_CHUNK * K), num_warps=4,
     )  # fmt: skip
     scores = torch.empty(B, T, H, SPARSE_CHUNK, dtype=torch.float32, device=dev) if store_for_backward else None
     saved = SparseSavedForBackward(rows, theta, phi, slot_picks, union_rows, union_count, dominant, scores, layout)
@@ -352,8 +361,8 @@ def chunk_sparse_fwd(
 
     o = torch.empty_like(v)
     # best measured on an H200 at (M, K) = (1024, 16) and (4096, 16): blocks of 16 slots, 2 warps
-    BM, BV = min(triton.next_power_of_2(U), block_m or 16), min(triton.next_power_of_2(V), 64)
-    chunk_fwd_o_kernel[(layout.NT_total, H, triton.cdiv(V, BV))](
+    BM, BV = min(next_power_of_2(U), block_m or 16), min(next_power_of_2(V), 64)
+    chunk_fwd_o_kernel[(layout.NT_total, H, cdiv(V, BV))](
         v, *sparse_gates(saved), states, o, scores, layout.chunk_indices, cu_seqlens, T, layout.NT,
         H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, LEVELS=SPARSE_LEVELS, BM=BM, BV=BV,
         DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_for_backward, num_warps=num_warps or 2,
@@ -399,9 +408,7 @@ def chunk_sparse_bwd(
 
     gates = sparse_gates(saved)
     chunks = (layout.NT_total, H)
-    common = dict(
-        H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BV=triton.next_power_of_2(V), DOT_PRECISION=dot_precision(v.dtype)
-    )
+    common = dict(H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BV=next_power_of_2(V), DOT_PRECISION=dot_precision(v.dtype))
     x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
     chunk_bwd_dominant_kernel[chunks](
         v, *gates[:-1], saved.dominant, do, states, grad_states, x_dom, layout.chunk_indices, cu_seqlens,
@@ -411,13 +418,13 @@ def chunk_sparse_bwd(
     pick_dtheta, pick_dphi = (torch.empty_like(saved.theta) for _ in range(2))
     # best measured on an H200 at (M, K) in {(256, 4), (1024, 16), (4096, 16), (1024, 256)}: blocks
     # of 64 slots with 4 warps (8, the dense choice, was 1.2x slower)
-    BM = min(triton.next_power_of_2(U), block_m or 64)
-    chunk_bwd_dqk_kernel[(*chunks, triton.cdiv(U, BM))](
+    BM = min(next_power_of_2(U), block_m or 64)
+    chunk_bwd_dqk_kernel[(*chunks, cdiv(U, BM))](
         v, *gates, saved.dominant, x_dom, do, states, grad_states, None, None, None, None, None,
         pick_dtheta, pick_dphi, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
         **common | dict(BV=dqk_block_v(V)), LEVELS=SPARSE_LEVELS, BM=BM, num_warps=num_warps or 4,
     )  # fmt: skip
-    BM = min(triton.next_power_of_2(U), 64)
+    BM = min(next_power_of_2(U), 64)
     dv = torch.empty_like(v)
     chunk_bwd_dv_kernel[chunks](
         *gates, do, grad_states, saved.scores, dv, None, None, None, None, None,
@@ -426,9 +433,9 @@ def chunk_sparse_bwd(
 
     dlogits = torch.zeros_like(logits)
     deta, dmu = torch.empty_like(eta), torch.empty_like(mu)
-    KB = triton.next_power_of_2(K)
+    KB = next_power_of_2(K)
     BR = max(1, 1024 // KB)
-    sparse_routing_bwd_kernel[(triton.cdiv(eta.numel(), BR),)](
+    sparse_routing_bwd_kernel[(cdiv(eta.numel(), BR),)](
         logits, eta, mu, saved.rows, pick_dtheta, pick_dphi, dlogits, deta, dmu, eta.numel(),
         M=M, K=K, BR=BR, KB=KB, num_warps=4,
     )  # fmt: skip
@@ -461,7 +468,7 @@ def chunk_bwd(
     grad_states, dh0 = chunk_states(do, logits, lse, eta, mu, dht, needs_dh0, layout, cu_seqlens, N, reverse=True)
 
     dv, dlogits, deta, dmu = (torch.empty_like(x) for x in (v, logits, eta, mu))
-    BV = triton.next_power_of_2(V)
+    BV = next_power_of_2(V)
     chunks = (layout.NT_total, H)
     common = dict(H=H, M=M, V=V, BT=CHUNK, BV=BV, DOT_PRECISION=dot_precision(v.dtype))
     x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
@@ -473,8 +480,8 @@ def chunk_bwd(
 
     # best measured on an H100 (benchmarks/ops/NOTES.md): blocks of 64 rows with 8 warps for the
     # dq/dk kernel (4 warps for 32 rows; 8 warps there are 1.5x slower), 4 warps for dv
-    BM = min(triton.next_power_of_2(M), block_m or 64)
-    NM = triton.cdiv(M, BM)
+    BM = min(next_power_of_2(M), block_m or 64)
+    NM = cdiv(M, BM)
     # the softmax needs whole rows: with several blocks of rows, dalpha and the per-block sums
     # over rows wait in a scratch for the dv kernel
     dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if NM > 1 else None
@@ -523,9 +530,9 @@ def fused_recurrent_fwd(
         # (M, K) = (1024, 16), both at B = 64, H = 8, V = 64 and at the 340M model's B = 32, H = 4,
         # V = 256; 9.8 against 13.3 at (4096, 16). Likely because the K searches, reductions over
         # the logits, stay within one warp (shuffles, no shared memory).
-        BV = block_v or min(triton.next_power_of_2(V), 64)
-        BM, KB = triton.next_power_of_2(M), triton.next_power_of_2(topk)
-        fused_recurrent_sparse_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        BV = block_v or min(next_power_of_2(V), 64)
+        BM, KB = next_power_of_2(M), next_power_of_2(topk)
+        fused_recurrent_sparse_fwd_kernel[(cdiv(V, BV), N * H)](
             v, logits, eta, mu, state, o, cu_seqlens, T, H=H, M=M, V=V, K=topk, BM=BM, KB=KB,
             G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or 1,
         )  # fmt: skip
@@ -535,9 +542,9 @@ def fused_recurrent_fwd(
             ht = initial_state  # each program reads its block of the state whole before writing it
         else:
             ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
-        BM = triton.next_power_of_2(M)
-        BV = block_v or min(triton.next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
-        fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        BM = next_power_of_2(M)
+        BV = block_v or min(next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
+        fused_recurrent_fwd_kernel[(cdiv(V, BV), N * H)](
             v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps or 4
         )
     if inplace_final_state:

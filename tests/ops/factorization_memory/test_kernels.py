@@ -3,11 +3,12 @@ small shapes, on the GPU (``cuda`` marker) at real shapes and in bf16."""
 
 import pytest
 import torch
+import triton
 
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory, naive_factorization_memory
 from fla_factmem.ops.factorization_memory.chunk import ChunkFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.launch import chunk_fwd, fused_recurrent_fwd
+from fla_factmem.ops.factorization_memory.launch import cdiv, chunk_fwd, fused_recurrent_fwd, next_power_of_2
 from fla_factmem.ops.factorization_memory.routing import run_on_weights
 from tests.utils import GRAD_NAMES, assert_close, assert_matches, make_inputs, run_with_grads
 
@@ -47,6 +48,14 @@ def edge_case_inputs(case, B, T, H, M, V, device):
         logits = torch.randn(B, T, H, M, device=device) * 20
         eta = 0.9 + 0.1 * torch.rand_like(eta)
     return tuple(x.float().requires_grad_() for x in (v, logits, eta, mu, h0))
+
+
+def test_host_block_sizes_match_triton():
+    """The launches' plain-Python next_power_of_2 and cdiv agree with Triton's (slower) ones."""
+    for n in range(1, 5000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 3, 16, 64):
+            assert cdiv(n, d) == triton.cdiv(n, d)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
