@@ -107,17 +107,23 @@ def graph_time(fn):
     return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
 
 
-def wall_time(fn, n=200):
-    for _ in range(10):
-        fn()
+def wall_times(fns: dict, rounds: int = 10, n: int = 40) -> dict:
+    """Median eager wall time in ms of each call, its host time and a device sync included. The
+    calls take turns in rounds, so that drifts in the host's speed (seen between runs on one
+    machine) reach all of them alike and their ratios hold."""
+    for fn in fns.values():
+        for _ in range(10):
+            fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[n // 2] * 1e3
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(n):
+                start = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
 
 
 def decode_cases(B, H, M, V, topk=None):
@@ -266,9 +272,10 @@ def main():
 
     decode = []
     for M, K in () if args.no_decode else DECODE_CASES:
-        for name, (fn, nbytes) in decode_cases(64, 8, M, 64, K).items():
-            g_ms = graph_time(fn)
-            w_ms = wall_time(fn)
+        cases = decode_cases(64, 8, M, 64, K)
+        walls = wall_times({name: fn for name, (fn, _) in cases.items()})
+        for name, (fn, nbytes) in cases.items():
+            g_ms, w_ms = graph_time(fn), walls[name]
             decode.append(
                 dict(
                     M=M,

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
+from fla_factmem.ops.compiled_launch import CompiledLauncher
 from fla_factmem.ops.factorization_memory.chunk_bwd_kernels import (
     chunk_bwd_dominant_kernel,
     chunk_bwd_dqk_kernel,
@@ -499,6 +500,11 @@ def chunk_bwd(
     return dv, dlogits, deta, dmu, dh0
 
 
+# decode steps are short kernels whose eager time is mostly host time: they skip the JIT's dispatch
+DENSE_DECODE = CompiledLauncher(fused_recurrent_fwd_kernel)
+SPARSE_DECODE = CompiledLauncher(fused_recurrent_sparse_fwd_kernel)
+
+
 def fused_recurrent_fwd(
     v: torch.Tensor,
     logits: torch.Tensor,
@@ -532,8 +538,8 @@ def fused_recurrent_fwd(
         # the logits, stay within one warp (shuffles, no shared memory).
         BV = block_v or min(next_power_of_2(V), 64)
         BM, KB = next_power_of_2(M), next_power_of_2(topk)
-        fused_recurrent_sparse_fwd_kernel[(cdiv(V, BV), N * H)](
-            v, logits, eta, mu, state, o, cu_seqlens, T, H=H, M=M, V=V, K=topk, BM=BM, KB=KB,
+        SPARSE_DECODE.launch(
+            (cdiv(V, BV), N * H), v, logits, eta, mu, state, o, cu_seqlens, T, H=H, M=M, V=V, K=topk, BM=BM, KB=KB,
             G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or 1,
         )  # fmt: skip
         ht = state
@@ -544,9 +550,10 @@ def fused_recurrent_fwd(
             ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
         BM = next_power_of_2(M)
         BV = block_v or min(next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
-        fused_recurrent_fwd_kernel[(cdiv(V, BV), N * H)](
-            v, logits, eta, mu, h0, o, ht, cu_seqlens, T, H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps or 4
-        )
+        DENSE_DECODE.launch(
+            (cdiv(V, BV), N * H), v, logits, eta, mu, h0, o, ht, cu_seqlens, T,
+            H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps or 4,
+        )  # fmt: skip
     if inplace_final_state:
         # the kernels wrote behind autograd's back: a backward that saved this tensor (the sparse
         # one recomputes from its initial state) now fails loudly instead of silently

@@ -97,7 +97,11 @@ def run_on_weights(
 
 def has_float64(*tensors: torch.Tensor | None) -> bool:
     """Whether any of these tensors is float64 (no Triton kernel takes it)."""
-    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+    # a loop, not any() over a generator: decode steps call it, and it is half the cost there
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return True
+    return False
 
 
 def runs_dense_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> bool:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SUPPORTED_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 _DTYPE_NAMES = "float32, bfloat16, float16 (or float64 on the PyTorch paths)"
 
 
@@ -58,16 +58,17 @@ def validate_inputs(
     if v.ndim != 4:
         raise ValueError(f"`v` must have shape [B, T, H, V]; got {v.ndim} dims {tuple(v.shape)}")
     B, T, H, V = v.shape
-    if logits.ndim != 4 or tuple(logits.shape[:3]) != (B, T, H):
+    if logits.ndim != 4 or logits.shape[:3] != (B, T, H):
         raise ValueError(f"`logits` must have shape [B, T, H, M] = [{B}, {T}, {H}, M]; got {tuple(logits.shape)}")
     M = logits.shape[-1]
     for name, x in (("eta", eta), ("mu", mu)):
-        if tuple(x.shape) != (B, T, H):
+        if x.shape != (B, T, H):
             raise ValueError(f"`{name}` must have shape [B, T, H] = [{B}, {T}, {H}]; got {tuple(x.shape)}")
     if T < 1 or H < 1 or V < 1 or M < 1:
         raise ValueError(f"T, H, V and M must be >= 1; got T={T}, H={H}, V={V}, M={M}")
+    device = v.device
     for name, x in (("logits", logits), ("eta", eta), ("mu", mu)):
-        _check_device(name, x, v.device)
+        _check_device(name, x, device)
 
     if topk is not None:
         if isinstance(topk, bool) or not isinstance(topk, int):
@@ -85,16 +86,16 @@ def validate_inputs(
             raise ValueError(f"`cu_seqlens` must be 1-D with N + 1 >= 2 entries; got shape {tuple(cu_seqlens.shape)}")
         if B != 1:
             raise ValueError(f"with `cu_seqlens` the batch must be packed into B = 1; got B = {B}")
-        _check_device("cu_seqlens", cu_seqlens, v.device)
+        _check_device("cu_seqlens", cu_seqlens, device)
         N = cu_seqlens.numel() - 1
 
     if initial_state is not None:
         _check_float("initial_state", initial_state)
-        if tuple(initial_state.shape) != (N, H, M, V):
+        if initial_state.shape != (N, H, M, V):
             raise ValueError(
                 f"`initial_state` must have shape [N, H, M, V] = [{N}, {H}, {M}, {V}]; got {tuple(initial_state.shape)}"
             )
-        _check_device("initial_state", initial_state, v.device)
+        _check_device("initial_state", initial_state, device)
     return Dims(B, T, H, M, V, N)
 
 

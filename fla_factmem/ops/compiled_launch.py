@@ -1,0 +1,116 @@
+"""Launching a small Triton kernel again without the JIT's per-call dispatch.
+
+A decode step is one short kernel (7 to 26 us on an H200), and the dispatch of Triton 3.6's JIT in
+front of it (binding the arguments, their specialisation and cache key, the heuristics) costs more
+host time than the launch itself: on the H200 machine, 21.7 us a call through ``kernel[grid](...)``
+against 6.6 us through the compiled kernel's ``run`` (benchmarks/ops/NOTES.md). With the decode
+kernel at 7 us, that host time is most of an eager step's wall time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+# a bound on the kept launchers, should a caller cycle through many shapes
+MAX_LAUNCHERS = 256
+
+
+def _specialization(arg: Any) -> Any:
+    """What the JIT specialises a kernel argument on: for tensors the dtype and whether the
+    address is 16-byte aligned, for ints whether they are 1, divisible by 16, and fit int32, for
+    floats nothing; None and constexpr values stand for themselves. At least as fine as Triton
+    3.6's own key, so one kept launcher never serves arguments that the JIT would have compiled
+    differently."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    if isinstance(arg, float):
+        return float
+    return arg
+
+
+def _jit_function(kernel) -> JITFunction | None:
+    """The JIT function under a kernel's decorators (heuristics); None when Triton interprets."""
+    while not isinstance(kernel, JITFunction):
+        if not hasattr(kernel, "fn"):
+            return None
+        kernel = kernel.fn
+    return kernel
+
+
+def _heuristics(kernel) -> list[tuple[str, Callable]]:
+    """The ``@triton.heuristics`` of a kernel, outermost first, as Triton applies them."""
+    found = []
+    while not isinstance(kernel, JITFunction):
+        found += list(getattr(kernel, "values", {}).items())
+        kernel = kernel.fn
+    return found
+
+
+def _launch_hooks_registered() -> bool:
+    """Whether a profiler registered launch hooks (Triton 3.6 keeps them in chains, older ones as
+    None or a function): those want each launch's metadata, which only the full path builds."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(getattr(hook, "calls", hook) for hook in hooks)
+
+
+class CompiledLauncher:
+    """Launches ``kernel[grid](*args, **constexprs)`` through the kernel that the JIT compiled for
+    the same grid, device and argument specialisation.
+
+    The first call of each specialisation goes through the JIT (which compiles or finds the
+    kernel and launches it); later ones call the compiled kernel's launcher on the current
+    stream with the same arguments and, appended in signature order, the constexprs and the
+    heuristics' values. Under ``TRITON_INTERPRET=1`` every call goes through the interpreter,
+    and with launch hooks registered (profilers) through the compiled kernel's full launch path.
+
+    Takes the positional arguments first in the kernel's signature and everything after them
+    (constexprs, heuristic values) as keywords; launch options such as ``num_warps`` also go in
+    ``constexprs``.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        jit = _jit_function(kernel)
+        self.arg_names = jit.arg_names if jit is not None else None
+        self.heuristics = _heuristics(kernel) if jit is not None else []
+        self.launchers: dict[tuple, tuple[CompiledKernel, tuple, tuple]] = {}
+
+    def launch(self, grid: tuple[int, ...], *args, **constexprs) -> None:
+        if self.arg_names is None:
+            self.kernel[grid](*args, **constexprs)
+            return
+        device = driver.active.get_current_device()
+        key = (grid, device, tuple(map(_specialization, args)), tuple(constexprs.items()))
+        kept = self.launchers.get(key)
+        if kept is None:
+            compiled = self.kernel[grid](*args, **constexprs)
+            if len(self.launchers) >= MAX_LAUNCHERS:
+                self.launchers.clear()
+            self.launchers[key] = (compiled, (*grid, 1, 1)[:3], self._tail(args, constexprs))
+            return
+        compiled, grid, tail = kept
+        if _launch_hooks_registered():
+            compiled[grid](*args, *tail)
+            return
+        stream = driver.active.get_current_stream(device)
+        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+    def _tail(self, args: tuple, constexprs: dict) -> tuple:
+        """The values of the parameters after the positional ones, in signature order: the given
+        constexprs and the heuristics' values, which depend only on what the key holds."""
+        values = {**dict(zip(self.arg_names, args)), **constexprs}
+        for name, heuristic in self.heuristics:
+            values[name] = heuristic(values)
+        rest = self.arg_names[len(args) :]
+        missing = [name for name in rest if name not in values]
+        if missing:
+            raise TypeError(f"CompiledLauncher: no value for the kernel parameters {missing}")
+        return tuple(values[name] for name in rest)

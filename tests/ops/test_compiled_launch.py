@@ -1,0 +1,82 @@
+"""The launcher that skips Triton's JIT dispatch for decode steps: its specialisation key on the
+CPU, and on the GPU (``cuda`` marker) that kept launchers give the JIT's results, also for
+arguments that the JIT compiles differently (unaligned tensors, varlen)."""
+
+import pytest
+import torch
+
+from fla_factmem.ops.compiled_launch import _specialization
+from fla_factmem.ops.factorization_memory import launch
+from fla_factmem.ops.factorization_memory.naive import naive_factorization_memory
+from tests.utils import assert_close
+
+
+def unaligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` whose address is one element past a 16-byte boundary."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:]
+    return flat.view_as(x).copy_(x)
+
+
+def test_specialization_separates_what_the_jit_separates():
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    assert _specialization(x) == (torch.bfloat16, True)
+    assert _specialization(unaligned(x)) == (torch.bfloat16, False)
+    assert _specialization(x.float()) != _specialization(x)
+    assert len({_specialization(n) for n in (1, 2, 16, 2**31)}) == 4
+    assert _specialization(0.5) == _specialization(2.0)
+    assert _specialization(None) is None and _specialization(True) is True
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("topk", [None, 16])
+def test_cuda_kept_launchers_match_the_jit(topk):
+    """Each specialisation's first call goes through the JIT, its second through the kept
+    launcher: both give the same bits, and the reference's values."""
+    launcher = launch.SPARSE_DECODE if topk else launch.DENSE_DECODE
+    launcher.launchers.clear()
+    M = 256 if topk is None else 1024
+    inputs = [torch.randn(8, 1, 4, 64), torch.randn(8, 1, 4, M) * 2, torch.rand(8, 1, 4), torch.rand(8, 1, 4)]
+    v, logits, eta, mu = (x.cuda().bfloat16() for x in inputs)
+    h0 = torch.randn(8, 4, M, 64, device="cuda")
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, topk, h0, True)
+    packed = [x.transpose(0, 1) for x in (v, logits, eta, mu)]
+    offsets = torch.arange(9, device="cuda")  # one token per sequence: the same step, varlen
+    calls = [
+        (v, logits, eta, mu, None),
+        (*(unaligned(x) for x in (v, logits, eta, mu)), None),  # compiled without aligned loads
+        (*packed, offsets),
+    ]
+    for kept, (*args, cu_seqlens) in enumerate(calls, 1):
+        o_jit, ht_jit = launch.fused_recurrent_fwd(*args, h0, True, cu_seqlens, topk)
+        o, ht = launch.fused_recurrent_fwd(*args, h0, True, cu_seqlens, topk)
+        assert len(launcher.launchers) == kept
+        assert torch.equal(o, o_jit) and torch.equal(ht, ht_jit)
+        assert_close("o", o.reshape(o_ref.shape), o_ref, 1e-2)
+        assert_close("final state", ht, ht_ref, 1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_kept_launchers_call_launch_hooks():
+    """A profiler's launch hook sees kept launches too, with their metadata."""
+    from triton import knobs
+
+    chain = knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton keeps one launch hook, not a chain")
+    v, logits, eta, mu = (
+        x.cuda()
+        for x in (torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 128), torch.rand(2, 1, 2), torch.rand(2, 1, 2))
+    )
+    h0 = torch.randn(2, 2, 128, 64, device="cuda")
+    launch.fused_recurrent_fwd(v, logits, eta, mu, h0, True, None, 4)  # keeps the launcher
+    seen = []
+
+    def hook(metadata):
+        seen.append((metadata if isinstance(metadata, dict) else metadata.get())["name"])  # 3.6: a LazyDict
+
+    chain.add(hook)
+    try:
+        launch.fused_recurrent_fwd(v, logits, eta, mu, h0, True, None, 4)
+    finally:
+        chain.remove(hook)
+    assert seen == ["fused_recurrent_sparse_fwd_kernel"]
