@@ -30,10 +30,11 @@ class FactorizationMemory(nn.Module):
 
     From ``x`` ``[B, T, hidden_size]``, per head:
     ``v = SiLU(short_conv(v_proj(x)))`` (SiLU alone without the short convolution),
-    ``logits = a_proj(x) / temperature``, ``eta = sigmoid(eta_proj(x))``,
-    ``mu = sigmoid(mu_proj(x))``; the memory op turns them into ``o`` ``[B, T, H, V]``; then
-    ``y = o_proj(g_norm(o, g_proj(x)))``, where ``g_norm`` is a SiLU-gated RMS norm over all
-    heads together (so the per-head merge rate ``mu`` keeps its meaning).
+    ``logits = a_proj(x) / temperature``, ``eta, mu = sigmoid(eta_mu_proj(x))`` (the first H
+    outputs are eta's, the last H mu's: the SPEC's W_eta and W_mu stacked); the memory op turns
+    them into ``o`` ``[B, T, H, V]``; then ``y = o_proj(g_norm(o, g_proj(x)))``, where
+    ``g_norm`` is a SiLU-gated RMS norm over all heads together (so the per-head merge rate
+    ``mu`` keeps its meaning).
 
     Initialisation: PyTorch's defaults when built alone; inside the models, FLA's scheme
     (normal(0, initializer_range) weights, zero biases). Zero biases give eta = mu = 1/2 and,
@@ -119,8 +120,9 @@ class FactorizationMemory(nn.Module):
         if use_short_conv:
             self.v_conv1d = ShortConvolution(value_dim, conv_size, bias=conv_bias, activation="silu")
         self.a_proj = nn.Linear(hidden_size, num_heads * num_memories, bias=False)  # the paper's W_alpha
-        self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
-        self.mu_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        # both rates from one GEMM: when decoding a batch of 32 on an H200, an H-wide projection with
+        # bias took 8.6 us, the 2H-wide one 3.6 (cuBLAS picks a slow kernel for 4 outputs)
+        self.eta_mu_proj = nn.Linear(hidden_size, 2 * num_heads, bias=True)
         self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)  # the output gate z
         self.g_norm = FusedRMSNormGated(value_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
@@ -167,8 +169,7 @@ class FactorizationMemory(nn.Module):
         logits = rearrange(self.a_proj(hidden_states), "... (h m) -> ... h m", m=self.num_memories)
         if self.temperature != 1:  # a pass over B * T * H * M logits each way, skipped at the default
             logits = logits / self.temperature
-        eta = torch.sigmoid(self.eta_proj(hidden_states))
-        mu = torch.sigmoid(self.mu_proj(hidden_states))
+        eta, mu = torch.sigmoid(self.eta_mu_proj(hidden_states)).unflatten(-1, (2, self.num_heads)).unbind(-2)
         aux_loss = self._routing_diagnostics(logits)
 
         initial_state = last_state["recurrent_state"] if last_state is not None else None

@@ -28,8 +28,7 @@ def make_layer(topk=None, use_short_conv=True, mode="chunk", **kwargs):
     )
     with torch.no_grad():  # non-trivial norm weight and rate biases, so the test sees them
         layer.g_norm.weight.normal_()
-        layer.eta_proj.bias.normal_()
-        layer.mu_proj.bias.normal_()
+        layer.eta_mu_proj.bias.normal_()
     return layer
 
 
@@ -43,7 +42,8 @@ def compose(layer, x):
         v = v.transpose(1, 2)
     v = F.silu(v).unflatten(-1, (H, V))
     logits = layer.a_proj(x).unflatten(-1, (H, M)) / layer.temperature
-    eta, mu = torch.sigmoid(layer.eta_proj(x)), torch.sigmoid(layer.mu_proj(x))
+    (w_eta, w_mu), (b_eta, b_mu) = layer.eta_mu_proj.weight.chunk(2), layer.eta_mu_proj.bias.chunk(2)
+    eta, mu = torch.sigmoid(F.linear(x, w_eta, b_eta)), torch.sigmoid(F.linear(x, w_mu, b_mu))
     o, _ = naive_factorization_memory(v, logits, eta, mu, topk=layer.topk)
     o = o.flatten(-2)
     o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + layer.g_norm.eps) * layer.g_norm.weight
