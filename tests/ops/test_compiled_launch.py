@@ -2,10 +2,15 @@
 CPU, and on the GPU (``cuda`` marker) that kept launchers give the JIT's results, also for
 arguments that the JIT compiles differently (unaligned tensors, varlen)."""
 
+import os
+
 import pytest
 import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
 
-from fla_factmem.ops.compiled_launch import _specialization
+from fla_factmem.ops.compiled_launch import CompiledLauncher, _specialization
 from fla_factmem.ops.factorization_memory import launch
 from fla_factmem.ops.factorization_memory.naive import naive_factorization_memory
 from tests.utils import assert_close
@@ -25,6 +30,22 @@ def test_specialization_separates_what_the_jit_separates():
     assert len({_specialization(n) for n in (1, 2, 16, 2**31)}) == 4
     assert _specialization(0.5) == _specialization(2.0)
     assert _specialization(None) is None and _specialization(True) is True
+
+
+def toy_kernel(x, y, n, A: tl.constexpr, FLAG: tl.constexpr, B: tl.constexpr):
+    pass
+
+
+def test_tail_appends_constexprs_and_heuristics_in_signature_order():
+    # a JITFunction built directly: the interpreter would otherwise replace it, and the launcher
+    # would pass every call to it
+    kernel = triton.heuristics({"FLAG": lambda args: args["y"] is not None})(JITFunction(toy_kernel))
+    launcher = CompiledLauncher(kernel)
+    assert launcher._tail((1, None, 3), {"A": 5, "B": 7, "num_warps": 2}) == (5, False, 7)
+    with pytest.raises(TypeError, match="'B'"):
+        launcher._tail((1, None, 3), {"A": 5})
+    if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted: no JIT dispatch to skip
+        assert CompiledLauncher(triton.jit(toy_kernel)).arg_names is None
 
 
 @pytest.mark.cuda
