@@ -36,22 +36,16 @@ def _specialization(arg: Any) -> Any:
     return arg
 
 
-def _jit_function(kernel) -> JITFunction | None:
-    """The JIT function under a kernel's decorators (heuristics); None when Triton interprets."""
+def _unwrap(kernel) -> tuple[JITFunction | None, list[tuple[str, Callable]]]:
+    """The JIT function under a kernel's decorators, and the ``@triton.heuristics`` among them,
+    outermost first as Triton applies them; (None, []) when Triton interprets the kernel."""
+    heuristics = []
     while not isinstance(kernel, JITFunction):
         if not hasattr(kernel, "fn"):
-            return None
+            return None, []
+        heuristics += list(getattr(kernel, "values", {}).items())
         kernel = kernel.fn
-    return kernel
-
-
-def _heuristics(kernel) -> list[tuple[str, Callable]]:
-    """The ``@triton.heuristics`` of a kernel, outermost first, as Triton applies them."""
-    found = []
-    while not isinstance(kernel, JITFunction):
-        found += list(getattr(kernel, "values", {}).items())
-        kernel = kernel.fn
-    return found
+    return kernel, heuristics
 
 
 def _launch_hooks_registered() -> bool:
@@ -78,9 +72,8 @@ class CompiledLauncher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        jit = _jit_function(kernel)
+        jit, self.heuristics = _unwrap(kernel)
         self.arg_names = jit.arg_names if jit is not None else None
-        self.heuristics = _heuristics(kernel) if jit is not None else []
         self.launchers: dict[tuple, tuple[CompiledKernel, tuple, tuple]] = {}
 
     def launch(self, grid: tuple[int, ...], *args, **constexprs) -> None:
