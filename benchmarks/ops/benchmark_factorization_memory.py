@@ -293,21 +293,12 @@ def main():
             )
             torch.cuda.empty_cache()
 
-    if rows:
-        with open(os.path.join(args.out, "training.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    if sparse:
-        with open(os.path.join(args.out, "sparse.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(sparse[0]))
-            w.writeheader()
-            w.writerows(sparse)
-    if decode:
-        with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(decode[0]))
-            w.writeheader()
-            w.writerows(decode)
+    for table, table_rows in (("training", rows), ("sparse", sparse), ("decode", decode)):
+        if table_rows:
+            with open(os.path.join(args.out, f"{table}.csv"), "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+                w.writeheader()
+                w.writerows(table_rows)
 
     ops = list(dict.fromkeys(r["op"] for r in rows))
     if rows:
