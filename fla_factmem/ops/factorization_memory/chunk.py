@@ -7,7 +7,7 @@ import torch
 from fla_factmem.ops.factorization_memory.chunk_torch import DEFAULT_CHUNK_SIZE, chunk_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.launch import (
     SavedForBackward,
-    SparseSavedForBackward,
+    SparseEvents,
     chunk_bwd,
     chunk_fwd,
     chunk_sparse_bwd,
@@ -50,31 +50,27 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
 
 
 class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
-    """Sparse (top-K) op on CUDA: Triton kernels both ways, over each chunk's union of picked rows.
-    Saves the inputs, the picks and their weights ([B, T, H, K]), the unions and the intra-chunk
-    scores ([B, T, H, 16] float32); ``store_for_backward`` False skips the scores. The compact
-    chunk-start states ([NT_total, H, min(M, 16 K), V] float32, T * K * V floats per head) are
-    recomputed in the backward instead of saved."""
+    """Sparse (top-K) op on CUDA: Triton kernels both ways, along the rows each token picks.
+    Saves the inputs, the picks and their weights (``[B, T, H, K]``) and the picks' order along
+    the memory's rows (``[H, B T K]``): T * K values per head, nothing that grows with V or M."""
 
     @staticmethod
-    def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
+    def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens):
         picks = sparse_routing(logits, eta, mu, topk)
         o, final_state, saved = chunk_sparse_fwd(
-            v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
+            v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens
         )
-        ctx.save_for_backward(v, logits, eta, mu, initial_state, cu_seqlens, *saved[:-1])
-        ctx.layout = saved.layout
+        ctx.save_for_backward(v, logits, eta, mu, initial_state, cu_seqlens, *saved)
         ctx.needs_dh0 = initial_state is not None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
         v, logits, eta, mu, initial_state, cu_seqlens, *saved = ctx.saved_tensors
-        saved = SparseSavedForBackward(*saved, ctx.layout)
         dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(
-            v, logits, eta, mu, saved, initial_state, do, dht, cu_seqlens, ctx.needs_dh0
+            v, logits, eta, mu, SparseEvents(*saved), initial_state, do, dht, cu_seqlens, ctx.needs_dh0
         )
-        return dv, dlogits, deta, dmu, None, dh0, None, None, None
+        return dv, dlogits, deta, dmu, None, dh0, None, None
 
 
 def chunk_factorization_memory(
@@ -99,10 +95,11 @@ def chunk_factorization_memory(
     backward, which derive the routing weights and decays on chip; for the backward they keep
     the memory at every chunk's start (``[T/32 * B, H, M, V]`` float32) and the intra-chunk
     scores (``[B, T, H, 32]`` float32), never q, k or the decays. Sparse calls (``topk`` < M,
-    any M) run the sparse Triton kernels, forward and backward: each chunk of 16 tokens reads
-    and writes only the union of the rows its tokens pick; the backward recomputes those rows at
-    each chunk's start (``[T/16 * B, H, min(M, 16 K), V]`` float32: T * K * V floats per head)
-    rather than keeping them from the forward. Other calls
+    any M) run the sparse Triton kernels, forward and backward: each token's K picks, sorted
+    by row, become scans along each row's picks, which read and write only the rows some token
+    picks; they keep the sorted picks for the backward (``[H, B T K]``, T * K values per head)
+    and recompute the memory there, and while they run they hold the picks' terms of o or dv
+    (``[B T, H, K, V]`` float32). Other calls
     (dense M > 256, float64), and every call on the CPU, run the PyTorch chunked path (on CUDA
     it warns once).
 
@@ -118,8 +115,8 @@ def chunk_factorization_memory(
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
             Its values are checked on the PyTorch path only (a check on the GPU would sync).
         chunk_size: tokens per chunk of the PyTorch path (default 16; its memory grows with
-            T * chunk_size * M); the Triton kernels use chunks of 32 (dense) or 16 (sparse) and
-            ignore it.
+            T * chunk_size * M); the dense Triton kernels use chunks of 32 and the sparse
+            ones none; both ignore it.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
@@ -138,7 +135,7 @@ def chunk_factorization_memory(
         )
     if runs_sparse_triton(v, logits, topk, eta, mu, initial_state):
         return ChunkSparseFactorizationMemoryFunction.apply(
-            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
+            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
         )
     if v.is_cuda:
         warn_once(

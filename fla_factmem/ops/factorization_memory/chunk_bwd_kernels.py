@@ -24,18 +24,13 @@ Three kernels, so that none holds more than a few [BT, BT] tiles:
 3. ``chunk_bwd_dv_kernel``, per (chunk, head): dv, from the intra-chunk scores the forward
    stored, and with several blocks of rows the softmax backward over whole rows from kernel 2's
    scratch.
-
-With their SPARSE switch on, the three run over a chunk's union of picked rows
-(``chunk_sparse_kernels.py``): the dominant row is a slot of the union, and kernel 2 leaves
-dtheta and dphi of each token's picks for ``sparse_routing_bwd_kernel`` (the softmax
-re-normalised over the picks).
 """
 
 import triton
 import triton.language as tl
 
 from fla_factmem.ops.factorization_memory.chunk_kernels import (
-    SPARSE_AND_VARLEN_SWITCHES,
+    VARLEN_SWITCH,
     chunk_gates,
     chunk_tokens,
     level_pairs,
@@ -47,20 +42,19 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
 
 @triton.jit
 def dominant_row_products(
-    v_t, do_t, logits, lse, eta, mu, slot_picks, pick_theta, pick_phi, states, grad_states, tok, slot_row,
-    m_t, m_next, j_dom, state_row0, H: tl.constexpr, M: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr, SPARSE: tl.constexpr,
+    v_t, do_t, logits, lse, eta, mu, states, grad_states, tok, m_t, m_next, j_dom, state_row0,
+    H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """<D_t[j], h_{t-1}[j]> for the dominant row j = j_dom[t] of each token of the chunk that has
-    one, else 0: [BT]. The [x, t] tiles hold row j_dom[t] at token x, gathered from the gates
-    (rows and gates as in ``chunk_gates``)."""
+    one, else 0: [BT]. The [x, t] tiles hold row j_dom[t] at token x, gathered from the gates."""
     o_t = tl.arange(0, BT)
     o_v = tl.arange(0, BV)
     has = j_dom >= 0
     j = tl.maximum(j_dom, 0)
-    gates = (logits, lse, eta, mu, slot_picks, pick_theta, pick_phi)
-    theta, phi, d = chunk_gates(*gates, tok, slot_row, m_t, j, has, M, K, SPARSE)
-    _, _, d_next = chunk_gates(*gates, tok + H, slot_row + 1, m_next, j, has, M, K, SPARSE)
+    gates = (logits, lse, eta, mu)
+    theta, phi, d = chunk_gates(*gates, tok, m_t, j, has, M)
+    _, _, d_next = chunk_gates(*gates, tok + H, m_next, j, has, M)
     x_i, t_i = o_t[:, None], o_t[None, :]
     rows = (state_row0 + j)[:, None] * V + o_v[None, :]
     m_rows = has[:, None] & (o_v < V)[None, :]
@@ -81,7 +75,7 @@ def dominant_row_products(
     return tl.sum(grad_j * h_prev, 1)
 
 
-@triton.heuristics(SPARSE_AND_VARLEN_SWITCHES)
+@triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_bwd_dominant_kernel(
     v,
@@ -89,9 +83,6 @@ def chunk_bwd_dominant_kernel(
     lse,
     eta,
     mu,
-    slot_picks,
-    pick_theta,
-    pick_phi,
     dominant,
     do,
     states,
@@ -103,17 +94,14 @@ def chunk_bwd_dominant_kernel(
     NT,
     H: tl.constexpr,
     M: tl.constexpr,
-    K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SPARSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """x_dom: [B, T, H] float32, <D_t[j], h_{t-1}[j]> at the tokens with a dominant row j
-    (dominant[t] >= 0; SPARSE: a slot of the chunk's union); the other tokens are left
-    unwritten."""
+    (dominant[t] >= 0); the other tokens are left unwritten."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
@@ -123,15 +111,14 @@ def chunk_bwd_dominant_kernel(
         v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         state_row0 = (i_tc.to(tl.int64) * H + i_h) * M
-        slot_row = (i_tc * H + i_h) * BT + tl.arange(0, BT)
         x = dominant_row_products(
-            v_t, do_t, logits, lse, eta, mu, slot_picks, pick_theta, pick_phi, states, grad_states, tok,
-            slot_row, m_t, m_next, j_dom, state_row0, H, M, K, V, BT, BV, DOT_PRECISION, SPARSE,
+            v_t, do_t, logits, lse, eta, mu, states, grad_states, tok, m_t, m_next, j_dom, state_row0,
+            H, M, V, BT, BV, DOT_PRECISION,
         )  # fmt: skip
         tl.store(x_dom + tok, x, mask=j_dom >= 0)
 
 
-@triton.heuristics(SPARSE_AND_VARLEN_SWITCHES)
+@triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT", "n_entries"])
 def chunk_bwd_dqk_kernel(
     v,
@@ -139,10 +126,6 @@ def chunk_bwd_dqk_kernel(
     lse,
     eta,
     mu,
-    slot_picks,
-    pick_theta,
-    pick_phi,
-    union_count,
     dominant,
     x_dom,
     do,
@@ -153,8 +136,6 @@ def chunk_bwd_dqk_kernel(
     dmu,
     dalpha,
     partial_sums,
-    pick_dtheta,
-    pick_dphi,
     chunk_indices,
     cu_seqlens,
     T,
@@ -162,14 +143,12 @@ def chunk_bwd_dqk_kernel(
     n_entries,
     H: tl.constexpr,
     M: tl.constexpr,
-    K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     LEVELS: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SPARSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """states: [NT_total, H, M, V] memory at each chunk's start; grad_states: [NT_total, H, M, V]
@@ -177,23 +156,16 @@ def chunk_bwd_dqk_kernel(
     per program. When it holds all M rows: writes dlogits, deta and dmu in their inputs'
     layouts. Else: dalpha [B, T, H, M] float32 and partial_sums [3, NM, n_entries] float32
     (n_entries = B * T * H), the block's sums of alpha * dphi, alpha * dtheta and alpha * dalpha,
-    for ``chunk_bwd_dv_kernel`` to finish.
-    SPARSE: M slots of the chunks' unions (rows and gates as in ``chunk_gates``); writes the
-    gradients on the picks' theta and phi, pick_dtheta and pick_dphi [B, T, H, K] float32."""
+    for ``chunk_bwd_dv_kernel`` to finish."""
     i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < (tl.load(union_count + i_tc * H + i_h) if SPARSE else M)
+    m_m = o_m < M
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
 
-    slot_row = (i_tc * H + i_h) * BT + o_t
-    gates = (logits, lse, eta, mu, slot_picks, pick_theta, pick_phi)
-    if SPARSE:
-        theta, phi, d = chunk_gates(*gates, tok, slot_row, m_t, o_m, m_m, M, K, SPARSE)
-    else:
-        alpha, theta, phi, d, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
-    _, _, d_next = chunk_gates(*gates, tok + H, slot_row + 1, m_next, o_m, m_m, M, K, SPARSE)
+    alpha, theta, phi, d, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    _, _, d_next = chunk_gates(logits, lse, eta, mu, tok + H, m_next, o_m, m_m, M)
     decay_out = tl.cumprod(d_next, 0, reverse=True)
     w_end = theta * decay_out
     decay_all = product(d, 0)
@@ -240,42 +212,32 @@ def chunk_bwd_dqk_kernel(
     is_dom = o_m[None, :] == j_dom[:, None]
     dtheta = dk - tl.where(is_dom, x[:, None], dg / tl.where(is_dom, 1.0, 1.0 - theta))
     m_tm = m_t[:, None] & m_m[None, :]
-    if SPARSE:
-        k = tl.load(slot_picks + slot_row[:, None].to(tl.int64) * M + o_m[None, :], mask=m_tm, other=-1)
-        pick = tok[:, None].to(tl.int64) * K + k
-        tl.store(pick_dtheta + pick, dtheta, mask=k >= 0)
-        tl.store(pick_dphi + pick, dq, mask=k >= 0)
+    dalpha_t = mu_t[:, None] * dq + eta_t[:, None] * dtheta
+    dmu_t = tl.sum(alpha * dq, 1)
+    deta_t = tl.sum(alpha * dtheta, 1)
+    if M <= BM:
+        total = mu_t * dmu_t + eta_t * deta_t  # sum_j alpha dalpha
+        grad = alpha * (dalpha_t - total[:, None])
+        tl.store(dlogits + tok[:, None] * M + o_m[None, :], grad.to(dlogits.dtype.element_ty), mask=m_tm)
+        tl.store(deta + tok, deta_t.to(deta.dtype.element_ty), mask=m_t)
+        tl.store(dmu + tok, dmu_t.to(dmu.dtype.element_ty), mask=m_t)
     else:
-        dalpha_t = mu_t[:, None] * dq + eta_t[:, None] * dtheta
-        dmu_t = tl.sum(alpha * dq, 1)
-        deta_t = tl.sum(alpha * dtheta, 1)
-        if M <= BM:
-            total = mu_t * dmu_t + eta_t * deta_t  # sum_j alpha dalpha
-            grad = alpha * (dalpha_t - total[:, None])
-            tl.store(dlogits + tok[:, None] * M + o_m[None, :], grad.to(dlogits.dtype.element_ty), mask=m_tm)
-            tl.store(deta + tok, deta_t.to(deta.dtype.element_ty), mask=m_t)
-            tl.store(dmu + tok, dmu_t.to(dmu.dtype.element_ty), mask=m_t)
-        else:
-            tl.store(dalpha + tok[:, None] * M + o_m[None, :], dalpha_t, mask=m_tm)
-            NM: tl.constexpr = (M + BM - 1) // BM
-            tl.store(partial_sums + i_m * n_entries + tok, dmu_t, mask=m_t)
-            tl.store(partial_sums + (NM + i_m) * n_entries + tok, deta_t, mask=m_t)
-            # the softmax's sum_j alpha dalpha from the very values stored: with one-hot routing the
-            # gradient alpha (dalpha - sum) is then exactly 0, as in the one-block path
-            tl.store(partial_sums + (2 * NM + i_m) * n_entries + tok, tl.sum(alpha * dalpha_t, 1), mask=m_t)
+        tl.store(dalpha + tok[:, None] * M + o_m[None, :], dalpha_t, mask=m_tm)
+        NM: tl.constexpr = (M + BM - 1) // BM
+        tl.store(partial_sums + i_m * n_entries + tok, dmu_t, mask=m_t)
+        tl.store(partial_sums + (NM + i_m) * n_entries + tok, deta_t, mask=m_t)
+        # the softmax's sum_j alpha dalpha from the very values stored: with one-hot routing the
+        # gradient alpha (dalpha - sum) is then exactly 0, as in the one-block path
+        tl.store(partial_sums + (2 * NM + i_m) * n_entries + tok, tl.sum(alpha * dalpha_t, 1), mask=m_t)
 
 
-@triton.heuristics(SPARSE_AND_VARLEN_SWITCHES)
+@triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT", "n_entries"])
 def chunk_bwd_dv_kernel(
     logits,
     lse,
     eta,
     mu,
-    slot_picks,
-    pick_theta,
-    pick_phi,
-    union_count,
     do,
     grad_states,
     scores,
@@ -292,35 +254,30 @@ def chunk_bwd_dv_kernel(
     n_entries,
     H: tl.constexpr,
     M: tl.constexpr,
-    K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SPARSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """dv_s = sum_j theta_s[j] d_{s+1}[j] ... d_last[j] dh[j] + sum_{t>=s} A[t, s] do_t, over
     blocks of BM rows, with A the forward's scores (``scores`` [B, T, H, BT] float32, row t of
-    its chunk's A). Dense with several blocks (M > BM), also the softmax backward from
-    ``chunk_bwd_dqk_kernel``'s dalpha and partial sums: dlogits, deta, dmu. SPARSE: rows and
-    gates as in ``chunk_gates``, dv only."""
+    its chunk's A). With several blocks (M > BM), also the softmax backward from
+    ``chunk_bwd_dqk_kernel``'s dalpha and partial sums: dlogits, deta, dmu."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_v = tl.arange(0, BV)
     m_v = o_v < V
     state_row0 = (i_tc.to(tl.int64) * H + i_h) * M
-    rows = tl.load(union_count + i_tc * H + i_h) if SPARSE else M
-    slot_row = (i_tc * H + i_h) * BT + o_t
-    gates = (logits, lse, eta, mu, slot_picks, pick_theta, pick_phi)
+    gates = (logits, lse, eta, mu)
     dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_m in range(tl.cdiv(rows, BM)):
+    for i_m in range(tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
-        m_m = o_m < rows
-        theta, _, _ = chunk_gates(*gates, tok, slot_row, m_t, o_m, m_m, M, K, SPARSE)
-        _, _, d_next = chunk_gates(*gates, tok + H, slot_row + 1, m_next, o_m, m_m, M, K, SPARSE)
+        m_m = o_m < M
+        theta, _, _ = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
+        _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
         row = state_row0 + o_m
         dh = tl.load(grad_states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
         w_out = theta * tl.cumprod(d_next, 0, reverse=True)
@@ -332,7 +289,7 @@ def chunk_bwd_dv_kernel(
     dv_t = tl.dot(scores_t, do_t, dv_acc, input_precision=DOT_PRECISION)
     tl.store(dv + tok[:, None] * V + o_v[None, :], dv_t.to(dv.dtype.element_ty), mask=m_tv)
 
-    if M > BM and not SPARSE:
+    if M > BM:
         NM: tl.constexpr = (M + BM - 1) // BM
         dmu_t = tl.zeros([BT], dtype=tl.float32)
         deta_t = tl.zeros([BT], dtype=tl.float32)

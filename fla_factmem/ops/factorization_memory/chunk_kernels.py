@@ -40,8 +40,6 @@ STATE_AND_VARLEN_SWITCHES = {
     "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
 }
 VARLEN_SWITCH = {"IS_VARLEN": STATE_AND_VARLEN_SWITCHES["IS_VARLEN"]}
-# sparse calls pass each token's picks (slot_picks, pick_theta, pick_phi) instead of logits
-SPARSE_AND_VARLEN_SWITCHES = {**VARLEN_SWITCH, "SPARSE": lambda args: args["slot_picks"] is not None}
 
 
 @triton.jit
@@ -122,25 +120,11 @@ def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
 
 
 @triton.jit
-def chunk_gates(
-    logits, lse, eta, mu, slot_picks, pick_theta, pick_phi, tok, slot_row, m_t, o_m, m_m,
-    M: tl.constexpr, K: tl.constexpr, SPARSE: tl.constexpr,
-):  # fmt: skip
-    """theta, phi and d = 1 - theta as [len(tok), BM] float32 tiles over rows o_m of a chunk's
-    state. Dense: memory rows, from the logits and the log-sum-exp. SPARSE: slots of the
-    chunk's union of picked rows; slot_picks [.., M] (row slot_row per token) says which of the
-    token's K picks (pick_theta, pick_phi: [.., K] per token) lands in each slot, or -1, and
-    slots without a pick get theta = phi = 0, d = 1."""
-    if SPARSE:
-        m_tm = m_t[:, None] & m_m[None, :]
-        k = tl.load(slot_picks + slot_row[:, None].to(tl.int64) * M + o_m[None, :], mask=m_tm, other=-1)
-        pick = tok[:, None].to(tl.int64) * K + k
-        theta = tl.load(pick_theta + pick, mask=k >= 0, other=0.0)
-        phi = tl.load(pick_phi + pick, mask=k >= 0, other=0.0)
-        return theta, phi, 1.0 - theta
-    else:
-        _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
-        return theta, phi, d
+def chunk_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
+    """theta, phi and d = 1 - theta as [len(tok), BM] float32 tiles over memory rows o_m, from the
+    logits and the log-sum-exp."""
+    _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    return theta, phi, d
 
 
 @triton.jit
@@ -197,7 +181,7 @@ def logsumexp_kernel(logits, eta, lse, dominant, n_rows, M: tl.constexpr, BR: tl
     tl.store(dominant + rows, tl.where(theta_top > 0.5, tl.argmax(x, 1), -1), mask=m_r)
 
 
-@triton.heuristics(SPARSE_AND_VARLEN_SWITCHES)
+@triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_state_increment_kernel(
     x,
@@ -205,10 +189,6 @@ def chunk_state_increment_kernel(
     lse,
     eta,
     mu,
-    slot_picks,
-    pick_theta,
-    pick_phi,
-    union_count,
     increments,
     decays,
     chunk_indices,
@@ -217,38 +197,32 @@ def chunk_state_increment_kernel(
     NT,
     H: tl.constexpr,
     M: tl.constexpr,
-    K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
     GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SPARSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """increments: [NT_total, H, M, V] float32, decays: [NT_total, H, M] float32, with M rows per
-    chunk state (SPARSE: the width of the chunks' unions of picked rows, of which
-    union_count [NT_total, H] are used; gates as in ``chunk_gates``).
+    """increments: [NT_total, H, M, V] float32, decays: [NT_total, H, M] float32.
     Forward (x = v): the memory a chunk adds, sum_s theta_s d_{s+1} ... d_last v_s.
     GRAD (x = do): the gradient a chunk adds on the memory before it, sum_u phi_u d_1 ... d_u do_u.
     Both store the chunk's decay d_1 ... d_last."""
     i_mv, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
-    rows = tl.load(union_count + i_tc * H + i_h) if SPARSE else M
-    slot_row = (i_tc * H + i_h) * BT + tl.arange(0, BT)
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_m, m_v = o_m < rows, o_v < V
+    m_m, m_v = o_m < M, o_v < V
 
-    gates = (logits, lse, eta, mu, slot_picks, pick_theta, pick_phi)
-    theta, phi, d = chunk_gates(*gates, tok, slot_row, m_t, o_m, m_m, M, K, SPARSE)
+    gates = (logits, lse, eta, mu)
+    theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
     x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     if GRAD:
         w = phi * tl.cumprod(d, 0)
     else:
-        _, _, d_next = chunk_gates(*gates, tok + H, slot_row + 1, m_next, o_m, m_m, M, K, SPARSE)
+        _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
         w = theta * tl.cumprod(d_next, 0, reverse=True)
     inc = tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION)
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
@@ -317,7 +291,7 @@ def chunk_state_scan_kernel(
         tl.store(ht + state_offsets, s, mask=m_state)
 
 
-@triton.heuristics(SPARSE_AND_VARLEN_SWITCHES)
+@triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_fwd_o_kernel(
     v,
@@ -325,10 +299,6 @@ def chunk_fwd_o_kernel(
     lse,
     eta,
     mu,
-    slot_picks,
-    pick_theta,
-    pick_phi,
-    union_count,
     states,
     o,
     scores_out,
@@ -338,7 +308,6 @@ def chunk_fwd_o_kernel(
     NT,
     H: tl.constexpr,
     M: tl.constexpr,
-    K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     LEVELS: tl.constexpr,
@@ -346,14 +315,13 @@ def chunk_fwd_o_kernel(
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STORE_SCORES: tl.constexpr,
-    SPARSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """states: [NT_total, H, M, V] memory at each chunk's start (rows as in
-    ``chunk_state_increment_kernel``); o: [B, T, H, V] in v's dtype; scores_out: [B, T, H, BT]
-    float32, row t of the chunk's scores A (diagonal included), for the backward's dv, written
-    only with STORE_SCORES. One program per (chunk, head, block of value columns) loops over
-    blocks of BM rows, accumulating (phi * P) h and the scores A; LEVELS = log2(BT)."""
+    """states: [NT_total, H, M, V] memory at each chunk's start; o: [B, T, H, V] in v's dtype;
+    scores_out: [B, T, H, BT] float32, row t of the chunk's scores A (diagonal included), for the
+    backward's dv, written only with STORE_SCORES. One program per (chunk, head, block of value
+    columns) loops over blocks of BM rows, accumulating (phi * P) h and the scores A;
+    LEVELS = log2(BT)."""
     i_tc, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -363,14 +331,12 @@ def chunk_fwd_o_kernel(
     out = tl.zeros([BT, BV], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     own = tl.zeros([BT], dtype=tl.float32)  # the diagonal of A: sum_j phi_t theta_t
-    rows = tl.load(union_count + i_tc * H + i_h) if SPARSE else M
-    slot_row = (i_tc * H + i_h) * BT + o_t
-    gates = (logits, lse, eta, mu, slot_picks, pick_theta, pick_phi)
-    for i_m in range(tl.cdiv(rows, BM)):
+    gates = (logits, lse, eta, mu)
+    for i_m in range(tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
-        m_m = o_m < rows
-        theta, phi, d = chunk_gates(*gates, tok, slot_row, m_t, o_m, m_m, M, K, SPARSE)
-        _, _, d_next = chunk_gates(*gates, tok + H, slot_row + 1, m_next, o_m, m_m, M, K, SPARSE)
+        m_m = o_m < M
+        theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
+        _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
         row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
         h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
         out = tl.dot(phi * tl.cumprod(d, 0), h, out, input_precision=DOT_PRECISION)

@@ -1,152 +1,305 @@
-"""Triton kernels of sparse (top-K) Factorization Memory that the dense path has no use for.
+"""Triton kernels of sparse (top-K) Factorization Memory in training and prefill: the memory
+row by row, over the tokens that pick each row.
 
-A chunk of BT tokens touches U, the union of the rows its tokens pick: at most BT * K of the M
-rows. Everything chunk-parallel runs in that compact space: a chunk's state is |U| rows, not M,
-and the dense kernels of ``chunk_kernels.py`` take it with their SPARSE switch on (gates from
-the picks that land in each slot of U, with their theta and phi). Two kernels here bridge compact and full space:
+A token's K picks are K events, each on one row of its sequence's memory. Sorted by (sequence,
+row), stably in token order (``launch.sparse_events``), the events of one row lie side by
+side, and along them the row follows a scalar linear recurrence:
 
-1. ``chunk_union_kernel``, parallel over chunks: U in ascending row order, its size, and for
-   each token and slot of U which of the token's picks lands there.
-2. ``chunk_sparse_state_walk_kernel``, sequential over a sequence's chunks: the full memory
-   [M, V] stays where it lies and only the rows in each chunk's U are read (kept as the
-   chunk-start state) and written (decayed and incremented). Rows nobody picks are never
-   touched, and the chunk-start states grow with T * K * V, not with (T / BT) * M * V. The
-   backward runs the walk again to recompute them, then in reverse over the gradient on the
-   memory.
+    h_e = d_e h_{e-1} + theta_e v_e,   d_e = 1 - theta_e,
 
-The backward kernels of ``chunk_bwd_kernels.py`` take the compact space through the same
-switch and leave the gradients on each pick's theta and phi; ``routing_kernels.py`` turns those
-into gradients on the logits, eta and mu.
+from the initial state's row at the row's first event to the final state's row at its last.
+Rows nobody picks have no events: they are neither read nor written, and per token the work and
+traffic are K * V, whatever M. No chunk states exist; the backward keeps only the sorted events
+(key, pick and weights), T * K values per head.
+
+Each program takes one block of consecutive (sequence, row) keys, whose events are one range of
+the sorted list, and walks it in tiles of BP events. Within a tile the recurrence is an
+associative scan of (d, theta v) pairs along the events, cut at the first event of every row
+(d = 0 there, with d times the initial state's row folded into theta v) and at the tile's first
+event, which folds in the same way what the previous tile left in its row (the carry).
+
+1. ``chunk_sparse_fwd_kernel``: h_e for every event; phi_e h_e goes to the event's slot
+   [token, head, pick] of a float32 buffer that ``sum_over_picks_kernel`` sums into o, and
+   the last event of each row writes the final state's row.
+2. ``chunk_sparse_bwd_kernel``: the gradient on the memory runs the other way along each row,
+
+       g_e = phi_e do_t + d_{e+1} g_{e+1}   (the gradient on the final state after the last),
+
+   a reverse scan of the same kind. With h_e recomputed forward (one pass storing each tile's
+   carry, then the tiles in reverse), each event gives dv_t its theta_e g_e (summed over the
+   picks like o), dtheta_e = <g_e, v_t - h_{e-1}>, dphi_e = <do_t, h_e>, and the
+   first event of each row the initial state's gradient d_e g_e. ``routing_kernels.py`` turns
+   dtheta and dphi into gradients on the logits, eta and mu.
+
+Decays are products of factors in [0, 1] (theta = 1 is an exact 0 that cuts the row's
+history); nothing is ever divided by one, and no exponent appears (SPEC section 3).
 """
 
 import triton
 import triton.language as tl
 
-from fla_factmem.ops.factorization_memory.chunk_kernels import VARLEN_SWITCH, chunk_coordinates, sequence_chunks
-
-
-@triton.heuristics({**VARLEN_SWITCH, "STORE_DOMINANT": lambda args: args["dominant"] is not None})
-@triton.jit(do_not_specialize=["T", "NT"])
-def chunk_union_kernel(
-    picks,
-    pick_theta,
-    slot_picks,
-    union_rows,
-    union_count,
-    dominant,
-    chunk_indices,
-    cu_seqlens,
-    T,
-    NT,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    U: tl.constexpr,
-    BT: tl.constexpr,
-    BE: tl.constexpr,
-    STORE_DOMINANT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """picks: [B, T, H, K] int, the rows each token picks (distinct per token, largest logit
-    first), pick_theta [B, T, H, K] their theta.
-    union_rows: [NT_total, H, U] int32, the chunk's union in ascending order (the first
-    union_count [NT_total, H] entries are set).
-    slot_picks: [NT_total, H, BT, U] int16, all -1 on entry: for each token of the chunk and
-    each slot of the union, which of the token's picks (0 .. K-1) lands there.
-    dominant (STORE_DOMINANT, for the backward): [B, T, H] int32, the slot of the token's pick
-    with theta > 1/2, or -1; only the first pick can have it (sum_k theta_k = eta <= 1).
-    BE = next power of 2 of BT * K."""
-    i_tc, i_h = tl.program_id(0), tl.program_id(1)
-    _, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
-    o_e = tl.arange(0, BE)
-    t_e, k_e = o_e // K, o_e % K
-    m_e = (o_e < BT * K) & (i_c * BT + t_e < eos - bos)
-    pick = ((bos + i_c * BT + t_e) * H + i_h) * K + k_e
-    # sort (row, pick) pairs packed into one int64: equal rows end up side by side
-    row = tl.load(picks + pick, mask=m_e, other=0).to(tl.int64)
-    packed = tl.where(m_e, row * BE + o_e, tl.full([BE], 2**62, tl.int64))
-    packed = tl.sort(packed, 0)
-    row, e = packed // BE, packed % BE
-    valid = packed < 2**62
-    first = valid & ((o_e == 0) | (row != tl.gather(row, tl.maximum(o_e - 1, 0), 0)))
-    slot = tl.cumsum(first.to(tl.int32), 0) - 1
-    chunk = i_tc.to(tl.int64) * H + i_h
-    tl.store(slot_picks + (chunk * BT + e // K) * U + slot, (e % K).to(tl.int16), mask=valid)
-    tl.store(union_rows + chunk * U + slot, row.to(tl.int32), mask=first)
-    tl.store(union_count + chunk, tl.sum(first.to(tl.int32), 0))
-    if STORE_DOMINANT:
-        first_pick = valid & (e % K == 0)
-        tok = (bos + i_c * BT + e // K) * H + i_h
-        theta_first = tl.load(pick_theta + tok * K, mask=first_pick, other=0.0)
-        tl.store(dominant + tok, tl.where(theta_first > 0.5, slot, -1), mask=first_pick)
+SCAN_SWITCHES = {
+    "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
+    "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
+}
 
 
 @triton.jit
-def union_of_chunk(
-    states, decays, union_rows, union_count, chunk, exists, o_u, o_v, m_v, U: tl.constexpr, V: tl.constexpr
-):
-    """Of (global chunk, head) ``chunk``: the size of its union, the union's rows, its
-    increment [BU, BV] and its decay [BU]; zeros where ``exists`` is False (then ``chunk`` may
-    be out of range: its size is read from slot 0)."""
-    m_u = o_u < tl.where(exists, U, 0)
-    n_rows = tl.load(union_count + tl.where(exists, chunk, 0))
-    rows = tl.load(union_rows + chunk * U + o_u, mask=m_u, other=0)
-    increment = tl.load(states + (chunk * U + o_u)[:, None] * V + o_v[None, :], mask=m_u[:, None] & m_v[None, :])
-    decay = tl.load(decays + chunk * U + o_u, mask=m_u)
-    return n_rows, rows, increment, decay
+def linear_recurrence(a_first, b_first, a_second, b_second):
+    """Two steps x -> a x + b composed, the first applied first."""
+    return a_first * a_second, a_second * b_first + b_second
 
 
-@triton.heuristics(VARLEN_SWITCH)
-@triton.jit(do_not_specialize=["NT"])
-def chunk_sparse_state_walk_kernel(
-    states,
-    decays,
-    union_rows,
-    union_count,
-    memory,
-    chunk_offsets,
-    cu_seqlens,
-    NT,
+@triton.jit
+def tile_events(keys, picks, theta, phi, x, o_p, lo, hi, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
+    """The events at sorted positions o_p [BP] of one head, those in [lo, hi) valid: whether each
+    is valid, its key, whether it starts or ends its row's run within [lo, hi), its pick's flat
+    index in [tokens, H, K], theta and phi, and x's [BP, BV] columns o_v at its token (x: v or do,
+    [tokens, H, V]). Every load but x's is contiguous: the host sorted the picks' weights too."""
+    m_p = (o_p >= lo) & (o_p < hi)
+    key = tl.load(keys + o_p, mask=m_p, other=-1)
+    first = m_p & (key != tl.load(keys + o_p - 1, mask=m_p & (o_p > lo), other=-1))
+    last = m_p & (key != tl.load(keys + o_p + 1, mask=m_p & (o_p + 1 < hi), other=-1))
+    pick = tl.load(picks + o_p, mask=m_p, other=0)
+    theta_p = tl.load(theta + o_p, mask=m_p, other=0.0)
+    phi_p = tl.load(phi + o_p, mask=m_p, other=0.0)
+    x_p = tl.load(x + (pick // K).to(tl.int64)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0)
+    return m_p, key, first, last, pick.to(tl.int64), theta_p, phi_p, x_p.to(tl.float32)
+
+
+@triton.jit
+def row_of_state(state, key, i_h, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, o_v):
+    """Pointers [BP, BV] to columns o_v of the rows ``key`` (= sequence * M + row) of a [N, H, M, V] state."""
+    seq, row = key // M, key % M
+    return state + ((seq.to(tl.int64) * H + i_h) * M + row)[:, None] * V + o_v[None, :]
+
+
+@triton.jit
+def initial_rows(
+    h0,
+    key,
+    first,
+    i_h,
     H: tl.constexpr,
     M: tl.constexpr,
-    U: tl.constexpr,
     V: tl.constexpr,
-    BU: tl.constexpr,
+    o_v,
+    m_v,
+    BP: tl.constexpr,
     BV: tl.constexpr,
-    REVERSE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
 ):
-    """memory: [N, H, M, V] float32, the initial state on entry and the final state on exit.
-    states: [NT_total, H, U, V] float32, each chunk's increment on entry (decays [NT_total, H, U]
-    its decay), the memory at the chunk's start on exit; both over the chunk's union
-    (union_rows, union_count). One program per (block of value columns, sequence, head) walks
-    the sequence's chunks in order and reads and writes only the rows of each union; BU >= U,
-    so that a chunk is one gather and one scatter.
-    REVERSE (backward): memory holds the gradient on the final state on entry and the gradient
-    on the initial state on exit; states the chunks' gradient increments on entry and the
-    gradient on the memory at each chunk's end from the tokens after it on exit."""
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
-    o_u = tl.arange(0, BU)
+    """[BP, BV]: the initial state's row at each row's first event, zeros elsewhere (and everywhere without h0)."""
+    if USE_INITIAL_STATE:
+        return tl.load(row_of_state(h0, key, i_h, H, M, V, o_v), mask=first[:, None] & m_v[None, :], other=0.0)
+    return tl.zeros([BP, BV], dtype=tl.float32)
+
+
+@triton.jit
+def memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i):
+    """h_e [BP, BV] after each event of a tile, from its row's recurrence entered at each row's
+    first event from ``init`` [BP, BV] (the initial state's row there) and at the tile's first
+    event, if it continues a row, from ``carry`` [BV] (where the previous tile left that row).
+    Returns h and the memory entered at each start."""
+    d = 1.0 - theta_p
+    starts = first | (o_i == 0) | ~m_p
+    entered = tl.where(first[:, None], init, carry[None, :])
+    b = theta_p[:, None] * v_p + tl.where(starts & m_p, d, 0.0)[:, None] * entered
+    a = tl.broadcast_to(tl.where(starts, 0.0, d)[:, None], b.shape)
+    h = tl.associative_scan((a, b), 0, linear_recurrence)[1]
+    return h, entered
+
+
+@triton.heuristics(SCAN_SWITCHES)
+@triton.jit
+def chunk_sparse_fwd_kernel(
+    v,
+    keys,
+    picks,
+    theta,
+    phi,
+    block_bounds,
+    h0,
+    ht,
+    contributions,
+    E,
+    NB,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BP: tl.constexpr,
+    BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+):
+    """v: [tokens, H, V]. keys, picks, theta, phi: [H, E], E = tokens * K, the events of each
+    head sorted by key (sequence * M + row, int32), stably in token order: each one's pick as a
+    flat index of [tokens, H, K] (int32) and its theta and phi (float32).
+    block_bounds: [H, NB + 1] int32, where each program's block of keys starts among the events.
+    h0, ht: [N, H, M, V] float32, optional; ht must hold h0 (or zeros) on entry: only the rows
+    some token picks are written.
+    contributions: [tokens, H, K, V] float32, phi h after each event, for o = their sum over K.
+    One program per (block of keys, head, block of BV columns)."""
+    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
+    hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
+    base = i_h.to(tl.int64) * E
+    keys, picks, theta, phi = keys + base, picks + base, theta + base, phi + base
+    o_i = tl.arange(0, BP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    head_memory = memory + (i_n.to(tl.int64) * H + i_h) * M * V
-
-    # the walk is latency-bound: everything of the next chunk that does not depend on the memory
-    # (its union, increment and decay) is loaded while this one is gathered and scattered
-    union = (states, decays, union_rows, union_count)
-    step = -H if REVERSE else H
-    chunk = (first + (count - 1) * (step < 0)) * H + i_h
-    n_rows, rows, increment, decay = union_of_chunk(*union, chunk, count > 0, o_u, o_v, m_v, U, V)
-    for i in range(count):
-        later = chunk + step
-        n_rows_later, rows_later, increment_later, decay_later = union_of_chunk(
-            *union, later, i + 1 < count, o_u, o_v, m_v, U, V
+    carry = tl.zeros([BV], dtype=tl.float32)
+    # tiles aligned to BP among the events: the backward keys its carries by tile
+    p0 = lo // BP * BP
+    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
+        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
+    )
+    for _tile in range(tl.cdiv(hi - p0, BP)):
+        # the next tile's loads do not depend on this one's memory: issued before its scan
+        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
+            keys, picks, theta, phi, v, p0 + BP + o_i, lo, hi, K, V, o_v, m_v
         )
-        m_uv = (o_u < n_rows)[:, None] & m_v[None, :]
-        in_memory = head_memory + rows[:, None] * V + o_v[None, :]
-        h = tl.load(in_memory, mask=m_uv, other=0.0)
-        tl.store(states + (chunk * U + o_u)[:, None] * V + o_v[None, :], h, mask=m_uv)
-        tl.store(in_memory, h * decay[:, None] + increment, mask=m_uv)
-        # the next chunk may read rows written here, by other threads of this program
-        tl.debug_barrier()
-        chunk, n_rows, rows, increment, decay = later, n_rows_later, rows_later, increment_later, decay_later
+        init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
+        h = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)[0]
+        m_pv = m_p[:, None] & m_v[None, :]
+        tl.store(contributions + pick[:, None] * V + o_v[None, :], phi_p[:, None] * h, mask=m_pv)
+        if STORE_FINAL_STATE:
+            tl.store(row_of_state(ht, key, i_h, H, M, V, o_v), h, mask=last[:, None] & m_v[None, :])
+        carry = tl.sum(tl.where((o_i == tl.minimum(hi - p0, BP) - 1)[:, None], h, 0.0), 0)
+        p0 += BP
+        m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
+
+
+@triton.heuristics(
+    {
+        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
+        "USE_FINAL_STATE_GRADIENT": lambda args: args["dht"] is not None,
+        "STORE_INITIAL_STATE_GRADIENT": lambda args: args["dh0"] is not None,
+    }
+)
+@triton.jit
+def chunk_sparse_bwd_kernel(
+    v,
+    keys,
+    picks,
+    theta,
+    phi,
+    block_bounds,
+    h0,
+    do,
+    dht,
+    dh0,
+    carries,
+    dv_contributions,
+    dtheta,
+    dphi,
+    E,
+    NB,
+    NTILES,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BP: tl.constexpr,
+    BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr,
+    STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+):
+    """As ``chunk_sparse_fwd_kernel``, backward. do: [tokens, H, V]; dht: [N, H, M, V] float32,
+    optional. dh0 (optional): [N, H, M, V] float32 holding dht (or zeros) on entry: only the
+    picked rows are written. carries: [H, NTILES, V] float32 scratch, NTILES = cdiv(E, BP).
+    dv_contributions: [tokens, H, K, V] float32, theta g at each event, for dv = their sum over
+    K. dtheta, dphi: [NV, tokens, H, K] float32, each block of columns' part of the gradients on
+    the picks' theta and phi."""
+    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
+    hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
+    base = i_h.to(tl.int64) * E
+    keys, picks, theta, phi = keys + base, picks + base, theta + base, phi + base
+    carries += i_h.to(tl.int64) * NTILES * V
+    n_picks = E * H
+    o_i = tl.arange(0, BP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_first = lo // BP * BP
+    n_tiles = tl.cdiv(hi - p_first, BP)
+
+    # forward: the memory each tile after the first starts from, for the reverse walk below
+    carry = tl.zeros([BV], dtype=tl.float32)
+    p0 = p_first
+    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
+        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
+    )
+    for i in range(n_tiles):
+        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
+            keys, picks, theta, phi, v, p0 + BP + o_i, lo, hi, K, V, o_v, m_v
+        )
+        if i > 0:
+            tl.store(carries + (p0 // BP) * V + o_v, carry, mask=m_v)
+        init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
+        h = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)[0]
+        carry = tl.sum(tl.where((o_i == tl.minimum(hi - p0, BP) - 1)[:, None], h, 0.0), 0)
+        p0 += BP
+        m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
+    # the carries were stored by other threads of this program
+    tl.debug_barrier()
+
+    grad_carry = tl.zeros([BV], dtype=tl.float32)
+    p0 = p_first + (n_tiles - 1) * BP
+    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
+        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
+    )
+    for j in range(n_tiles):
+        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
+            keys, picks, theta, phi, v, p0 - BP + o_i, lo, hi, K, V, o_v, m_v
+        )
+        has_carry = m_v & (tl.full([BV], j, tl.int32) < n_tiles - 1)  # the first tile starts a row
+        carry = tl.load(carries + (p0 // BP) * V + o_v, mask=has_carry, other=0.0)
+        init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
+        h, entered = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)
+        # the memory before each event: the previous event's, or the one entered at a start
+        before = tl.gather(h, tl.broadcast_to(tl.maximum(o_i - 1, 0)[:, None], h.shape), 0)
+        before = tl.where((first | (o_i == 0))[:, None], entered, before)
+
+        # the gradient on h_e, from the row's later events: the next event's decay, where the
+        # next event is on the same row; the tile's last event continues from grad_carry
+        d_next = 1.0 - tl.load(theta + p0 + o_i + 1, mask=m_p & ~last, other=1.0)
+        ends = last | (o_i == BP - 1) | ~m_p
+        do_p = tl.load(do + (pick // K)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0)
+        do_p = do_p.to(tl.float32)
+        b = phi_p[:, None] * do_p + tl.where(ends & ~last & m_p, d_next, 0.0)[:, None] * grad_carry[None, :]
+        if USE_FINAL_STATE_GRADIENT:
+            b += tl.load(row_of_state(dht, key, i_h, H, M, V, o_v), mask=last[:, None] & m_v[None, :], other=0.0)
+        a = tl.broadcast_to(tl.where(ends, 0.0, d_next)[:, None], b.shape)
+        g = tl.associative_scan((a, b), 0, linear_recurrence, reverse=True)[1]
+        grad_carry = tl.sum(tl.where((o_i == tl.maximum(lo - p0, 0))[:, None], g, 0.0), 0)
+
+        m_pv = m_p[:, None] & m_v[None, :]
+        tl.store(dv_contributions + pick[:, None] * V + o_v[None, :], theta_p[:, None] * g, mask=m_pv)
+        tl.store(dtheta + i_v * n_picks + pick, tl.sum(g * (v_p - before), 1), mask=m_p)
+        tl.store(dphi + i_v * n_picks + pick, tl.sum(do_p * h, 1), mask=m_p)
+        if STORE_INITIAL_STATE_GRADIENT:
+            dh0_p = (1.0 - theta_p)[:, None] * g
+            tl.store(row_of_state(dh0, key, i_h, H, M, V, o_v), dh0_p, mask=first[:, None] & m_v[None, :])
+        p0 -= BP
+        m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
+
+
+@triton.jit
+def sum_over_picks_kernel(
+    x, y, n_rows, K: tl.constexpr, V: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr
+):
+    """y [n_rows, V] (any float dtype) = the sum of x [n_rows, K, V] float32 over its K picks,
+    so that o and dv round once, from float32. [BR, KB, BV] tiles, KB picks at a time."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_k = tl.arange(0, KB)
+    o_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    m_rv = (o_r < n_rows)[:, None] & (o_v < V)[None, :]
+    rows = o_r.to(tl.int64)[:, None, None] * K * V + o_v[None, None, :]
+    total = tl.zeros([BR, BV], dtype=tl.float32)
+    for k0 in range(0, K, KB):
+        m = m_rv[:, None, :] & (k0 + o_k < K)[None, :, None]
+        total += tl.sum(tl.load(x + rows + (k0 + o_k)[None, :, None] * V, mask=m, other=0.0), 1)
+    tl.store(y + o_r.to(tl.int64)[:, None] * V + o_v[None, :], total.to(y.dtype.element_ty), mask=m_rv)

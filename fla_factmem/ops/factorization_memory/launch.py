@@ -20,8 +20,9 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     logsumexp_kernel,
 )
 from fla_factmem.ops.factorization_memory.chunk_sparse_kernels import (
-    chunk_sparse_state_walk_kernel,
-    chunk_union_kernel,
+    chunk_sparse_bwd_kernel,
+    chunk_sparse_fwd_kernel,
+    sum_over_picks_kernel,
 )
 from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import (
     fused_recurrent_fwd_kernel,
@@ -34,9 +35,6 @@ from fla_factmem.ops.factorization_memory.routing_kernels import sparse_routing_
 # [BT, BT] tiles of the intra-chunk pairs stay small, at twice the chunk states' traffic.
 CHUNK = 32
 LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py)
-# Sparse: the smallest chunk that tl.dot takes, so that a chunk's union of picks (<= 16 K rows) stays small
-SPARSE_CHUNK = 16
-SPARSE_LEVELS = SPARSE_CHUNK.bit_length() - 1
 
 
 def next_power_of_2(n: int) -> int:
@@ -70,13 +68,13 @@ class ChunkLayout(NamedTuple):
     chunk_offsets: torch.Tensor | None
 
 
-def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk: int = CHUNK) -> ChunkLayout:
+def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkLayout:
     if cu_seqlens is None:
-        NT = cdiv(T, chunk)
+        NT = cdiv(T, CHUNK)
         return ChunkLayout(NT, B * NT, None, None)
     # FLA's helpers, cached per cu_seqlens tensor; counting the chunks reads the lengths on the host once
-    chunk_indices = prepare_chunk_indices(cu_seqlens, chunk)
-    return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, chunk))
+    chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
+    return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, CHUNK))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -141,8 +139,8 @@ def chunk_states(
     BM, BV = min(next_power_of_2(M), 64), min(next_power_of_2(V), 64)
     grid = (cdiv(M, BM) * cdiv(V, BV), layout.NT_total, H)
     chunk_state_increment_kernel[grid](
-        x, logits, lse, eta, mu, None, None, None, None, states, decays, layout.chunk_indices, cu_seqlens,
-        T, layout.NT, H=H, M=M, K=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse,
+        x, logits, lse, eta, mu, states, decays, layout.chunk_indices, cu_seqlens,
+        T, layout.NT, H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=4,
     )  # fmt: skip
     end = torch.empty(N, H, M, V, dtype=torch.float32, device=x.device) if store_end else None
@@ -194,8 +192,8 @@ def chunk_fwd(
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
     scores = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device) if store_scores else None
     chunk_fwd_o_kernel[(layout.NT_total, H, cdiv(V, BV))](
-        v, logits, lse, eta, mu, None, None, None, None, states, o, scores, layout.chunk_indices, cu_seqlens,
-        T, layout.NT, H=H, M=M, K=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV,
+        v, logits, lse, eta, mu, states, o, scores, layout.chunk_indices, cu_seqlens,
+        T, layout.NT, H=H, M=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV,
         DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_scores, num_warps=num_warps or 4,
     )  # fmt: skip
     return o, ht, SavedForBackward(lse, dominant, states, scores, layout)
@@ -236,139 +234,108 @@ def sparse_routing(
     return SparseRouting(picks, theta, phi)
 
 
-class SparseSavedForBackward(NamedTuple):
-    """What the sparse backward needs besides the inputs: the picks (``SparseRouting``), each
-    chunk's union (``chunk_union_kernel``: slot_picks, union_rows, union_count, and the dominant
-    slot of every token) and the intra-chunk scores ``[B, T, H, 16]`` float32. Not the compact
-    chunk-start states: the backward recomputes them (``sparse_chunk_states``)."""
+class SparseEvents(NamedTuple):
+    """Each token's K picks as events along the memory's rows, per head (``sparse_events``):
+    all ``[H, E]``, E = B T K, sorted by ``keys`` (sequence * M + row, int32), stably in token
+    order within a row; ``picks``, each event's flat index into ``[B, T, H, K]`` (int32), and
+    its ``theta`` and ``phi`` (float32). ``block_bounds`` ``[H, NB + 1]`` int32: where each
+    program's block of consecutive keys starts among them. T * K values per head in all: what
+    the sparse backward keeps besides the inputs and the picked rows."""
 
     rows: torch.Tensor
+    keys: torch.Tensor
+    picks: torch.Tensor
     theta: torch.Tensor
     phi: torch.Tensor
-    slot_picks: torch.Tensor
-    union_rows: torch.Tensor
-    union_count: torch.Tensor
-    dominant: torch.Tensor | None
-    scores: torch.Tensor | None
-    layout: ChunkLayout
+    block_bounds: torch.Tensor
 
 
-def sparse_gates(saved: SparseSavedForBackward) -> tuple:
-    """The gate arguments of the chunk kernels in SPARSE mode (no logits, lse, eta or mu: each
-    slot's theta and phi come from the pick that lands there)."""
-    return None, None, None, None, saved.slot_picks, saved.theta, saved.phi, saved.union_count
+# Launch of the sparse kernels, best measured on an H200 at (M, K) = (1024, 16), B=4, T=4096, H=8,
+# V=64, bf16 (benchmarks/ops/NOTES.md): tiles of 8 events by 64 columns in one warp, blocks of
+# keys that hold 256 events on average (2.33 ms forward+backward, against 2.9 to 3.9 with 2 or 4
+# warps on tiles of 16 or 32 events: the tiles' scans hold some 15 registers per element).
+SPARSE_TILE = 8
+SPARSE_BLOCK_V = 64
+SPARSE_WARPS = 1
+SPARSE_EVENTS_PER_PROGRAM = 256
 
 
-def sparse_state_walk(
-    states: torch.Tensor,
-    decays: torch.Tensor,
-    saved: SparseSavedForBackward,
-    memory: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    reverse: bool,
-) -> None:
-    """The sequential pass over chunks, in place: ``memory`` [N, H, M, V] float32 goes from the
-    initial to the final state (``reverse``: from the gradient on the final state to the one on
-    the initial state) and ``states`` [NT_total, H, U, V] from the chunks' increments to the
-    chunk-start states (``reverse``: the gradients on the chunk-end states)."""
-    N, H, M, V = memory.shape
-    U = states.shape[2]
-    # a chunk's whole union in one tile of at most 16K elements
-    BU = next_power_of_2(U)
-    BV = max(min(next_power_of_2(V), 16384 // BU, 32), 1)
-    # num_stages=1: no gather of a later chunk may be hoisted above this chunk's scatter
-    chunk_sparse_state_walk_kernel[(cdiv(V, BV), N, H)](
-        states, decays, saved.union_rows, saved.union_count, memory, saved.layout.chunk_offsets, cu_seqlens,
-        saved.layout.NT, H=H, M=M, U=U, V=V, BU=BU, BV=BV, REVERSE=reverse,
-        num_warps=4 if BU * BV <= 4096 else 8, num_stages=1,
-    )  # fmt: skip
-
-
-def sparse_increments(
-    x: torch.Tensor, saved: SparseSavedForBackward, cu_seqlens: torch.Tensor | None, grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each chunk's increment over its union, ``[NT_total, H, U, V]`` float32, and its decay
-    ``[NT_total, H, U]``: of the memory (x = v) or, with ``grad``, of the gradient on the memory
-    before it (x = do)."""
-    _, T, H, V = x.shape
-    K = saved.rows.shape[-1]
-    NT_total, _, _, U = saved.slot_picks.shape
-    states = torch.empty(NT_total, H, U, V, dtype=torch.float32, device=x.device)
-    decays = torch.empty(NT_total, H, U, dtype=torch.float32, device=x.device)
-    BM, BV = min(next_power_of_2(U), 64), min(next_power_of_2(V), 64)
-    chunk_state_increment_kernel[(cdiv(U, BM) * cdiv(V, BV), NT_total, H)](
-        x, *sparse_gates(saved), states, decays, saved.layout.chunk_indices, cu_seqlens, T, saved.layout.NT,
-        H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BM=BM, BV=BV, GRAD=grad, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=4,
-    )  # fmt: skip
-    return states, decays
-
-
-def sparse_chunk_states(
-    v: torch.Tensor,
-    saved: SparseSavedForBackward,
-    initial_state: torch.Tensor | None,
-    M: int,
-    cu_seqlens: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The memory at every chunk's start over the chunk's union, ``[NT_total, H, U, V]`` float32,
-    and the memory after the last chunk, ``[N, H, M, V]`` float32: each chunk's increment, then
-    the sequential walk from ``initial_state`` (zeros if None), which it leaves as it was."""
-    B, _, H, V = v.shape
+def sparse_events(routing: SparseRouting, M: int, cu_seqlens: torch.Tensor | None) -> SparseEvents:
+    """The picks of ``routing`` (rows, theta, phi ``[B, T, H, K]``) sorted into events along the
+    memory's rows (``SparseEvents``); a block of keys holds ``SPARSE_EVENTS_PER_PROGRAM`` events
+    on average."""
+    rows, theta, phi = routing
+    B, T, H, K = rows.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    states, decays = sparse_increments(v, saved, cu_seqlens, grad=False)
-    memory = memory_copy(initial_state, N, H, M, V, v.device)  # the walk updates the memory where it lies
-    sparse_state_walk(states, decays, saved, memory, cu_seqlens, reverse=False)
-    return states, memory
+    tokens = torch.arange(B * T, device=rows.device)
+    if cu_seqlens is None:
+        seq = tokens // T
+    else:  # tokens past the last offset get keys >= N M, outside every block
+        seq = torch.searchsorted(cu_seqlens[1:], tokens.to(cu_seqlens.dtype), right=True)
+    keys = rows.view(B * T, H, K) + (seq * M).to(torch.int32)[:, None, None]
+    # contiguous before the sort, whose results keep its input's strides (a view's when K = 1)
+    keys, order = torch.sort(keys.permute(1, 0, 2).reshape(H, -1).contiguous(), dim=-1, stable=True)
+    # order: token * K + k per head; the pick's flat index in [B, T, H, K] is (token H + head) K + k
+    heads = torch.arange(H, device=rows.device)[:, None]
+    picks = ((order // K) * H + heads) * K + order % K
+    theta, phi = (x.reshape(-1)[picks] for x in (theta, phi))
+    n_keys = N * M
+    per_block = max(1, SPARSE_EVENTS_PER_PROGRAM * n_keys // max(keys.shape[1], 1))
+    bounds = torch.arange(0, n_keys + per_block, per_block, device=rows.device, dtype=torch.int32)
+    bounds = bounds.clamp_(max=n_keys).expand(H, -1).contiguous()
+    block_bounds = torch.searchsorted(keys, bounds, out_int32=True)
+    return SparseEvents(rows, keys, picks.to(torch.int32), theta, phi, block_bounds)
+
+
+def sparse_block_v(V: int) -> int:
+    """Columns per program of the sparse kernels."""
+    return min(next_power_of_2(V), SPARSE_BLOCK_V)
+
+
+def sum_over_picks(x: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """``[tokens, H, K, V]`` float32 per-pick terms -> their sum over K in ``dtype``, viewed as
+    ``shape`` (``[B, T, H, V]``)."""
+    *_, K, V = x.shape
+    n_rows = x.numel() // (K * V)
+    y = torch.empty(shape, dtype=dtype, device=x.device)
+    BV, KB = min(next_power_of_2(V), 64), min(next_power_of_2(K), 16)
+    BR = max(1, 4096 // (KB * BV))
+    sum_over_picks_kernel[(cdiv(n_rows, BR), cdiv(V, BV))](x, y, n_rows, K=K, V=V, BR=BR, KB=KB, BV=BV, num_warps=4)
+    return y
 
 
 def chunk_sparse_fwd(
     v: torch.Tensor,
-    picks: SparseRouting,
+    routing: SparseRouting,
     M: int,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
-    store_for_backward: bool = False,
-    block_m: int | None = None,
+    block_events: int = SPARSE_TILE,
     num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, SparseSavedForBackward]:
-    """Sparse forward over each token's K picks (``picks``, rows < M, e.g. from
+) -> tuple[torch.Tensor, torch.Tensor | None, SparseEvents]:
+    """Sparse forward over each token's K picks (``routing``, rows < M, e.g. from
     ``sparse_routing``): ``(o [B, T, H, V] in v's dtype, final state [N, H, M, V] float32 or
-    None, what the backward needs)``. Rows outside every chunk's union of picks are never read or
-    written; the per-chunk states, ``[NT_total, H, min(M, 16 K), V]`` float32, live only while it
-    runs (the backward recomputes them). Without
-    ``store_for_backward`` the saved scores and dominant slots are None. ``block_m`` and
-    ``num_warps`` set the output kernel's launch (for tuning)."""
+    None, the events for the backward)``. Rows no token picks are never read or written (the
+    final state's are copies of the initial state's). Besides o it allocates the picks'
+    contributions, ``[B T, H, K, V]`` float32, for as long as it runs. ``block_events`` (events
+    per tile) and ``num_warps`` set the launch (for tuning)."""
     B, T, H, V = v.shape
-    K = picks.rows.shape[-1]
-    U = min(M, SPARSE_CHUNK * K)
+    K = routing.rows.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     v = v.contiguous()
-    rows, theta, phi = (x.contiguous() for x in picks)
-    layout = chunk_layout(B, T, cu_seqlens, SPARSE_CHUNK)
-    dev = v.device
-
-    slot_picks = torch.full((layout.NT_total, H, SPARSE_CHUNK, U), -1, dtype=torch.int16, device=dev)
-    union_rows = torch.empty(layout.NT_total, H, U, dtype=torch.int32, device=dev)
-    union_count = torch.empty(layout.NT_total, H, dtype=torch.int32, device=dev)
-    dominant = torch.empty(B, T, H, dtype=torch.int32, device=dev) if store_for_backward else None
-    chunk_union_kernel[(layout.NT_total, H)](
-        rows, theta, slot_picks, union_rows, union_count, dominant, layout.chunk_indices, cu_seqlens, T, layout.NT,
-        H=H, K=K, U=U, BT=SPARSE_CHUNK, BE=next_power_of_2(SPARSE_CHUNK * K), num_warps=4,
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    events = sparse_events(SparseRouting(*(x.contiguous() for x in routing)), M, cu_seqlens)
+    ht = memory_copy(h0, N, H, M, V, v.device) if output_final_state else None
+    contributions = torch.empty(B * T, H, K, V, dtype=torch.float32, device=v.device)
+    BV = sparse_block_v(V)
+    NB = events.block_bounds.shape[1] - 1
+    chunk_sparse_fwd_kernel[(NB, H, cdiv(V, BV))](
+        v, *events[1:], h0, ht, contributions, events.keys.shape[1], NB,
+        H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
     )  # fmt: skip
-    scores = torch.empty(B, T, H, SPARSE_CHUNK, dtype=torch.float32, device=dev) if store_for_backward else None
-    saved = SparseSavedForBackward(rows, theta, phi, slot_picks, union_rows, union_count, dominant, scores, layout)
-    states, memory = sparse_chunk_states(v, saved, initial_state, M, cu_seqlens)
-
-    o = torch.empty_like(v)
-    # best measured on an H200 at (M, K) = (1024, 16) and (4096, 16): blocks of 16 slots, 2 warps
-    BM, BV = min(next_power_of_2(U), block_m or 16), min(next_power_of_2(V), 64)
-    chunk_fwd_o_kernel[(layout.NT_total, H, cdiv(V, BV))](
-        v, *sparse_gates(saved), states, o, scores, layout.chunk_indices, cu_seqlens, T, layout.NT,
-        H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, LEVELS=SPARSE_LEVELS, BM=BM, BV=BV,
-        DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_for_backward, num_warps=num_warps or 2,
-    )  # fmt: skip
-    return o, memory if output_final_state else None, saved
+    o = sum_over_picks(contributions, v.dtype, v.shape)
+    return o, ht, events
 
 
 def chunk_sparse_bwd(
@@ -376,71 +343,50 @@ def chunk_sparse_bwd(
     logits: torch.Tensor,
     eta: torch.Tensor,
     mu: torch.Tensor,
-    saved: SparseSavedForBackward,
+    events: SparseEvents,
     initial_state: torch.Tensor | None,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     needs_dh0: bool,
-    block_m: int | None = None,
+    block_events: int = SPARSE_TILE,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Sparse backward from the forward's inputs (``initial_state`` among them) and ``saved``
-    (``chunk_sparse_fwd`` with ``store_for_backward``): ``(dv, dlogits, deta, dmu, dh0)`` in the
-    layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``). Like the forward
-    it reads and writes only the rows of each chunk's union, in the gradient on the memory too;
-    dlogits is 0 outside each token's picks. ``block_m`` and ``num_warps`` set the dtheta/dphi
-    kernel's launch (for tuning)."""
-    _, T, H, V = v.shape
+    """Sparse backward from the forward's inputs (``initial_state`` among them) and ``events``:
+    ``(dv, dlogits, deta, dmu, dh0)`` in the layouts and dtypes of the inputs (dh0 float32, None
+    unless ``needs_dh0``). Like the forward it reads and writes only the picked rows, of the
+    gradient on the memory too (the others pass from dht to dh0 as they are); dlogits is 0
+    outside each token's picks. It recomputes the memory at each event from the initial state.
+    ``block_events`` and ``num_warps`` set the launch (for tuning)."""
+    B, T, H, V = v.shape
     M = logits.shape[-1]
-    K = saved.rows.shape[-1]
-    U = saved.slot_picks.shape[-1]
-    layout = saved.layout
-    v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens, dense=False)
+    K = events.rows.shape[-1]
+    v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens, dense=False)
     do = do.contiguous()
-    # the chunk-start states again, as in the forward: K * V floats per token and head, 16 times
-    # the dense path's at K = 16, too many to keep from the forward (FLA's chunk_gla recomputes
-    # its chunk states too); this costs one more increments pass and walk
-    states, _ = sparse_chunk_states(v, saved, initial_state, M, cu_seqlens)
-
-    grad_states, decays = sparse_increments(do, saved, cu_seqlens, grad=True)
-    grad_memory = memory_copy(dht, N, H, M, V, v.device)
-    sparse_state_walk(grad_states, decays, saved, grad_memory, cu_seqlens, reverse=True)
-
-    gates = sparse_gates(saved)
-    chunks = (layout.NT_total, H)
-    common = dict(H=H, M=U, K=K, V=V, BT=SPARSE_CHUNK, BV=next_power_of_2(V), DOT_PRECISION=dot_precision(v.dtype))
-    x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
-    chunk_bwd_dominant_kernel[chunks](
-        v, *gates[:-1], saved.dominant, do, states, grad_states, x_dom, layout.chunk_indices, cu_seqlens,
-        T, layout.NT, **common, num_warps=4,
+    dht = dht.contiguous() if dht is not None else None
+    dh0 = memory_copy(dht, N, H, M, V, v.device) if needs_dh0 else None
+    E = events.keys.shape[1]
+    BV = sparse_block_v(V)
+    NV, NB, NTILES = cdiv(V, BV), events.block_bounds.shape[1] - 1, cdiv(E, block_events)
+    carries = torch.empty(H, NTILES, V, dtype=torch.float32, device=v.device)
+    dv_contributions = torch.empty(B * T, H, K, V, dtype=torch.float32, device=v.device)
+    pick_dtheta, pick_dphi = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=v.device) for _ in range(2))
+    chunk_sparse_bwd_kernel[(NB, H, NV)](
+        v, *events[1:], h0, do, dht, dh0, carries, dv_contributions, pick_dtheta, pick_dphi, E, NB, NTILES,
+        H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
     )  # fmt: skip
-
-    pick_dtheta, pick_dphi = (torch.empty_like(saved.theta) for _ in range(2))
-    # best measured on an H200 at (M, K) in {(256, 4), (1024, 16), (4096, 16), (1024, 256)}: blocks
-    # of 64 slots with 4 warps (8, the dense choice, was 1.2x slower)
-    BM = min(next_power_of_2(U), block_m or 64)
-    chunk_bwd_dqk_kernel[(*chunks, cdiv(U, BM))](
-        v, *gates, saved.dominant, x_dom, do, states, grad_states, None, None, None, None, None,
-        pick_dtheta, pick_dphi, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common | dict(BV=dqk_block_v(V)), LEVELS=SPARSE_LEVELS, BM=BM, num_warps=num_warps or 4,
-    )  # fmt: skip
-    BM = min(next_power_of_2(U), 64)
-    dv = torch.empty_like(v)
-    chunk_bwd_dv_kernel[chunks](
-        *gates, do, grad_states, saved.scores, dv, None, None, None, None, None,
-        layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(), **common, BM=BM, num_warps=4,
-    )  # fmt: skip
+    dv = sum_over_picks(dv_contributions, v.dtype, v.shape)
+    pick_dtheta, pick_dphi = (x.sum(0) if NV > 1 else x[0] for x in (pick_dtheta, pick_dphi))
 
     dlogits = torch.zeros_like(logits)
     deta, dmu = torch.empty_like(eta), torch.empty_like(mu)
     KB = next_power_of_2(K)
     BR = max(1, 1024 // KB)
     sparse_routing_bwd_kernel[(cdiv(eta.numel(), BR),)](
-        logits, eta, mu, saved.rows, pick_dtheta, pick_dphi, dlogits, deta, dmu, eta.numel(),
+        logits, eta, mu, events.rows, pick_dtheta, pick_dphi, dlogits, deta, dmu, eta.numel(),
         M=M, K=K, BR=BR, KB=KB, num_warps=4,
     )  # fmt: skip
-    return dv, dlogits, deta, dmu, grad_memory if needs_dh0 else None
+    return dv, dlogits, deta, dmu, dh0
 
 
 def chunk_bwd(
@@ -473,10 +419,9 @@ def chunk_bwd(
     chunks = (layout.NT_total, H)
     common = dict(H=H, M=M, V=V, BT=CHUNK, BV=BV, DOT_PRECISION=dot_precision(v.dtype))
     x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
-    no_picks = (None, None, None)
     chunk_bwd_dominant_kernel[chunks](
-        v, logits, lse, eta, mu, *no_picks, dominant, do, states, grad_states, x_dom, layout.chunk_indices,
-        cu_seqlens, T, layout.NT, **common, K=M, num_warps=4,
+        v, logits, lse, eta, mu, dominant, do, states, grad_states, x_dom, layout.chunk_indices,
+        cu_seqlens, T, layout.NT, **common, num_warps=4,
     )  # fmt: skip
 
     # best measured on an H100 (benchmarks/ops/NOTES.md): blocks of 64 rows with 8 warps for the
@@ -488,14 +433,14 @@ def chunk_bwd(
     dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if NM > 1 else None
     partial_sums = torch.empty(3, NM, eta.numel(), dtype=torch.float32, device=v.device) if NM > 1 else None
     chunk_bwd_dqk_kernel[(*chunks, NM)](
-        v, logits, lse, eta, mu, *no_picks, None, dominant, x_dom, do, states, grad_states, dlogits, deta, dmu,
-        dalpha, partial_sums, None, None, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common | dict(BV=dqk_block_v(V)), K=M, LEVELS=LEVELS, BM=BM, num_warps=num_warps or max(4, BM // 8),
+        v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, dlogits, deta, dmu,
+        dalpha, partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
+        **common | dict(BV=dqk_block_v(V)), LEVELS=LEVELS, BM=BM, num_warps=num_warps or max(4, BM // 8),
     )  # fmt: skip
     chunk_bwd_dv_kernel[chunks](
-        logits, lse, eta, mu, *no_picks, None, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha,
+        logits, lse, eta, mu, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha,
         partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common, K=M, BM=BM, num_warps=4,
+        **common, BM=BM, num_warps=4,
     )  # fmt: skip
     return dv, dlogits, deta, dmu, dh0
 

@@ -10,6 +10,7 @@ from fla_factmem.ops import (
     fused_recurrent_factorization_memory,
     naive_factorization_memory,
 )
+from fla_factmem.ops.factorization_memory import launch
 from fla_factmem.ops.factorization_memory.chunk import ChunkSparseFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.launch import chunk_sparse_fwd, fused_recurrent_fwd, sparse_routing
@@ -78,8 +79,7 @@ def triton_sparse_chunk(v, logits, eta, mu, topk, initial_state=None, output_fin
 
 @pytest.mark.parametrize(
     ("B", "T", "M", "V", "topk"),
-    # T = 1; T not a multiple of the chunk and M not a power of 2; unions wider than M (16 K > M);
-    # K = M / 4; K = M - 1
+    # T = 1; M not a power of 2; V not a power of 2; K = M / 4; K = M - 1
     [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (1, 40, 64, 20, 16), (1, 33, 128, 16, 32), (2, 20, 24, 16, 23)],
 )
 @pytest.mark.parametrize("with_state", [False, True])
@@ -130,8 +130,8 @@ def test_sparse_chunk_forward_never_touches_inactive_rows(cu_seqlens, device="cp
 
 @pytest.mark.parametrize(
     ("B", "T", "M", "V", "topk"),
-    # as the forward's cases, a union of one slot per pick (K = 1) over several chunks, and V over
-    # one block of the backward's columns (the last one partly masked)
+    # as the forward's cases, K = 1 over runs of many tiles, and V over more than one block of
+    # columns (the last one partly masked)
     [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (1, 40, 64, 20, 16), (1, 33, 128, 16, 32), (2, 20, 24, 16, 23),
      (1, 50, 32, 16, 1), (1, 37, 40, 80, 4)],
 )  # fmt: skip
@@ -148,8 +148,8 @@ def test_sparse_chunk_gradients_varlen():
 
 
 def test_sparse_chunk_saves_no_chunk_states():
-    """Nothing the op keeps for the backward besides its inputs grows with V: the compact
-    chunk-start states (T * K * V floats per head) are recomputed there."""
+    """Nothing the op keeps for the backward besides its inputs grows with V: it keeps the
+    picks as events along the rows (T * K values per head) and recomputes the memory."""
 
     def kept_elements(V):
         v, logits, eta, mu, h0 = make_inputs(1, 40, 2, 64, V)
@@ -160,6 +160,21 @@ def test_sparse_chunk_saves_no_chunk_states():
         return sum(x.numel() for x in saved if id(x) not in inputs)
 
     assert 0 < kept_elements(16) == kept_elements(64)
+
+
+@pytest.mark.parametrize("events_per_program", [1, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
+def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, monkeypatch):
+    """Routing concentrated on a few rows (each picked by nearly every token: runs of events far
+    longer than a tile) and other rows picked now and then, in blocks of one row per program up
+    to blocks that hold a whole sequence: the memory carried from tile to tile, forward and
+    backward, and the blocks' bounds."""
+    monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
+    offsets = torch.tensor([0, 70, 71, 130], dtype=torch.int32)
+    v, logits, eta, mu, h0 = make_inputs(1, 130, 2, 24, 16, N=3)
+    with torch.no_grad():
+        logits[..., :3] += 6.0  # rows 0-2 lead almost every token's picks
+    assert_matches(triton_sparse_chunk, naive_factorization_memory, (v, logits, eta, mu, h0), 5, 1e-5, 1e-4,
+                   cu_seqlens=offsets)  # fmt: skip
 
 
 @pytest.mark.parametrize(
