@@ -175,6 +175,12 @@ DECODE_CASES = [(64, None), (256, None), (1024, 16), (4096, 16)]
 SPARSE_CASES = [(64, None), (256, None), (256, "via_gla"), (256, 4), (1024, 16), (4096, 16), (1024, 256)]
 
 
+def sparse_case_arg(text: str):
+    """``M`` (dense), ``M:K`` (sparse) or ``M:gla`` (FM through chunk_gla) -> an (M, K) of SPARSE_CASES."""
+    M, _, K = text.partition(":")
+    return int(M), None if not K else "via_gla" if K == "gla" else int(K)
+
+
 def sparse_case(B, T, H, M, V, topk):
     """(forward ms without autograd, forward+backward ms, peak MB of forward+backward above the
     inputs, error or '') of our op, dense (``topk`` None) or sparse; ``topk="via_gla"`` is FM
@@ -232,6 +238,13 @@ def main():
     parser.add_argument("--no-training", action="store_true", help="skip the training table")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--no-sparse", action="store_true", help="skip the sparse table")
+    parser.add_argument(
+        "--sparse-cases",
+        nargs="+",
+        type=sparse_case_arg,
+        default=SPARSE_CASES,
+        help="cases of the sparse table: M (dense), M:K, or M:gla (FM through chunk_gla, whose autotuning takes minutes)",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -258,7 +271,7 @@ def main():
 
     sparse = []
     for T in () if args.no_sparse else (4096, 16384):
-        for M, K in SPARSE_CASES:
+        for M, K in args.sparse_cases:
             fwd, both, peak, err = sparse_case(4, T, 8, M, 64, K)
             op = "fm_via_gla" if K == "via_gla" else "fm"
             K = M if K in (None, "via_gla") else K
