@@ -51,8 +51,9 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
 
 class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
     """Sparse (top-K) op on CUDA: Triton kernels both ways, along the rows each token picks.
-    Saves the inputs, the picks and their weights (``[B, T, H, K]``) and the picks' order along
-    the memory's rows (``[H, B T K]``): T * K values per head, nothing that grows with V or M."""
+    Saves the inputs and ``SparseEvents``: the picks ``[B, T, H, K]`` and, sorted along the
+    memory's rows, their keys, flat indices, theta and phi (``[H, B T K]`` each), about 20 bytes
+    per pick, nothing that grows with V or M."""
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens):

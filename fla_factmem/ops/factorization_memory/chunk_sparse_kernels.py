@@ -38,9 +38,14 @@ history); nothing is ever divided by one, and no exponent appears (SPEC section 
 import triton
 import triton.language as tl
 
-SCAN_SWITCHES = {
+FORWARD_SWITCHES = {
     "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
     "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
+}
+BACKWARD_SWITCHES = {
+    "USE_INITIAL_STATE": FORWARD_SWITCHES["USE_INITIAL_STATE"],
+    "USE_FINAL_STATE_GRADIENT": lambda args: args["dht"] is not None,
+    "STORE_INITIAL_STATE_GRADIENT": lambda args: args["dh0"] is not None,
 }
 
 
@@ -110,7 +115,7 @@ def memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i):
     return h, entered
 
 
-@triton.heuristics(SCAN_SWITCHES)
+@triton.heuristics(FORWARD_SWITCHES)
 @triton.jit
 def chunk_sparse_fwd_kernel(
     v,
@@ -171,13 +176,7 @@ def chunk_sparse_fwd_kernel(
         m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
 
 
-@triton.heuristics(
-    {
-        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
-        "USE_FINAL_STATE_GRADIENT": lambda args: args["dht"] is not None,
-        "STORE_INITIAL_STATE_GRADIENT": lambda args: args["dh0"] is not None,
-    }
-)
+@triton.heuristics(BACKWARD_SWITCHES)
 @triton.jit
 def chunk_sparse_bwd_kernel(
     v,
@@ -255,7 +254,8 @@ def chunk_sparse_bwd_kernel(
         m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
             keys, picks, theta, phi, v, p0 - BP + o_i, lo, hi, K, V, o_v, m_v
         )
-        has_carry = m_v & (tl.full([BV], j, tl.int32) < n_tiles - 1)  # the first tile starts a row
+        # the first tile starts a row; a [BV] mask, as the interpreter takes no scalar in a mask
+        has_carry = m_v & (tl.full([BV], j, tl.int32) < n_tiles - 1)
         carry = tl.load(carries + (p0 // BP) * V + o_v, mask=has_carry, other=0.0)
         init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
         h, entered = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)

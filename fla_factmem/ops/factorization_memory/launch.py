@@ -235,12 +235,13 @@ def sparse_routing(
 
 
 class SparseEvents(NamedTuple):
-    """Each token's K picks as events along the memory's rows, per head (``sparse_events``):
-    all ``[H, E]``, E = B T K, sorted by ``keys`` (sequence * M + row, int32), stably in token
-    order within a row; ``picks``, each event's flat index into ``[B, T, H, K]`` (int32), and
-    its ``theta`` and ``phi`` (float32). ``block_bounds`` ``[H, NB + 1]`` int32: where each
-    program's block of consecutive keys starts among them. T * K values per head in all: what
-    the sparse backward keeps besides the inputs and the picked rows."""
+    """Each token's K picks as events along the memory's rows (``sparse_events``). ``rows``: the
+    routing's picks ``[B, T, H, K]`` int32, as they came (the routing backward reads them). Per
+    head, sorted by ``keys`` (sequence * M + row, int32) and stably in token order within a row,
+    all ``[H, E]`` with E = B T K: ``keys``, ``picks`` (each event's flat index into
+    ``[B, T, H, K]``, int32), ``theta`` and ``phi`` (float32). ``block_bounds`` ``[H, NB + 1]``
+    int32: where each program's block of whole rows starts among the events. About 20 bytes per
+    pick in all: what the sparse backward keeps besides the inputs."""
 
     rows: torch.Tensor
     keys: torch.Tensor
@@ -252,8 +253,8 @@ class SparseEvents(NamedTuple):
 
 # Launch of the sparse kernels, best measured on an H200 at (M, K) = (1024, 16), B=4, T=4096, H=8,
 # V=64, bf16 (benchmarks/ops/NOTES.md): tiles of 8 events by 64 columns in one warp, blocks of
-# keys that hold 256 events on average (2.33 ms forward+backward, against 2.9 to 3.9 with 2 or 4
-# warps on tiles of 16 or 32 events: the tiles' scans hold some 15 registers per element).
+# about 256 events (2.33 ms forward+backward, against 2.9 to 3.9 with 2 or 4 warps on tiles of 16
+# or 32 events: the tiles' scans hold some 15 registers per element).
 SPARSE_TILE = 8
 SPARSE_BLOCK_V = 64
 SPARSE_WARPS = 1
@@ -262,15 +263,17 @@ SPARSE_EVENTS_PER_PROGRAM = 256
 
 def sparse_events(routing: SparseRouting, M: int, cu_seqlens: torch.Tensor | None) -> SparseEvents:
     """The picks of ``routing`` (rows, theta, phi ``[B, T, H, K]``) sorted into events along the
-    memory's rows (``SparseEvents``); a block of keys holds ``SPARSE_EVENTS_PER_PROGRAM`` events
-    on average."""
+    memory's rows (``SparseEvents``). Block j of a head holds the whole rows that start between
+    the rows holding events j S and (j + 1) S, S = ``SPARSE_EVENTS_PER_PROGRAM``: S events and
+    the rest of the row it ends in, or one row of more than S events (a program walks a row's
+    events in order, so a row picked by every token costs T / 8 steps of one program)."""
     rows, theta, phi = routing
     B, T, H, K = rows.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     tokens = torch.arange(B * T, device=rows.device)
     if cu_seqlens is None:
         seq = tokens // T
-    else:  # tokens past the last offset get keys >= N M, outside every block
+    else:  # tokens past the last offset (outside the contract) get keys >= N M, in no block: never computed
         seq = torch.searchsorted(cu_seqlens[1:], tokens.to(cu_seqlens.dtype), right=True)
     keys = rows.view(B * T, H, K) + (seq * M).to(torch.int32)[:, None, None]
     # contiguous before the sort, whose results keep its input's strides (a view's when K = 1)
@@ -279,11 +282,11 @@ def sparse_events(routing: SparseRouting, M: int, cu_seqlens: torch.Tensor | Non
     heads = torch.arange(H, device=rows.device)[:, None]
     picks = ((order // K) * H + heads) * K + order % K
     theta, phi = (x.reshape(-1)[picks] for x in (theta, phi))
-    n_keys = N * M
-    per_block = max(1, SPARSE_EVENTS_PER_PROGRAM * n_keys // max(keys.shape[1], 1))
-    bounds = torch.arange(0, n_keys + per_block, per_block, device=rows.device, dtype=torch.int32)
-    bounds = bounds.clamp_(max=n_keys).expand(H, -1).contiguous()
-    block_bounds = torch.searchsorted(keys, bounds, out_int32=True)
+    # each block starts where the row holding its first S-th event starts: a row longer than S
+    # leaves the blocks after its first one empty
+    at = keys[:, ::SPARSE_EVENTS_PER_PROGRAM]
+    end = torch.full((H, 1), N * M, dtype=keys.dtype, device=keys.device)
+    block_bounds = torch.searchsorted(keys, torch.cat([at.clamp(max=N * M), end], 1), out_int32=True)
     return SparseEvents(rows, keys, picks.to(torch.int32), theta, phi, block_bounds)
 
 
@@ -331,7 +334,8 @@ def chunk_sparse_fwd(
     BV = sparse_block_v(V)
     NB = events.block_bounds.shape[1] - 1
     chunk_sparse_fwd_kernel[(NB, H, cdiv(V, BV))](
-        v, *events[1:], h0, ht, contributions, events.keys.shape[1], NB,
+        v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, ht, contributions,
+        events.keys.shape[1], NB,
         H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
     )  # fmt: skip
     o = sum_over_picks(contributions, v.dtype, v.shape)
@@ -372,7 +376,8 @@ def chunk_sparse_bwd(
     dv_contributions = torch.empty(B * T, H, K, V, dtype=torch.float32, device=v.device)
     pick_dtheta, pick_dphi = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=v.device) for _ in range(2))
     chunk_sparse_bwd_kernel[(NB, H, NV)](
-        v, *events[1:], h0, do, dht, dh0, carries, dv_contributions, pick_dtheta, pick_dphi, E, NB, NTILES,
+        v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, do, dht, dh0, carries,
+        dv_contributions, pick_dtheta, pick_dphi, E, NB, NTILES,
         H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
     )  # fmt: skip
     dv = sum_over_picks(dv_contributions, v.dtype, v.shape)

@@ -371,3 +371,14 @@ def test_cuda_sparse_chunk_backward_varlen_and_inactive_rows():
 def test_cuda_sparse_chunk_backward_edge_numerics(case, topk):
     inputs = edge_case_inputs(case, 1, 2048, 2, 1024, 64, "cuda")
     assert_matches_float64(chunk_factorization_memory, inputs, 1e-5, 1e-4, topk=topk)
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_chunk_concentrated_routing():
+    """Rows picked by nearly every token, beside rarely picked ones: rows of up to 1200 events,
+    far longer than a block of events, across many tiles and concurrent programs."""
+    offsets = torch.tensor([0, 1200, 2000], device="cuda")
+    inputs = make_inputs(1, 2000, 4, 1024, 64, device="cuda", N=2)
+    with torch.no_grad():
+        inputs[1][..., :16] += 6.0
+    assert_matches_float64(chunk_factorization_memory, inputs, 1e-5, 1e-4, cu_seqlens=offsets, topk=16)
