@@ -57,9 +57,9 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens):
-        picks = sparse_routing(logits, eta, mu, topk)
+        routing = sparse_routing(logits, eta, mu, topk)
         o, final_state, saved = chunk_sparse_fwd(
-            v, picks, logits.shape[-1], initial_state, output_final_state, cu_seqlens
+            v, routing, logits.shape[-1], initial_state, output_final_state, cu_seqlens
         )
         ctx.save_for_backward(v, logits, eta, mu, initial_state, cu_seqlens, *saved)
         ctx.needs_dh0 = initial_state is not None

@@ -115,6 +115,63 @@ def memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i):
     return h, entered
 
 
+@triton.jit
+def walk_forward(
+    v,
+    keys,
+    picks,
+    theta,
+    phi,
+    h0,
+    ht,
+    contributions,
+    carries,
+    lo,
+    hi,
+    i_h,
+    o_i,
+    o_v,
+    m_v,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BP: tl.constexpr,
+    BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    STORE_CARRIES: tl.constexpr,
+):
+    """The memory after each event of [lo, hi), tile by tile (tiles aligned to BP among the
+    events, so that the backward keys its carries by tile). The forward kernel stores each
+    event's phi h into ``contributions`` and, with STORE_FINAL_STATE, each row's last h into
+    ``ht``; the backward's first pass (STORE_CARRIES) stores instead the carry that enters each
+    tile after the first."""
+    carry = tl.zeros([BV], dtype=tl.float32)
+    p0 = lo // BP * BP
+    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
+        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
+    )
+    for i in range(tl.cdiv(hi - p0, BP)):
+        # the next tile's loads do not depend on this one's memory: issued before its scan
+        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
+            keys, picks, theta, phi, v, p0 + BP + o_i, lo, hi, K, V, o_v, m_v
+        )
+        if STORE_CARRIES:
+            if i > 0:
+                tl.store(carries + (p0 // BP) * V + o_v, carry, mask=m_v)
+        init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
+        h = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)[0]
+        if not STORE_CARRIES:
+            m_pv = m_p[:, None] & m_v[None, :]
+            tl.store(contributions + pick[:, None] * V + o_v[None, :], phi_p[:, None] * h, mask=m_pv)
+        if STORE_FINAL_STATE:
+            tl.store(row_of_state(ht, key, i_h, H, M, V, o_v), h, mask=last[:, None] & m_v[None, :])
+        carry = tl.sum(tl.where((o_i == tl.minimum(hi - p0, BP) - 1)[:, None], h, 0.0), 0)
+        p0 += BP
+        m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
+
+
 @triton.heuristics(FORWARD_SWITCHES)
 @triton.jit
 def chunk_sparse_fwd_kernel(
@@ -154,26 +211,10 @@ def chunk_sparse_fwd_kernel(
     o_i = tl.arange(0, BP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    carry = tl.zeros([BV], dtype=tl.float32)
-    # tiles aligned to BP among the events: the backward keys its carries by tile
-    p0 = lo // BP * BP
-    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
-        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
-    )
-    for _tile in range(tl.cdiv(hi - p0, BP)):
-        # the next tile's loads do not depend on this one's memory: issued before its scan
-        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
-            keys, picks, theta, phi, v, p0 + BP + o_i, lo, hi, K, V, o_v, m_v
-        )
-        init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
-        h = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)[0]
-        m_pv = m_p[:, None] & m_v[None, :]
-        tl.store(contributions + pick[:, None] * V + o_v[None, :], phi_p[:, None] * h, mask=m_pv)
-        if STORE_FINAL_STATE:
-            tl.store(row_of_state(ht, key, i_h, H, M, V, o_v), h, mask=last[:, None] & m_v[None, :])
-        carry = tl.sum(tl.where((o_i == tl.minimum(hi - p0, BP) - 1)[:, None], h, 0.0), 0)
-        p0 += BP
-        m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
+    walk_forward(
+        v, keys, picks, theta, phi, h0, ht, contributions, None, lo, hi, i_h, o_i, o_v, m_v,
+        H, M, K, V, BP, BV, USE_INITIAL_STATE, STORE_FINAL_STATE, False,
+    )  # fmt: skip
 
 
 @triton.heuristics(BACKWARD_SWITCHES)
@@ -226,22 +267,10 @@ def chunk_sparse_bwd_kernel(
     n_tiles = tl.cdiv(hi - p_first, BP)
 
     # forward: the memory each tile after the first starts from, for the reverse walk below
-    carry = tl.zeros([BV], dtype=tl.float32)
-    p0 = p_first
-    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
-        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
-    )
-    for i in range(n_tiles):
-        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
-            keys, picks, theta, phi, v, p0 + BP + o_i, lo, hi, K, V, o_v, m_v
-        )
-        if i > 0:
-            tl.store(carries + (p0 // BP) * V + o_v, carry, mask=m_v)
-        init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
-        h = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)[0]
-        carry = tl.sum(tl.where((o_i == tl.minimum(hi - p0, BP) - 1)[:, None], h, 0.0), 0)
-        p0 += BP
-        m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
+    walk_forward(
+        v, keys, picks, theta, phi, h0, None, None, carries, lo, hi, i_h, o_i, o_v, m_v,
+        H, M, K, V, BP, BV, USE_INITIAL_STATE, False, True,
+    )  # fmt: skip
     # the carries were stored by other threads of this program
     tl.debug_barrier()
 
