@@ -51,27 +51,30 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
 
 class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
     """Sparse (top-K) op on CUDA: Triton kernels both ways, along the rows each token picks.
-    Saves the inputs and ``SparseEvents``: the picks ``[B, T, H, K]`` and, sorted along the
-    memory's rows, their keys, flat indices, theta and phi (``[H, B T K]`` each), about 20 bytes
-    per pick, nothing that grows with V or M."""
+    Saves v, eta, mu, the initial state and ``SparseEvents``: the picks ``[B, T, H, K]`` and,
+    sorted along the memory's rows, their keys, flat indices, theta and phi (``[H, B T K]``
+    each), about 24 bytes per pick; and the memory entering each tile of 8 events
+    (``[H, B T K / 8, V]`` float32). Not the logits: their gradient needs only the picks.
+    ``store_for_backward`` False (no backward will run) skips the carries."""
 
     @staticmethod
-    def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens):
-        routing = sparse_routing(logits, eta, mu, topk)
-        o, final_state, saved = chunk_sparse_fwd(
-            v, routing, logits.shape[-1], initial_state, output_final_state, cu_seqlens
+    def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
+        routing = sparse_routing(logits, topk)
+        o, final_state, events, carries = chunk_sparse_fwd(
+            v, eta, mu, routing, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
         )
-        ctx.save_for_backward(v, logits, eta, mu, initial_state, cu_seqlens, *saved)
+        ctx.save_for_backward(v, eta, mu, initial_state, cu_seqlens, carries, *events)
+        ctx.logits = logits.shape[-1], logits.dtype
         ctx.needs_dh0 = initial_state is not None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        v, logits, eta, mu, initial_state, cu_seqlens, *saved = ctx.saved_tensors
+        v, eta, mu, initial_state, cu_seqlens, carries, *events = ctx.saved_tensors
         dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(
-            v, logits, eta, mu, SparseEvents(*saved), initial_state, do, dht, cu_seqlens, ctx.needs_dh0
+            v, eta, mu, *ctx.logits, SparseEvents(*events), carries, initial_state, do, dht, cu_seqlens, ctx.needs_dh0
         )
-        return dv, dlogits, deta, dmu, None, dh0, None, None
+        return dv, dlogits, deta, dmu, None, dh0, None, None, None
 
 
 def chunk_factorization_memory(
@@ -98,11 +101,11 @@ def chunk_factorization_memory(
     scores (``[B, T, H, 32]`` float32), never q, k or the decays. Sparse calls (``topk`` < M,
     any M) run the sparse Triton kernels, forward and backward: each token's K picks, sorted
     by row, become scans along each row's picks, which read and write only the rows some token
-    picks; they keep the sorted picks for the backward (``[H, B T K]``, T * K values per head)
-    and recompute the memory there, and while they run they hold the picks' terms of o or dv
-    (``[B T, H, K, V]`` float32). Other calls
-    (dense M > 256, float64), and every call on the CPU, run the PyTorch chunked path (on CUDA
-    it warns once).
+    picks; for the backward they keep the sorted picks (``[H, B T K]``, T * K values per head)
+    and the memory entering every 8 picks of a row (``[H, B T K / 8, V]`` float32), not the
+    logits, and while they run they hold the picks' terms of o or dv (``[B T, H, K, V]`` in v's
+    dtype). Other calls (dense M > 256, float64), and every call on the CPU, run the PyTorch
+    chunked path (on CUDA it warns once).
 
     Args:
         v: ``[B, T, H, V]`` values written into the memory.
@@ -136,7 +139,7 @@ def chunk_factorization_memory(
         )
     if runs_sparse_triton(v, logits, topk, eta, mu, initial_state):
         return ChunkSparseFactorizationMemoryFunction.apply(
-            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
+            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
         )
     if v.is_cuda:
         warn_once(

@@ -9,8 +9,9 @@ side, and along them the row follows a scalar linear recurrence:
 
 from the initial state's row at the row's first event to the final state's row at its last.
 Rows nobody picks have no events: they are neither read nor written, and per token the work and
-traffic are K * V, whatever M. No chunk states exist; the backward keeps only the sorted events
-(key, pick and weights), T * K values per head.
+traffic are K * V, whatever M. No chunk states exist; the backward keeps the sorted events (key,
+pick and weights, T * K values per head) and the memory entering each tile of them (below),
+T * K * V / BP values per head.
 
 Each program takes one block of consecutive (sequence, row) keys, whose events are one range of
 the sorted list, and walks it in tiles of BP events. Within a tile the recurrence is an
@@ -19,14 +20,15 @@ associative scan of (d, theta v) pairs along the events, cut at the first event 
 event, which folds in the same way what the previous tile left in its row (the carry).
 
 1. ``chunk_sparse_fwd_kernel``: h_e for every event; phi_e h_e goes to the event's slot
-   [token, head, pick] of a float32 buffer that ``sum_over_picks_kernel`` sums into o, and
-   the last event of each row writes the final state's row.
+   [token, head, pick] of a buffer in v's dtype that ``sum_over_picks_kernel`` sums, in
+   float32, into o, and the last event of each row writes the final state's row. With a
+   backward to come, it also stores the carry entering each tile.
 2. ``chunk_sparse_bwd_kernel``: the gradient on the memory runs the other way along each row,
 
        g_e = phi_e do_t + d_{e+1} g_{e+1}   (the gradient on the final state after the last),
 
-   a reverse scan of the same kind. With h_e recomputed forward (one pass storing each tile's
-   carry, then the tiles in reverse), each event gives dv_t its theta_e g_e (summed over the
+   a reverse scan of the same kind. Walking the tiles in reverse, with h_e recomputed from
+   each tile's carry, each event gives dv_t its theta_e g_e (summed over the
    picks like o), dtheta_e = <g_e, v_t - h_{e-1}>, dphi_e = <do_t, h_e>, and the
    first event of each row the initial state's gradient d_e g_e. ``routing_kernels.py`` turns
    dtheta and dphi into gradients on the logits, eta and mu.
@@ -41,6 +43,7 @@ import triton.language as tl
 FORWARD_SWITCHES = {
     "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
     "STORE_FINAL_STATE": lambda args: args["ht"] is not None,
+    "STORE_CARRIES": lambda args: args["carries"] is not None,
 }
 BACKWARD_SWITCHES = {
     "USE_INITIAL_STATE": FORWARD_SWITCHES["USE_INITIAL_STATE"],
@@ -115,23 +118,22 @@ def memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i):
     return h, entered
 
 
+@triton.heuristics(FORWARD_SWITCHES)
 @triton.jit
-def walk_forward(
+def chunk_sparse_fwd_kernel(
     v,
     keys,
     picks,
     theta,
     phi,
+    block_bounds,
     h0,
     ht,
     contributions,
     carries,
-    lo,
-    hi,
-    i_h,
-    o_i,
-    o_v,
-    m_v,
+    E,
+    NB,
+    NTILES,
     H: tl.constexpr,
     M: tl.constexpr,
     K: tl.constexpr,
@@ -142,11 +144,28 @@ def walk_forward(
     STORE_FINAL_STATE: tl.constexpr,
     STORE_CARRIES: tl.constexpr,
 ):
-    """The memory after each event of [lo, hi), tile by tile (tiles aligned to BP among the
-    events, so that the backward keys its carries by tile). The forward kernel stores each
-    event's phi h into ``contributions`` and, with STORE_FINAL_STATE, each row's last h into
-    ``ht``; the backward's first pass (STORE_CARRIES) stores instead the carry that enters each
-    tile after the first."""
+    """v: [tokens, H, V]. keys, picks, theta, phi: [H, E], E = tokens * K, the events of each
+    head sorted by key (sequence * M + row, int32), stably in token order: each one's pick as a
+    flat index of [tokens, H, K] (int32) and its theta and phi (float32).
+    block_bounds: [H, NB + 1] int32, where each program's block of keys starts among the events.
+    h0, ht: [N, H, M, V] float32, optional; ht must hold h0 (or zeros) on entry: only the rows
+    some token picks are written.
+    contributions: [tokens, H, K, V] in v's dtype, phi h after each event, for o = their sum
+    over K. carries (optional, for the backward): [H, NTILES, V] float32, NTILES = cdiv(E, BP),
+    the memory entering each tile of BP events (aligned to BP among the events, so that two
+    programs never store the same tile) after the first tile of each block.
+    One program per (block of keys, head, block of BV columns)."""
+    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
+    hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
+    base = i_h.to(tl.int64) * E
+    keys, picks, theta, phi = keys + base, picks + base, theta + base, phi + base
+    if STORE_CARRIES:
+        carries += i_h.to(tl.int64) * NTILES * V
+    o_i = tl.arange(0, BP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+
     carry = tl.zeros([BV], dtype=tl.float32)
     p0 = lo // BP * BP
     m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
@@ -162,59 +181,13 @@ def walk_forward(
                 tl.store(carries + (p0 // BP) * V + o_v, carry, mask=m_v)
         init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
         h = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)[0]
-        if not STORE_CARRIES:
-            m_pv = m_p[:, None] & m_v[None, :]
-            tl.store(contributions + pick[:, None] * V + o_v[None, :], phi_p[:, None] * h, mask=m_pv)
+        terms = (phi_p[:, None] * h).to(contributions.dtype.element_ty)
+        tl.store(contributions + pick[:, None] * V + o_v[None, :], terms, mask=m_p[:, None] & m_v[None, :])
         if STORE_FINAL_STATE:
             tl.store(row_of_state(ht, key, i_h, H, M, V, o_v), h, mask=last[:, None] & m_v[None, :])
         carry = tl.sum(tl.where((o_i == tl.minimum(hi - p0, BP) - 1)[:, None], h, 0.0), 0)
         p0 += BP
         m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
-
-
-@triton.heuristics(FORWARD_SWITCHES)
-@triton.jit
-def chunk_sparse_fwd_kernel(
-    v,
-    keys,
-    picks,
-    theta,
-    phi,
-    block_bounds,
-    h0,
-    ht,
-    contributions,
-    E,
-    NB,
-    H: tl.constexpr,
-    M: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BP: tl.constexpr,
-    BV: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr,
-):
-    """v: [tokens, H, V]. keys, picks, theta, phi: [H, E], E = tokens * K, the events of each
-    head sorted by key (sequence * M + row, int32), stably in token order: each one's pick as a
-    flat index of [tokens, H, K] (int32) and its theta and phi (float32).
-    block_bounds: [H, NB + 1] int32, where each program's block of keys starts among the events.
-    h0, ht: [N, H, M, V] float32, optional; ht must hold h0 (or zeros) on entry: only the rows
-    some token picks are written.
-    contributions: [tokens, H, K, V] float32, phi h after each event, for o = their sum over K.
-    One program per (block of keys, head, block of BV columns)."""
-    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
-    hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
-    base = i_h.to(tl.int64) * E
-    keys, picks, theta, phi = keys + base, picks + base, theta + base, phi + base
-    o_i = tl.arange(0, BP)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    walk_forward(
-        v, keys, picks, theta, phi, h0, ht, contributions, None, lo, hi, i_h, o_i, o_v, m_v,
-        H, M, K, V, BP, BV, USE_INITIAL_STATE, STORE_FINAL_STATE, False,
-    )  # fmt: skip
 
 
 @triton.heuristics(BACKWARD_SWITCHES)
@@ -227,10 +200,10 @@ def chunk_sparse_bwd_kernel(
     phi,
     block_bounds,
     h0,
+    carries,
     do,
     dht,
     dh0,
-    carries,
     dv_contributions,
     dtheta,
     dphi,
@@ -247,12 +220,12 @@ def chunk_sparse_bwd_kernel(
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
 ):
-    """As ``chunk_sparse_fwd_kernel``, backward. do: [tokens, H, V]; dht: [N, H, M, V] float32,
-    optional. dh0 (optional): [N, H, M, V] float32 holding dht (or zeros) on entry: only the
-    picked rows are written. carries: [H, NTILES, V] float32 scratch, NTILES = cdiv(E, BP).
-    dv_contributions: [tokens, H, K, V] float32, theta g at each event, for dv = their sum over
-    K. dtheta, dphi: [NV, tokens, H, K] float32, each block of columns' part of the gradients on
-    the picks' theta and phi."""
+    """As ``chunk_sparse_fwd_kernel``, backward, from the carries the forward stored with the
+    same launch. do: [tokens, H, V]; dht: [N, H, M, V] float32, optional. dh0 (optional):
+    [N, H, M, V] float32 holding dht (or zeros) on entry: only the picked rows are written.
+    dv_contributions: [tokens, H, K, V] in v's dtype, theta g at each event, for dv = their sum
+    over K. dtheta, dphi: [NV, tokens, H, K] float32, each block of columns' part of the
+    gradients on the picks' theta and phi."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
     hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
@@ -263,26 +236,20 @@ def chunk_sparse_bwd_kernel(
     o_i = tl.arange(0, BP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    p_first = lo // BP * BP
-    n_tiles = tl.cdiv(hi - p_first, BP)
-
-    # forward: the memory each tile after the first starts from, for the reverse walk below
-    walk_forward(
-        v, keys, picks, theta, phi, h0, None, None, carries, lo, hi, i_h, o_i, o_v, m_v,
-        H, M, K, V, BP, BV, USE_INITIAL_STATE, False, True,
-    )  # fmt: skip
-    # the carries were stored by other threads of this program
-    tl.debug_barrier()
+    n_tiles = tl.cdiv(hi - lo // BP * BP, BP)
 
     grad_carry = tl.zeros([BV], dtype=tl.float32)
-    p0 = p_first + (n_tiles - 1) * BP
+    p0 = lo // BP * BP + (n_tiles - 1) * BP
     m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
         keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
     )
+    do_p = tl.load(do + (pick // K)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0)
     for j in range(n_tiles):
+        # the previous tile's loads, do's among them, issued before this tile's scans
         m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
             keys, picks, theta, phi, v, p0 - BP + o_i, lo, hi, K, V, o_v, m_v
         )
+        do_n = tl.load(do + (pick_n // K)[:, None] * V + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.0)
         # the first tile starts a row; a [BV] mask, as the interpreter takes no scalar in a mask
         has_carry = m_v & (tl.full([BV], j, tl.int32) < n_tiles - 1)
         carry = tl.load(carries + (p0 // BP) * V + o_v, mask=has_carry, other=0.0)
@@ -296,9 +263,8 @@ def chunk_sparse_bwd_kernel(
         # next event is on the same row; the tile's last event continues from grad_carry
         d_next = 1.0 - tl.load(theta + p0 + o_i + 1, mask=m_p & ~last, other=1.0)
         ends = last | (o_i == BP - 1) | ~m_p
-        do_p = tl.load(do + (pick // K)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0)
-        do_p = do_p.to(tl.float32)
-        b = phi_p[:, None] * do_p + tl.where(ends & ~last & m_p, d_next, 0.0)[:, None] * grad_carry[None, :]
+        do_f = do_p.to(tl.float32)
+        b = phi_p[:, None] * do_f + tl.where(ends & ~last & m_p, d_next, 0.0)[:, None] * grad_carry[None, :]
         if USE_FINAL_STATE_GRADIENT:
             b += tl.load(row_of_state(dht, key, i_h, H, M, V, o_v), mask=last[:, None] & m_v[None, :], other=0.0)
         a = tl.broadcast_to(tl.where(ends, 0.0, d_next)[:, None], b.shape)
@@ -306,22 +272,64 @@ def chunk_sparse_bwd_kernel(
         grad_carry = tl.sum(tl.where((o_i == tl.maximum(lo - p0, 0))[:, None], g, 0.0), 0)
 
         m_pv = m_p[:, None] & m_v[None, :]
-        tl.store(dv_contributions + pick[:, None] * V + o_v[None, :], theta_p[:, None] * g, mask=m_pv)
+        dv_terms = (theta_p[:, None] * g).to(dv_contributions.dtype.element_ty)
+        tl.store(dv_contributions + pick[:, None] * V + o_v[None, :], dv_terms, mask=m_pv)
         tl.store(dtheta + i_v * n_picks + pick, tl.sum(g * (v_p - before), 1), mask=m_p)
-        tl.store(dphi + i_v * n_picks + pick, tl.sum(do_p * h, 1), mask=m_p)
+        tl.store(dphi + i_v * n_picks + pick, tl.sum(do_f * h, 1), mask=m_p)
         if STORE_INITIAL_STATE_GRADIENT:
             dh0_p = (1.0 - theta_p)[:, None] * g
             tl.store(row_of_state(dh0, key, i_h, H, M, V, o_v), dh0_p, mask=first[:, None] & m_v[None, :])
         p0 -= BP
         m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
+        do_p = do_n
+
+
+@triton.jit
+def sparse_events_kernel(
+    order,
+    sorted_keys,
+    eta,
+    mu,
+    alpha,
+    keys,
+    picks,
+    theta,
+    phi,
+    E,
+    n_events,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    HEAD_KEYS: tl.constexpr,
+    BE: tl.constexpr,
+):
+    """The picks as events, from one stable sort of all heads' keys (head * HEAD_KEYS +
+    sequence * M + row, flat over [H, tokens, K]): sorted_keys and order (the position each came
+    from), [H E] each. Head h's events fill positions [h E, (h + 1) E), as its keys are below the
+    next head's. Writes, [H, E] each in sorted order: keys without the head's offset (int32),
+    each event's pick as a flat index of [tokens, H, K] (int32), and its theta = eta * alpha and
+    phi = mu * alpha (float32; eta, mu [tokens, H], alpha [tokens, H, K] float32)."""
+    o_e = tl.program_id(0) * BE + tl.arange(0, BE)
+    m_e = o_e < n_events
+    head = o_e // E
+    source = tl.load(order + o_e, mask=m_e, other=0) - head * E
+    token = source // K
+    pick = (token * H + head) * K + source % K
+    a = tl.load(alpha + pick, mask=m_e, other=0.0)
+    eta_e = tl.load(eta + token * H + head, mask=m_e, other=0.0).to(tl.float32)
+    mu_e = tl.load(mu + token * H + head, mask=m_e, other=0.0).to(tl.float32)
+    key = tl.load(sorted_keys + o_e, mask=m_e, other=0) - head * HEAD_KEYS
+    tl.store(keys + o_e, key.to(tl.int32), mask=m_e)
+    tl.store(picks + o_e, pick.to(tl.int32), mask=m_e)
+    tl.store(theta + o_e, eta_e * a, mask=m_e)
+    tl.store(phi + o_e, mu_e * a, mask=m_e)
 
 
 @triton.jit
 def sum_over_picks_kernel(
     x, y, n_rows, K: tl.constexpr, V: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr
 ):
-    """y [n_rows, V] (any float dtype) = the sum of x [n_rows, K, V] float32 over its K picks,
-    so that o and dv round once, from float32. [BR, KB, BV] tiles, KB picks at a time."""
+    """y [n_rows, V] = the sum over its K picks of x [n_rows, K, V], added in float32 (x and y
+    in any float dtype). [BR, KB, BV] tiles, KB picks at a time."""
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_k = tl.arange(0, KB)
     o_v = tl.program_id(1) * BV + tl.arange(0, BV)
@@ -330,5 +338,5 @@ def sum_over_picks_kernel(
     total = tl.zeros([BR, BV], dtype=tl.float32)
     for k0 in range(0, K, KB):
         m = m_rv[:, None, :] & (k0 + o_k < K)[None, :, None]
-        total += tl.sum(tl.load(x + rows + (k0 + o_k)[None, :, None] * V, mask=m, other=0.0), 1)
+        total += tl.sum(tl.load(x + rows + (k0 + o_k)[None, :, None] * V, mask=m, other=0.0).to(tl.float32), 1)
     tl.store(y + o_r.to(tl.int64)[:, None] * V + o_v[None, :], total.to(y.dtype.element_ty), mask=m_rv)

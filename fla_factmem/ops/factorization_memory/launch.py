@@ -22,6 +22,7 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
 from fla_factmem.ops.factorization_memory.chunk_sparse_kernels import (
     chunk_sparse_bwd_kernel,
     chunk_sparse_fwd_kernel,
+    sparse_events_kernel,
     sum_over_picks_kernel,
 )
 from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import (
@@ -208,42 +209,40 @@ def top_k_group(BM: int, KB: int) -> int:
 
 
 def sparse_routing(
-    logits: torch.Tensor,
-    eta: torch.Tensor,
-    mu: torch.Tensor,
-    topk: int,
-    rows_per_program: int | None = None,
-    num_warps: int | None = None,
+    logits: torch.Tensor, topk: int, rows_per_program: int | None = None, num_warps: int | None = None
 ) -> SparseRouting:
     """The sparse variant's routing in one pass over the logits, no autograd: each token's top
-    ``topk`` rows (int32, largest logit first) and their theta and phi (float32), all
-    ``[B, T, H, topk]``, from ``[B, T, H, M]`` logits and ``[B, T, H]`` eta, mu.
+    ``topk`` rows (int32, largest logit first) and their alpha (float32, the softmax
+    re-normalised over them), ``[B, T, H, topk]`` each, from ``[B, T, H, M]`` logits.
     ``rows_per_program`` and ``num_warps`` override the launch (for tuning)."""
     M = logits.shape[-1]
-    logits, eta, mu = (x.contiguous() for x in (logits, eta, mu))
-    picks = torch.empty(*eta.shape, topk, dtype=torch.int32, device=logits.device)
-    theta, phi = (torch.empty(*eta.shape, topk, dtype=torch.float32, device=logits.device) for _ in range(2))
+    logits = logits.contiguous()
+    picks = torch.empty(*logits.shape[:-1], topk, dtype=torch.int32, device=logits.device)
+    alpha = torch.empty(*logits.shape[:-1], topk, dtype=torch.float32, device=logits.device)
     BM, KB = next_power_of_2(M), next_power_of_2(topk)
     # best measured on an H200 (benchmarks/ops/NOTES.md): up to 4 rows of at most 4K logits per
     # program, one warp per 4K logits, so that the K reductions stay within a warp
     BR = rows_per_program or max(1, min(4, 4096 // BM))
-    sparse_routing_kernel[(cdiv(eta.numel(), BR),)](
-        logits, eta, mu, picks, theta, phi, eta.numel(), M=M, K=topk, BR=BR, BM=BM, KB=KB,
-        G=top_k_group(BM, KB), num_warps=num_warps or max(1, BR * BM // 4096),
+    n_rows = logits.numel() // M
+    sparse_routing_kernel[(cdiv(n_rows, BR),)](
+        logits, picks, alpha, n_rows, M=M, K=topk, BR=BR, BM=BM, KB=KB, G=top_k_group(BM, KB),
+        num_warps=num_warps or max(1, BR * BM // 4096),
     )  # fmt: skip
-    return SparseRouting(picks, theta, phi)
+    return SparseRouting(picks, alpha)
 
 
 class SparseEvents(NamedTuple):
-    """Each token's K picks as events along the memory's rows (``sparse_events``). ``rows``: the
-    routing's picks ``[B, T, H, K]`` int32, as they came (the routing backward reads them). Per
-    head, sorted by ``keys`` (sequence * M + row, int32) and stably in token order within a row,
-    all ``[H, E]`` with E = B T K: ``keys``, ``picks`` (each event's flat index into
-    ``[B, T, H, K]``, int32), ``theta`` and ``phi`` (float32). ``block_bounds`` ``[H, NB + 1]``
-    int32: where each program's block of whole rows starts among the events. About 20 bytes per
-    pick in all: what the sparse backward keeps besides the inputs."""
+    """Each token's K picks as events along the memory's rows (``sparse_events``). ``rows`` and
+    ``alpha``: the routing's picks ``[B, T, H, K]`` (int32, float32) as they came, for the
+    routing backward. Per head, sorted by ``keys`` (sequence * M + row, int32) and stably in
+    token order within a row, all ``[H, E]`` with E = B T K: ``keys``, ``picks`` (each event's
+    flat index into ``[B, T, H, K]``, int32), ``theta`` and ``phi`` (float32).
+    ``block_bounds`` ``[H, NB + 1]`` int32: where each program's block of whole rows starts
+    among the events. About 24 bytes per pick in all: what the sparse backward keeps besides
+    the inputs."""
 
     rows: torch.Tensor
+    alpha: torch.Tensor
     keys: torch.Tensor
     picks: torch.Tensor
     theta: torch.Tensor
@@ -261,13 +260,16 @@ SPARSE_WARPS = 1
 SPARSE_EVENTS_PER_PROGRAM = 256
 
 
-def sparse_events(routing: SparseRouting, M: int, cu_seqlens: torch.Tensor | None) -> SparseEvents:
-    """The picks of ``routing`` (rows, theta, phi ``[B, T, H, K]``) sorted into events along the
-    memory's rows (``SparseEvents``). Block j of a head holds the whole rows that start between
-    the rows holding events j S and (j + 1) S, S = ``SPARSE_EVENTS_PER_PROGRAM``: S events and
-    the rest of the row it ends in, or one row of more than S events (a program walks a row's
-    events in order, so a row picked by every token costs T / 8 steps of one program)."""
-    rows, theta, phi = routing
+def sparse_events(
+    routing: SparseRouting, eta: torch.Tensor, mu: torch.Tensor, M: int, cu_seqlens: torch.Tensor | None
+) -> SparseEvents:
+    """The picks of ``routing`` (rows, alpha ``[B, T, H, K]``) sorted into events along the
+    memory's rows, with their theta and phi from ``[B, T, H]`` eta and mu (``SparseEvents``).
+    Block j of a head holds the whole rows that start between the rows holding events j S and
+    (j + 1) S, S = ``SPARSE_EVENTS_PER_PROGRAM``: S events and the rest of the row it ends in,
+    or one row of more than S events (a program walks a row's events in order, so a row picked
+    by every token costs T / 8 steps of one program)."""
+    rows, alpha = routing
     B, T, H, K = rows.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     tokens = torch.arange(B * T, device=rows.device)
@@ -275,19 +277,28 @@ def sparse_events(routing: SparseRouting, M: int, cu_seqlens: torch.Tensor | Non
         seq = tokens // T
     else:  # tokens past the last offset (outside the contract) get keys >= N M, in no block: never computed
         seq = torch.searchsorted(cu_seqlens[1:], tokens.to(cu_seqlens.dtype), right=True)
-    keys = rows.view(B * T, H, K) + (seq * M).to(torch.int32)[:, None, None]
-    # contiguous before the sort, whose results keep its input's strides (a view's when K = 1)
-    keys, order = torch.sort(keys.permute(1, 0, 2).reshape(H, -1).contiguous(), dim=-1, stable=True)
-    # order: token * K + k per head; the pick's flat index in [B, T, H, K] is (token H + head) K + k
-    heads = torch.arange(H, device=rows.device)[:, None]
-    picks = ((order // K) * H + heads) * K + order % K
-    theta, phi = (x.reshape(-1)[picks] for x in (theta, phi))
+    # one sort for all heads, each head's keys above the previous head's (N + 1 sequences each,
+    # for the tokens past the last offset), in token order within a key
+    head_keys = (N + 1) * M
+    key_dtype = torch.int32 if H * head_keys < 2**31 else torch.int64
+    first_keys = torch.arange(H, device=rows.device)[:, None] * head_keys + seq[None, :] * M
+    keys = torch.empty(H, B * T, K, dtype=key_dtype, device=rows.device)
+    torch.add(rows.view(B * T, H, K).permute(1, 0, 2), first_keys[:, :, None], out=keys)
+    sorted_keys, order = torch.sort(keys.view(-1), stable=True)
+    E = B * T * K
+    events = [torch.empty(H, E, dtype=dtype, device=rows.device) for dtype in (torch.int32,) * 2 + (torch.float32,) * 2]
+    BE = 1024
+    sparse_events_kernel[(cdiv(H * E, BE),)](
+        order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha.contiguous(), *events, E, H * E,
+        H=H, K=K, HEAD_KEYS=head_keys, BE=BE, num_warps=4,
+    )  # fmt: skip
+    keys = events[0]
     # each block starts where the row holding its first S-th event starts: a row longer than S
     # leaves the blocks after its first one empty
     at = keys[:, ::SPARSE_EVENTS_PER_PROGRAM]
     end = torch.full((H, 1), N * M, dtype=keys.dtype, device=keys.device)
     block_bounds = torch.searchsorted(keys, torch.cat([at.clamp(max=N * M), end], 1), out_int32=True)
-    return SparseEvents(rows, keys, picks.to(torch.int32), theta, phi, block_bounds)
+    return SparseEvents(rows, alpha, *events, block_bounds)
 
 
 def sparse_block_v(V: int) -> int:
@@ -296,58 +307,73 @@ def sparse_block_v(V: int) -> int:
 
 
 def sum_over_picks(x: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    """``[tokens, H, K, V]`` float32 per-pick terms -> their sum over K in ``dtype``, viewed as
-    ``shape`` (``[B, T, H, V]``)."""
+    """``[tokens, H, K, V]`` per-pick terms -> their sum over K (added in float32) in ``dtype``,
+    viewed as ``shape`` (``[B, T, H, V]``)."""
     *_, K, V = x.shape
     n_rows = x.numel() // (K * V)
     y = torch.empty(shape, dtype=dtype, device=x.device)
+    # one warp on 2048 terms at a time: best measured on an H200 at (1024, 16), V=64, 75 us on
+    # bf16 terms (300 us with 4 warps on 4096), 137 us on float32 terms (either launch)
     BV, KB = min(next_power_of_2(V), 64), min(next_power_of_2(K), 16)
-    BR = max(1, 4096 // (KB * BV))
-    sum_over_picks_kernel[(cdiv(n_rows, BR), cdiv(V, BV))](x, y, n_rows, K=K, V=V, BR=BR, KB=KB, BV=BV, num_warps=4)
+    BR = max(1, 2048 // (KB * BV))
+    sum_over_picks_kernel[(cdiv(n_rows, BR), cdiv(V, BV))](x, y, n_rows, K=K, V=V, BR=BR, KB=KB, BV=BV, num_warps=1)
     return y
 
 
 def chunk_sparse_fwd(
     v: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
     routing: SparseRouting,
     M: int,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
+    store_carries: bool = True,
     block_events: int = SPARSE_TILE,
     num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, SparseEvents]:
+) -> tuple[torch.Tensor, torch.Tensor | None, SparseEvents, torch.Tensor | None]:
     """Sparse forward over each token's K picks (``routing``, rows < M, e.g. from
-    ``sparse_routing``): ``(o [B, T, H, V] in v's dtype, final state [N, H, M, V] float32 or
-    None, the events for the backward)``. Rows no token picks are never read or written (the
-    final state's are copies of the initial state's). Besides o it allocates the picks'
-    contributions, ``[B T, H, K, V]`` float32, for as long as it runs. ``block_events`` (events
-    per tile) and ``num_warps`` set the launch (for tuning)."""
+    ``sparse_routing``), with ``[B, T, H]`` eta and mu: ``(o [B, T, H, V] in v's dtype, final
+    state [N, H, M, V] float32 or None, the events and the carries for the backward)``. The
+    carries, the memory entering each tile of ``block_events`` events (``[H, cdiv(B T K,
+    block_events), V]`` float32, T K V / 8 values per head), are stored if ``store_carries``,
+    else None. Rows no token picks are never read or written (the final state's are copies of
+    the initial state's). Besides o it allocates the picks' terms of o, ``[B T, H, K, V]`` in
+    v's dtype, for as long as it runs. ``block_events`` (events per tile) and ``num_warps`` set
+    the launch (for tuning)."""
     B, T, H, V = v.shape
     K = routing.rows.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     v = v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
-    events = sparse_events(SparseRouting(*(x.contiguous() for x in routing)), M, cu_seqlens)
+    events = sparse_events(SparseRouting(*(x.contiguous() for x in routing)), eta, mu, M, cu_seqlens)
+    E = events.keys.shape[1]
     ht = memory_copy(h0, N, H, M, V, v.device) if output_final_state else None
-    contributions = torch.empty(B * T, H, K, V, dtype=torch.float32, device=v.device)
+    # in v's dtype: each term rounds once before the sum, for half the traffic of float32 terms
+    # in bf16 (this buffer, written and read once each way, is the largest traffic of the op)
+    contributions = torch.empty(B * T, H, K, V, dtype=v.dtype, device=v.device)
+    NTILES = cdiv(E, block_events)
+    carries = torch.empty(H, NTILES, V, dtype=torch.float32, device=v.device) if store_carries else None
     BV = sparse_block_v(V)
     NB = events.block_bounds.shape[1] - 1
     chunk_sparse_fwd_kernel[(NB, H, cdiv(V, BV))](
         v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, ht, contributions,
-        events.keys.shape[1], NB,
+        carries, E, NB, NTILES,
         H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
     )  # fmt: skip
     o = sum_over_picks(contributions, v.dtype, v.shape)
-    return o, ht, events
+    return o, ht, events, carries
 
 
 def chunk_sparse_bwd(
     v: torch.Tensor,
-    logits: torch.Tensor,
     eta: torch.Tensor,
     mu: torch.Tensor,
+    M: int,
+    logits_dtype: torch.dtype,
     events: SparseEvents,
+    carries: torch.Tensor,
     initial_state: torch.Tensor | None,
     do: torch.Tensor,
     dht: torch.Tensor | None,
@@ -356,40 +382,41 @@ def chunk_sparse_bwd(
     block_events: int = SPARSE_TILE,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Sparse backward from the forward's inputs (``initial_state`` among them) and ``events``:
-    ``(dv, dlogits, deta, dmu, dh0)`` in the layouts and dtypes of the inputs (dh0 float32, None
-    unless ``needs_dh0``). Like the forward it reads and writes only the picked rows, of the
-    gradient on the memory too (the others pass from dht to dh0 as they are); dlogits is 0
-    outside each token's picks. It recomputes the memory at each event from the initial state.
-    ``block_events`` and ``num_warps`` set the launch (for tuning)."""
+    """Sparse backward from the forward's inputs (``initial_state`` among them), ``events`` and
+    ``carries`` (``chunk_sparse_fwd``'s, with the same ``block_events``): ``(dv, dlogits, deta,
+    dmu, dh0)`` in the layouts and dtypes of the inputs (dlogits ``[B, T, H, M]`` in
+    ``logits_dtype``; dh0 float32, None unless ``needs_dh0``). Like the forward it reads and
+    writes only the picked rows, of the gradient on the memory too (the others pass from dht to
+    dh0 as they are); dlogits is 0 outside each token's picks. It recomputes the memory at each
+    event from the carries. ``num_warps`` sets the launch (for tuning)."""
     B, T, H, V = v.shape
-    M = logits.shape[-1]
     K = events.rows.shape[-1]
-    v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens, dense=False)
-    do = do.contiguous()
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    v, eta, mu, do = (x.contiguous() for x in (v, eta, mu, do))
+    h0 = initial_state.contiguous() if initial_state is not None else None
     dht = dht.contiguous() if dht is not None else None
     dh0 = memory_copy(dht, N, H, M, V, v.device) if needs_dh0 else None
     E = events.keys.shape[1]
     BV = sparse_block_v(V)
-    NV, NB, NTILES = cdiv(V, BV), events.block_bounds.shape[1] - 1, cdiv(E, block_events)
-    carries = torch.empty(H, NTILES, V, dtype=torch.float32, device=v.device)
-    dv_contributions = torch.empty(B * T, H, K, V, dtype=torch.float32, device=v.device)
+    NV, NB = cdiv(V, BV), events.block_bounds.shape[1] - 1
+    dv_contributions = torch.empty(B * T, H, K, V, dtype=v.dtype, device=v.device)
     pick_dtheta, pick_dphi = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=v.device) for _ in range(2))
     chunk_sparse_bwd_kernel[(NB, H, NV)](
-        v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, do, dht, dh0, carries,
-        dv_contributions, pick_dtheta, pick_dphi, E, NB, NTILES,
+        v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, carries, do, dht, dh0,
+        dv_contributions, pick_dtheta, pick_dphi, E, NB, carries.shape[1],
         H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
     )  # fmt: skip
     dv = sum_over_picks(dv_contributions, v.dtype, v.shape)
     pick_dtheta, pick_dphi = (x.sum(0) if NV > 1 else x[0] for x in (pick_dtheta, pick_dphi))
 
-    dlogits = torch.zeros_like(logits)
+    dlogits = torch.empty(*eta.shape, M, dtype=logits_dtype, device=v.device)
     deta, dmu = torch.empty_like(eta), torch.empty_like(mu)
-    KB = next_power_of_2(K)
-    BR = max(1, 1024 // KB)
+    # 4 tokens per program, whole rows of up to 1024 logits at a time: best measured on an H200
+    # at (1024, 16), 90 us, where 64 tokens took 173 (a zero fill of dlogits alone takes 83)
+    BR, BM = 4, min(next_power_of_2(M), 1024)
     sparse_routing_bwd_kernel[(cdiv(eta.numel(), BR),)](
-        logits, eta, mu, events.rows, pick_dtheta, pick_dphi, dlogits, deta, dmu, eta.numel(),
-        M=M, K=K, BR=BR, KB=KB, num_warps=4,
+        events.alpha, eta, mu, events.rows, pick_dtheta, pick_dphi, dlogits, deta, dmu, eta.numel(),
+        M=M, K=K, BR=BR, KB=next_power_of_2(K), BM=BM, num_warps=4,
     )  # fmt: skip
     return dv, dlogits, deta, dmu, dh0
 

@@ -59,12 +59,11 @@ def update_and_merge_weights(
 
 
 class SparseRouting(NamedTuple):
-    """Each token's top-K picks, ``[B, T, H, K]`` each: the rows (int, distinct per token), and
-    their theta = eta * alpha and phi = mu * alpha (float32)."""
+    """Each token's top-K picks, ``[B, T, H, K]`` each: the rows (int, distinct per token) and
+    their alpha (float32, the softmax re-normalised over the picks)."""
 
     rows: torch.Tensor
-    theta: torch.Tensor
-    phi: torch.Tensor
+    alpha: torch.Tensor
 
 
 def sequence_spans(B: int, T: int, offsets: list[int] | None) -> list[tuple[int, int, int]]:

@@ -1,5 +1,6 @@
-"""Triton routing of the sparse variant: each token's top K of its M logits, and the weights
-theta = eta * alpha, phi = mu * alpha of its picks (alpha the softmax re-normalised over them)."""
+"""Triton routing of the sparse variant: each token's top K of its M logits and their alpha,
+the softmax re-normalised over them (theta = eta * alpha and phi = mu * alpha are formed where
+the picks are sorted into events, ``chunk_sparse_kernels.sparse_events_kernel``)."""
 
 import triton
 import triton.language as tl
@@ -19,7 +20,7 @@ def ranked(x, valid):
 @triton.jit
 def picks_softmax(values):
     """alpha over the picks of each row of values [BR, KB] (-inf past K): the softmax
-    re-normalised over them, the same arithmetic in the routing and in its backward."""
+    re-normalised over them, the same arithmetic in training's routing and in decoding."""
     alpha = tl.exp(values - tl.max(values, 1)[:, None])
     return alpha / tl.sum(alpha, 1)[:, None]
 
@@ -73,11 +74,8 @@ def top_k_logits(
 @triton.jit
 def sparse_routing_kernel(
     logits,
-    eta,
-    mu,
     picks,
-    theta,
-    phi,
+    alpha,
     n_rows,
     M: tl.constexpr,
     K: tl.constexpr,
@@ -86,26 +84,22 @@ def sparse_routing_kernel(
     KB: tl.constexpr,
     G: tl.constexpr,
 ):
-    """For BR rows of the flat [n_rows, M] logits (and [n_rows] eta, mu): picks [n_rows, K]
-    int32, the top-K rows largest first, and their theta and phi [n_rows, K] float32; G as in
-    ``top_k_logits``."""
+    """For BR rows of the flat [n_rows, M] logits: picks [n_rows, K] int32, the top-K rows
+    largest first, and their alpha [n_rows, K] float32, the softmax re-normalised over them;
+    G as in ``top_k_logits``."""
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_k = tl.arange(0, KB)
     m_r = o_r < n_rows
     rows, top = top_k_logits(logits, o_r.to(tl.int64) * M, m_r, M, K, BM, KB, G)
-    alpha = picks_softmax(top)
-    eta_r = tl.load(eta + o_r, mask=m_r, other=0.0).to(tl.float32)
-    mu_r = tl.load(mu + o_r, mask=m_r, other=0.0).to(tl.float32)
     out = o_r[:, None].to(tl.int64) * K + o_k[None, :]
     m_out = m_r[:, None] & (o_k < K)[None, :]
     tl.store(picks + out, rows, mask=m_out)
-    tl.store(theta + out, eta_r[:, None] * alpha, mask=m_out)
-    tl.store(phi + out, mu_r[:, None] * alpha, mask=m_out)
+    tl.store(alpha + out, picks_softmax(top), mask=m_out)
 
 
 @triton.jit
 def sparse_routing_bwd_kernel(
-    logits,
+    alpha,
     eta,
     mu,
     picks,
@@ -119,28 +113,35 @@ def sparse_routing_bwd_kernel(
     K: tl.constexpr,
     BR: tl.constexpr,
     KB: tl.constexpr,
+    BM: tl.constexpr,
 ):
     """For BR rows of the flat [n_rows, M] logits: from the gradients on the picks' theta and
     phi (pick_dtheta, pick_dphi [n_rows, K] float32), the gradients through theta = eta * alpha,
-    phi = mu * alpha and the softmax re-normalised over the picks. dlogits [n_rows, M] must hold
-    zeros (rows nobody picks get no gradient): only the K picks of each row are written; deta,
-    dmu [n_rows]. Reads K logits per row, recomputing alpha as the forward did."""
+    phi = mu * alpha and the softmax re-normalised over the picks (alpha [n_rows, K] float32, as
+    the routing left it): dlogits [n_rows, M], whole rows, 0 outside the picks (rows nobody
+    picks get no gradient), written BM at a time; deta, dmu [n_rows]."""
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_k = tl.arange(0, KB)
     m_r = o_r < n_rows
     m_rk = m_r[:, None] & (o_k < K)[None, :]
     pick = o_r[:, None].to(tl.int64) * K + o_k[None, :]
     rows = tl.load(picks + pick, mask=m_rk, other=0)
-    in_logits = o_r[:, None].to(tl.int64) * M + rows
-    x = tl.load(logits + in_logits, mask=m_rk, other=0.0).to(tl.float32)
-    alpha = picks_softmax(ranked(x, m_rk))
+    alpha_k = tl.load(alpha + pick, mask=m_rk, other=0.0)
     dtheta = tl.load(pick_dtheta + pick, mask=m_rk, other=0.0)
     dphi = tl.load(pick_dphi + pick, mask=m_rk, other=0.0)
     eta_r = tl.load(eta + o_r, mask=m_r, other=0.0).to(tl.float32)
     mu_r = tl.load(mu + o_r, mask=m_r, other=0.0).to(tl.float32)
     dalpha = mu_r[:, None] * dphi + eta_r[:, None] * dtheta
     # sum_k alpha dalpha from the very values used: with one pick (alpha = 1) the gradient is exactly 0
-    grad = alpha * (dalpha - tl.sum(alpha * dalpha, 1)[:, None])
-    tl.store(dlogits + in_logits, grad.to(dlogits.dtype.element_ty), mask=m_rk)
-    tl.store(deta + o_r, tl.sum(alpha * dtheta, 1).to(deta.dtype.element_ty), mask=m_r)
-    tl.store(dmu + o_r, tl.sum(alpha * dphi, 1).to(dmu.dtype.element_ty), mask=m_r)
+    grad = alpha_k * (dalpha - tl.sum(alpha_k * dalpha, 1)[:, None])
+    # zeros over whole rows, then the picks over them: one pass over dlogits, no zeroed tensor
+    # made beforehand; the barrier orders the two stores, which other threads may make
+    o_m = tl.arange(0, BM)
+    row_start = o_r.to(tl.int64)[:, None] * M
+    for m0 in range(0, M, BM):
+        m_rm = m_r[:, None] & (m0 + o_m < M)[None, :]
+        tl.store(dlogits + row_start + m0 + o_m[None, :], tl.zeros([BR, BM], dlogits.dtype.element_ty), mask=m_rm)
+    tl.debug_barrier()
+    tl.store(dlogits + row_start + rows, grad.to(dlogits.dtype.element_ty), mask=m_rk)
+    tl.store(deta + o_r, tl.sum(alpha_k * dtheta, 1).to(deta.dtype.element_ty), mask=m_r)
+    tl.store(dmu + o_r, tl.sum(alpha_k * dphi, 1).to(dmu.dtype.element_ty), mask=m_r)

@@ -53,27 +53,25 @@ def poisoned(h0, chosen):
 @pytest.mark.parametrize(("M", "topk"), [(16, 1), (40, 7), (64, 16), (32, 16), (1000, 16), (4096, 16)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_sparse_routing_kernel(M, topk, ties):
-    _, logits, eta, mu, _ = detached_inputs(2, 5, 3, M, 4, with_state=False)
+    logits = detached_inputs(2, 5, 3, M, 4, with_state=False)[1]
     if ties:  # few distinct values: the picks among equal logits go to the lower rows
         logits = torch.randint(-3, 4, logits.shape).float()
-    picks = sparse_routing(logits, eta, mu, topk)
+    picks = sparse_routing(logits, topk)
     rows = torch.sort(-logits, dim=-1, stable=True).indices[..., :topk]
-    alpha = logits.gather(-1, rows).softmax(-1)
     assert torch.equal(picks.rows.long(), rows), "the picks, largest logit first, ties to the lower row"
-    assert_close("theta", picks.theta, eta[..., None] * alpha, 1e-6)
-    assert_close("phi", picks.phi, mu[..., None] * alpha, 1e-6)
+    assert_close("alpha", picks.alpha, logits.gather(-1, rows).softmax(-1), 1e-6)
 
 
 def sparse_chunk_kernels(v, logits, eta, mu, topk, h0, output_final_state, cu_seqlens=None):
     """The sparse Triton forward on any device (the public op takes it on CUDA only)."""
-    picks = sparse_routing(logits, eta, mu, topk)
-    return chunk_sparse_fwd(v, picks, logits.shape[-1], h0, output_final_state, cu_seqlens)[:2]
+    picks = sparse_routing(logits, topk)
+    return chunk_sparse_fwd(v, eta, mu, picks, logits.shape[-1], h0, output_final_state, cu_seqlens)[:2]
 
 
 def triton_sparse_chunk(v, logits, eta, mu, topk, initial_state=None, output_final_state=False, cu_seqlens=None):
     """The sparse Triton forward and backward on any device."""
     return ChunkSparseFactorizationMemoryFunction.apply(
-        v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
+        v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, True
     )
 
 
@@ -147,19 +145,24 @@ def test_sparse_chunk_gradients_varlen():
     assert_matches(triton_sparse_chunk, naive_factorization_memory, inputs, 4, 1e-5, 1e-4, cu_seqlens=offsets)
 
 
-def test_sparse_chunk_saves_no_chunk_states():
-    """Nothing the op keeps for the backward besides its inputs grows with V: it keeps the
-    picks as events along the rows (T * K values per head) and recomputes the memory."""
+def test_sparse_chunk_keeps_nothing_of_size_m():
+    """What the op keeps for the backward besides v, eta, mu and the initial state: the picks as
+    events along the rows (T * K values per head) and the memory entering each tile of
+    ``SPARSE_TILE`` events (T * K * V / SPARSE_TILE values per head); nothing that grows with
+    M, not even the logits."""
 
-    def kept_elements(V):
-        v, logits, eta, mu, h0 = make_inputs(1, 40, 2, 64, V)
+    def kept(M, V, T=40, topk=8):
+        v, logits, eta, mu, h0 = make_inputs(1, T, 2, M, V)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-            triton_sparse_chunk(v, logits, eta, mu, 8, h0)
-        inputs = {id(x) for x in (v, logits, eta, mu, h0)}
+            triton_sparse_chunk(v, logits, eta, mu, topk, h0)
+        assert all(x is not logits for x in saved), "the logits were kept"
+        inputs = {id(x) for x in (v, eta, mu, h0)}
         return sum(x.numel() for x in saved if id(x) not in inputs)
 
-    assert 0 < kept_elements(16) == kept_elements(64)
+    assert 0 < kept(64, 16) == kept(256, 16)
+    tiles_per_head = -(-40 * 8 // launch.SPARSE_TILE)
+    assert kept(64, 48) - kept(64, 16) == 2 * tiles_per_head * (48 - 16)
 
 
 @pytest.mark.parametrize("events_per_program", [1, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
