@@ -208,6 +208,12 @@ def top_k_group(BM: int, KB: int) -> int:
     return 1 if ratio < 4 else 1 << (ratio.bit_length() - 1) // 2
 
 
+def ranking_keys_per_warp(dtype: torch.dtype) -> int:
+    """Logits one warp ranks at a time in the top-K search (``routing_kernels.ranking_keys``):
+    4096 of 16 bits (32-bit keys), 2048 of float32 (64-bit keys), some 128 registers a thread."""
+    return 4096 if dtype.itemsize == 2 else 2048
+
+
 def sparse_routing(
     logits: torch.Tensor, topk: int, rows_per_program: int | None = None, num_warps: int | None = None
 ) -> SparseRouting:
@@ -221,12 +227,14 @@ def sparse_routing(
     alpha = torch.empty(*logits.shape[:-1], topk, dtype=torch.float32, device=logits.device)
     BM, KB = next_power_of_2(M), next_power_of_2(topk)
     # best measured on an H200 (benchmarks/ops/NOTES.md): up to 4 rows of at most 4K logits per
-    # program, one warp per 4K logits, so that the K reductions stay within a warp
-    BR = rows_per_program or max(1, min(4, 4096 // BM))
+    # program, one warp per 4K logits (2K for float32 logits, whose ranking keys take 64 bits),
+    # so that the K reductions stay within a warp
+    per_warp = ranking_keys_per_warp(logits.dtype)
+    BR = rows_per_program or max(1, min(4, per_warp // BM))
     n_rows = logits.numel() // M
     sparse_routing_kernel[(cdiv(n_rows, BR),)](
         logits, picks, alpha, n_rows, M=M, K=topk, BR=BR, BM=BM, KB=KB, G=top_k_group(BM, KB),
-        num_warps=num_warps or max(1, BR * BM // 4096),
+        num_warps=num_warps or max(1, BR * BM // per_warp),
     )  # fmt: skip
     return SparseRouting(picks, alpha)
 
@@ -512,12 +520,13 @@ def fused_recurrent_fwd(
         # block of 64 columns, in one warp: 7.2 us against 11.1 to 11.2 with 2 warps at
         # (M, K) = (1024, 16), both at B = 64, H = 8, V = 64 and at the 340M model's B = 32, H = 4,
         # V = 256; 9.8 against 13.3 at (4096, 16). Likely because the K searches, reductions over
-        # the logits, stay within one warp (shuffles, no shared memory).
+        # the logits, stay within one warp (shuffles, no shared memory). Float32 logits of more
+        # than 2048 rows take 2 warps or more, whose 64-bit ranking keys would spill otherwise.
         BV = block_v or min(next_power_of_2(V), 64)
         BM, KB = next_power_of_2(M), next_power_of_2(topk)
         SPARSE_DECODE.launch(
             (cdiv(V, BV), N * H), v, logits, eta, mu, state, o, cu_seqlens, T, H=H, M=M, V=V, K=topk, BM=BM, KB=KB,
-            G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or 1,
+            G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or max(1, BM // ranking_keys_per_warp(logits.dtype)),
         )  # fmt: skip
         ht = state
     else:

@@ -5,17 +5,6 @@ the picks are sorted into events, ``chunk_sparse_kernels.sparse_events_kernel``)
 import triton
 import triton.language as tl
 
-# the lowest finite float32: a logit of -inf still ranks above the lanes past M and the rows
-# already taken, so the top K are always K distinct real rows
-LOWEST_LOGIT = tl.constexpr(-3.4028234663852886e38)
-
-
-@triton.jit
-def ranked(x, valid):
-    """x where ``valid`` with -inf raised to LOWEST_LOGIT, -inf elsewhere: every valid entry
-    outranks every invalid one."""
-    return tl.where(valid, tl.maximum(x, LOWEST_LOGIT), float("-inf"))
-
 
 @triton.jit
 def picks_softmax(values):
@@ -26,23 +15,54 @@ def picks_softmax(values):
 
 
 @triton.jit
-def top_k(x, rows, valid, K: tl.constexpr, KB: tl.constexpr):
-    """The K largest entries of each x[r] (x [BR, A, C]; ``rows``, the distinct int32 row of each
-    entry, and ``valid``, where entries count, broadcast to x): their rows and values, [BR, KB]
-    each, largest first; lanes k >= K get row 0 and value -inf. Ties go to the lower row.
-    x is 3-D so that the grouped search of ``top_k_logits`` needs no reshape (Triton 3.6
-    fails to compile a reduction of a reshaped tile on Hopper)."""
-    x = ranked(x, valid)
+def ranking_keys(x, rows, valid):
+    """One integer per logit that orders as the logits do, ties to the lower row, so that one
+    max finds both the value and its row: the logit's bits made monotone (the float's sign and
+    magnitude read as a signed integer, -0 as +0), then 2^W - 1 - row in the low W bits, W the
+    logits' width: int32 keys for 16-bit logits (rows < 2^16), int64 for float32. x: logits in
+    their dtype; rows: int32, broadcast to x; invalid entries get the lowest key. Every real
+    logit, -inf included, outranks them."""
+    # one return after the branches: the compiler (unlike the interpreter) would still build
+    # the code after a return in a branch, as if no branch had been taken
+    if x.dtype.primitive_bitwidth == 16:
+        bits = x.to(tl.int16, bitcast=True).to(tl.int32)
+        bits = tl.where(bits == -(2**15), 0, bits)
+        monotone = tl.where(bits >= 0, bits, -1 - (bits & (2**15 - 1)))
+        keys = tl.where(valid, monotone * 2**16 + (2**16 - 1 - rows), -(2**31))
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = tl.where(bits == -(2**31), 0, bits)
+        monotone = tl.where(bits >= 0, bits, -1 - (bits & (2**31 - 1))).to(tl.int64)
+        keys = tl.where(valid, monotone * 2**32 + (2**32 - 1 - rows.to(tl.int64)), -(2**63))
+    return keys
+
+
+@triton.jit
+def logit_and_row(keys, dtype: tl.constexpr):
+    """The float32 logit and the int32 row that ``ranking_keys`` packed into keys, from logits
+    of ``dtype``."""
+    W: tl.constexpr = dtype.primitive_bitwidth
+    monotone = keys >> W
+    row = (2**W - 1 - (keys & (2**W - 1))).to(tl.int32)
+    bits = tl.where(monotone >= 0, monotone, -(2 ** (W - 1)) - 1 - monotone)
+    bits = bits.to(tl.int16) if W == 16 else bits.to(tl.int32)
+    return bits.to(dtype, bitcast=True).to(tl.float32), row
+
+
+@triton.jit
+def top_k(keys, K: tl.constexpr, KB: tl.constexpr):
+    """The K largest of each keys[r] (keys [BR, A, C] from ``ranking_keys``, all distinct),
+    [BR, KB], largest first, the lowest key in lanes k >= K. keys is 3-D so that the grouped
+    search of ``top_k_logits`` needs no reshape (Triton 3.6 fails to compile a reduction of a
+    reshaped tile on Hopper)."""
+    LOWEST: tl.constexpr = -(2 ** (keys.dtype.primitive_bitwidth - 1))
     o_k = tl.arange(0, KB)[None, :]
-    picks = tl.zeros([x.shape[0], KB], dtype=tl.int32)
-    values = tl.full([x.shape[0], KB], float("-inf"), dtype=tl.float32)
+    top_keys = tl.full([keys.shape[0], KB], LOWEST, dtype=keys.dtype)
     for k in range(K):
-        top = tl.max(tl.max(x, 2), 1)
-        row = tl.min(tl.min(tl.where(x == top[:, None, None], rows, 2**31 - 1), 2), 1)
-        picks = tl.where(o_k == k, row[:, None], picks)
-        values = tl.where(o_k == k, top[:, None], values)
-        x = tl.where(rows == row[:, None, None], float("-inf"), x)
-    return picks, values
+        top = tl.max(tl.max(keys, 2), 1)
+        top_keys = tl.where(o_k == k, top[:, None], top_keys)
+        keys = tl.where(keys == top[:, None, None], LOWEST, keys)
+    return top_keys
 
 
 @triton.jit
@@ -50,7 +70,8 @@ def top_k_logits(
     logits, start, m_r, M: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, G: tl.constexpr
 ):
     """The top K of the M logits at ``logits + start[r]`` for each row r (start [BR] int64, m_r
-    [BR] which rows exist): their rows and values as in ``top_k``, ties to the lower row.
+    [BR] which rows exist), largest first, ties to the lower row: their rows (int32) and values
+    (float32), [BR, KB] each; lanes k >= K get row 0 and value -inf.
 
     In groups of G logits (G > 1 needs BM // G >= 2 KB, so that more than K groups hold logits):
     the top K lie in the K groups of the largest maxima (a logit outside them is outranked by
@@ -60,15 +81,16 @@ def top_k_logits(
     o_g, o_i = tl.arange(0, NG), tl.arange(0, G)
     in_row = (o_g[:, None] * G + o_i[None, :])[None, :, :]  # [1, NG, G]
     m_in = m_r[:, None, None] & (in_row < M)
-    x = tl.load(logits + start[:, None, None] + in_row, mask=m_in, other=0.0).to(tl.float32)
-    if G == 1:
-        return top_k(x, in_row, m_in, K, KB)
-    x = ranked(x, m_in)
-    groups, _ = top_k(tl.max(x, 2)[:, :, None], o_g[None, :, None], (o_g * G < M)[None, :, None], K, KB)
-    rows = groups[:, :, None] * G + o_i[None, None, :]  # [BR, KB, G]
-    m_c = (tl.arange(0, KB) < K)[None, :, None] & (rows < M) & m_r[:, None, None]
-    candidates = tl.load(logits + start[:, None, None] + rows, mask=m_c, other=0.0).to(tl.float32)
-    return top_k(candidates, rows, m_c, K, KB)
+    x = tl.load(logits + start[:, None, None] + in_row, mask=m_in, other=0.0)
+    keys = ranking_keys(x, in_row, m_in)
+    if G > 1:
+        groups = logit_and_row(top_k(tl.max(keys, 2)[:, :, None], K, KB), logits.dtype.element_ty)[1] // G
+        rows = groups[:, :, None] * G + o_i[None, None, :]  # [BR, KB, G]
+        m_c = (tl.arange(0, KB) < K)[None, :, None] & (rows < M) & m_r[:, None, None]
+        keys = ranking_keys(tl.load(logits + start[:, None, None] + rows, mask=m_c, other=0.0), rows, m_c)
+    values, rows = logit_and_row(top_k(keys, K, KB), logits.dtype.element_ty)
+    in_k = (tl.arange(0, KB) < K)[None, :]
+    return tl.where(in_k, rows, 0), tl.where(in_k, values, float("-inf"))
 
 
 @triton.jit

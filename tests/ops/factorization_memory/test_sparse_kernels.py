@@ -52,14 +52,17 @@ def poisoned(h0, chosen):
 # one stage (K = M / 2); two stages with groups of 4, 2, 8 and 16 logits (``top_k_group``)
 @pytest.mark.parametrize(("M", "topk"), [(16, 1), (40, 7), (64, 16), (32, 16), (1000, 16), (4096, 16)])
 @pytest.mark.parametrize("ties", [False, True])
-def test_sparse_routing_kernel(M, topk, ties):
-    logits = detached_inputs(2, 5, 3, M, 4, with_state=False)[1]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparse_routing_kernel(M, topk, ties, dtype):
+    logits = detached_inputs(2, 5, 3, M, 4, with_state=False)[1].to(dtype)
     if ties:  # few distinct values: the picks among equal logits go to the lower rows
-        logits = torch.randint(-3, 4, logits.shape).float()
+        logits = torch.randint(-3, 4, logits.shape).to(dtype)
+        logits[..., 1::3] *= -1  # -0.0 among the zeros, equal to +0.0
+        logits[:, 0, :, ::5] = float("-inf")
     picks = sparse_routing(logits, topk)
-    rows = torch.sort(-logits, dim=-1, stable=True).indices[..., :topk]
+    rows = torch.sort(-logits.float(), dim=-1, stable=True).indices[..., :topk]
     assert torch.equal(picks.rows.long(), rows), "the picks, largest logit first, ties to the lower row"
-    assert_close("alpha", picks.alpha, logits.gather(-1, rows).softmax(-1), 1e-6)
+    assert_close("alpha", picks.alpha, logits.float().gather(-1, rows).softmax(-1), 1e-6)
 
 
 def sparse_chunk_kernels(v, logits, eta, mu, topk, h0, output_final_state, cu_seqlens=None):
