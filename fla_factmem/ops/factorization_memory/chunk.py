@@ -53,9 +53,10 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
     """Sparse (top-K) op on CUDA: Triton kernels both ways, along the rows each token picks.
     Saves v, eta, mu, the initial state and ``SparseEvents``: the picks ``[B, T, H, K]`` and,
     sorted along the memory's rows, their keys, flat indices, theta and phi (``[H, B T K]``
-    each), about 24 bytes per pick; and the memory entering each tile of 8 events
-    (``[H, B T K / 8, V]`` float32). Not the logits: their gradient needs only the picks.
-    ``store_for_backward`` False (no backward will run) skips the carries."""
+    each), about 24 bytes per pick; and the memory entering each tile of ``SPARSE_TILE`` (8)
+    consecutive events of a head (``[H, B T K / 8, V]`` float32). Not the logits: their
+    gradient needs only the picks. ``store_for_backward`` False (no backward will run) skips
+    the carries."""
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
@@ -64,15 +65,16 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
             v, eta, mu, routing, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
         )
         ctx.save_for_backward(v, eta, mu, initial_state, cu_seqlens, carries, *events)
-        ctx.logits = logits.shape[-1], logits.dtype
+        ctx.M, ctx.logits_dtype = logits.shape[-1], logits.dtype
         ctx.needs_dh0 = initial_state is not None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
         v, eta, mu, initial_state, cu_seqlens, carries, *events = ctx.saved_tensors
+        events = SparseEvents(*events)
         dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(
-            v, eta, mu, *ctx.logits, SparseEvents(*events), carries, initial_state, do, dht, cu_seqlens, ctx.needs_dh0
+            v, eta, mu, ctx.M, ctx.logits_dtype, events, carries, initial_state, do, dht, cu_seqlens, ctx.needs_dh0
         )
         return dv, dlogits, deta, dmu, None, dh0, None, None, None
 
@@ -102,7 +104,7 @@ def chunk_factorization_memory(
     any M) run the sparse Triton kernels, forward and backward: each token's K picks, sorted
     by row, become scans along each row's picks, which read and write only the rows some token
     picks; for the backward they keep the sorted picks (``[H, B T K]``, T * K values per head)
-    and the memory entering every 8 picks of a row (``[H, B T K / 8, V]`` float32), not the
+    and the memory entering every tile of 8 sorted picks (``[H, B T K / 8, V]`` float32), not the
     logits, and while they run they hold the picks' terms of o or dv (``[B T, H, K, V]`` in v's
     dtype). Other calls (dense M > 256, float64), and every call on the CPU, run the PyTorch
     chunked path (on CUDA it warns once).

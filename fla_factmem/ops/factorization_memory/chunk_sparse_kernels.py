@@ -59,6 +59,15 @@ def linear_recurrence(a_first, b_first, a_second, b_second):
 
 
 @triton.jit
+def at_tokens(x, pick, m_p, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
+    """x's [BP, BV] columns o_v (x: v or do, [tokens, H, V], in its dtype) at the tokens of the
+    picks ``pick`` [BP] (flat indices of [tokens, H, K]), where m_p."""
+    return tl.load(
+        x + (pick // K).to(tl.int64)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0
+    )
+
+
+@triton.jit
 def tile_events(keys, picks, theta, phi, x, o_p, lo, hi, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
     """The events at sorted positions o_p [BP] of one head, those in [lo, hi) valid: whether each
     is valid, its key, whether it starts or ends its row's run within [lo, hi), its pick's flat
@@ -71,8 +80,8 @@ def tile_events(keys, picks, theta, phi, x, o_p, lo, hi, K: tl.constexpr, V: tl.
     pick = tl.load(picks + o_p, mask=m_p, other=0)
     theta_p = tl.load(theta + o_p, mask=m_p, other=0.0)
     phi_p = tl.load(phi + o_p, mask=m_p, other=0.0)
-    x_p = tl.load(x + (pick // K).to(tl.int64)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0)
-    return m_p, key, first, last, pick.to(tl.int64), theta_p, phi_p, x_p.to(tl.float32)
+    x_p = at_tokens(x, pick, m_p, K, V, o_v, m_v).to(tl.float32)
+    return m_p, key, first, last, pick.to(tl.int64), theta_p, phi_p, x_p
 
 
 @triton.jit
@@ -243,13 +252,13 @@ def chunk_sparse_bwd_kernel(
     m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
         keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
     )
-    do_p = tl.load(do + (pick // K)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0)
+    do_p = at_tokens(do, pick, m_p, K, V, o_v, m_v)
     for j in range(n_tiles):
         # the previous tile's loads, do's among them, issued before this tile's scans
         m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
             keys, picks, theta, phi, v, p0 - BP + o_i, lo, hi, K, V, o_v, m_v
         )
-        do_n = tl.load(do + (pick_n // K)[:, None] * V + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.0)
+        do_n = at_tokens(do, pick_n, m_n, K, V, o_v, m_v)
         # the first tile starts a row; a [BV] mask, as the interpreter takes no scalar in a mask
         has_carry = m_v & (tl.full([BV], j, tl.int32) < n_tiles - 1)
         carry = tl.load(carries + (p0 // BP) * V + o_v, mask=has_carry, other=0.0)
@@ -297,18 +306,18 @@ def sparse_events_kernel(
     phi,
     E,
     n_events,
+    head_keys,
     H: tl.constexpr,
     K: tl.constexpr,
-    HEAD_KEYS: tl.constexpr,
     BE: tl.constexpr,
 ):
-    """The picks as events, from one stable sort of all heads' keys (head * HEAD_KEYS +
+    """The picks as events, from one stable sort of all heads' keys (head * head_keys +
     sequence * M + row, flat over [H, tokens, K]): sorted_keys and order (the position each came
     from), [H E] each. Head h's events fill positions [h E, (h + 1) E), as its keys are below the
     next head's. Writes, [H, E] each in sorted order: keys without the head's offset (int32),
     each event's pick as a flat index of [tokens, H, K] (int32), and its theta = eta * alpha and
     phi = mu * alpha (float32; eta, mu [tokens, H], alpha [tokens, H, K] float32)."""
-    o_e = tl.program_id(0) * BE + tl.arange(0, BE)
+    o_e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
     m_e = o_e < n_events
     head = o_e // E
     source = tl.load(order + o_e, mask=m_e, other=0) - head * E
@@ -317,7 +326,7 @@ def sparse_events_kernel(
     a = tl.load(alpha + pick, mask=m_e, other=0.0)
     eta_e = tl.load(eta + token * H + head, mask=m_e, other=0.0).to(tl.float32)
     mu_e = tl.load(mu + token * H + head, mask=m_e, other=0.0).to(tl.float32)
-    key = tl.load(sorted_keys + o_e, mask=m_e, other=0) - head * HEAD_KEYS
+    key = tl.load(sorted_keys + o_e, mask=m_e, other=0) - head * head_keys
     tl.store(keys + o_e, key.to(tl.int32), mask=m_e)
     tl.store(picks + o_e, pick.to(tl.int32), mask=m_e)
     tl.store(theta + o_e, eta_e * a, mask=m_e)

@@ -38,6 +38,11 @@ CHUNK = 32
 LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py)
 
 
+def num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
+    """N: the batch's rows, or the sequences packed along T."""
+    return B if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (n >= 1). ``triton.next_power_of_2`` and ``triton.cdiv`` are
     constexpr functions, which cost 1.5 us a call on the host (Triton 3.6, the CI machine's CPU),
@@ -108,7 +113,7 @@ def _prepare(v, logits, eta, mu, initial_state, cu_seqlens, dense=True):
     M = logits.shape[-1]
     if dense and M > DENSE_TRITON_MAX_M:
         raise ValueError(f"the dense Triton kernels take M <= {DENSE_TRITON_MAX_M}; got M = {M}")
-    N = v.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(v.shape[0], cu_seqlens)
     h0 = initial_state.contiguous() if initial_state is not None else None
     return (*(x.contiguous() for x in (v, logits, eta, mu)), h0, N)
 
@@ -208,10 +213,16 @@ def top_k_group(BM: int, KB: int) -> int:
     return 1 if ratio < 4 else 1 << (ratio.bit_length() - 1) // 2
 
 
-def ranking_keys_per_warp(dtype: torch.dtype) -> int:
-    """Logits one warp ranks at a time in the top-K search (``routing_kernels.ranking_keys``):
-    4096 of 16 bits (32-bit keys), 2048 of float32 (64-bit keys), some 128 registers a thread."""
-    return 4096 if dtype.itemsize == 2 else 2048
+def logits_per_warp(dtype: torch.dtype, M: int) -> int:
+    """Logits one warp ranks at a time in the top-K search: 4096 where the ranking keys
+    (``routing_kernels.ranking_keys``) take 32 bits (16-bit logits of at most 2^16 rows), 2048
+    where they take 64; some 128 registers a thread either way."""
+    return 4096 if dtype.itemsize == 2 and M <= 2**16 else 2048
+
+
+def top_k_warps(dtype: torch.dtype, M: int, rows: int = 1) -> int:
+    """Warps of a program that ranks ``rows`` tokens' M logits (at most 32)."""
+    return min(32, max(1, rows * next_power_of_2(M) // logits_per_warp(dtype, M)))
 
 
 def sparse_routing(
@@ -227,14 +238,13 @@ def sparse_routing(
     alpha = torch.empty(*logits.shape[:-1], topk, dtype=torch.float32, device=logits.device)
     BM, KB = next_power_of_2(M), next_power_of_2(topk)
     # best measured on an H200 (benchmarks/ops/NOTES.md): up to 4 rows of at most 4K logits per
-    # program, one warp per 4K logits (2K for float32 logits, whose ranking keys take 64 bits),
+    # program in one warp (half as many with float32 logits, whose ranking keys take 64 bits),
     # so that the K reductions stay within a warp
-    per_warp = ranking_keys_per_warp(logits.dtype)
-    BR = rows_per_program or max(1, min(4, per_warp // BM))
+    BR = rows_per_program or max(1, min(4, logits_per_warp(logits.dtype, M) // BM))
     n_rows = logits.numel() // M
     sparse_routing_kernel[(cdiv(n_rows, BR),)](
         logits, picks, alpha, n_rows, M=M, K=topk, BR=BR, BM=BM, KB=KB, G=top_k_group(BM, KB),
-        num_warps=num_warps or max(1, BR * BM // per_warp),
+        num_warps=num_warps or top_k_warps(logits.dtype, M, BR),
     )  # fmt: skip
     return SparseRouting(picks, alpha)
 
@@ -259,9 +269,9 @@ class SparseEvents(NamedTuple):
 
 
 # Launch of the sparse kernels, best measured on an H200 at (M, K) = (1024, 16), B=4, T=4096, H=8,
-# V=64, bf16 (benchmarks/ops/NOTES.md): tiles of 8 events by 64 columns in one warp, blocks of
-# about 256 events (2.33 ms forward+backward, against 2.9 to 3.9 with 2 or 4 warps on tiles of 16
-# or 32 events: the tiles' scans hold some 15 registers per element).
+# V=64, bf16 (benchmarks/ops/NOTES.md, session 7): tiles of 8 events by 64 columns in one warp,
+# blocks of about 256 events (2.33 ms forward+backward then, against 2.9 to 3.9 with 2 or 4 warps
+# on tiles of 16 or 32 events: the tiles' scans hold some 15 registers per element).
 SPARSE_TILE = 8
 SPARSE_BLOCK_V = 64
 SPARSE_WARPS = 1
@@ -279,7 +289,7 @@ def sparse_events(
     by every token costs T / 8 steps of one program)."""
     rows, alpha = routing
     B, T, H, K = rows.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     tokens = torch.arange(B * T, device=rows.device)
     if cu_seqlens is None:
         seq = tokens // T
@@ -288,6 +298,8 @@ def sparse_events(
     # one sort for all heads, each head's keys above the previous head's (N + 1 sequences each,
     # for the tokens past the last offset), in token order within a key
     head_keys = (N + 1) * M
+    if head_keys >= 2**31:
+        raise ValueError(f"the sparse kernels key rows by sequence * M + row in int32; got {N} sequences of M = {M}")
     key_dtype = torch.int32 if H * head_keys < 2**31 else torch.int64
     first_keys = torch.arange(H, device=rows.device)[:, None] * head_keys + seq[None, :] * M
     keys = torch.empty(H, B * T, K, dtype=key_dtype, device=rows.device)
@@ -297,12 +309,12 @@ def sparse_events(
     events = [torch.empty(H, E, dtype=dtype, device=rows.device) for dtype in (torch.int32,) * 2 + (torch.float32,) * 2]
     BE = 1024
     sparse_events_kernel[(cdiv(H * E, BE),)](
-        order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha.contiguous(), *events, E, H * E,
-        H=H, K=K, HEAD_KEYS=head_keys, BE=BE, num_warps=4,
+        order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha.contiguous(), *events, E, H * E, head_keys,
+        H=H, K=K, BE=BE, num_warps=4,
     )  # fmt: skip
     keys = events[0]
     # each block starts where the row holding its first S-th event starts: a row longer than S
-    # leaves the blocks after its first one empty
+    # leaves empty the blocks before the last one that starts in it, which holds the whole row
     at = keys[:, ::SPARSE_EVENTS_PER_PROGRAM]
     end = torch.full((H, 1), N * M, dtype=keys.dtype, device=keys.device)
     block_bounds = torch.searchsorted(keys, torch.cat([at.clamp(max=N * M), end], 1), out_int32=True)
@@ -345,14 +357,14 @@ def chunk_sparse_fwd(
     ``sparse_routing``), with ``[B, T, H]`` eta and mu: ``(o [B, T, H, V] in v's dtype, final
     state [N, H, M, V] float32 or None, the events and the carries for the backward)``. The
     carries, the memory entering each tile of ``block_events`` events (``[H, cdiv(B T K,
-    block_events), V]`` float32, T K V / 8 values per head), are stored if ``store_carries``,
+    block_events), V]`` float32, T K V / block_events values per head), are stored if ``store_carries``,
     else None. Rows no token picks are never read or written (the final state's are copies of
     the initial state's). Besides o it allocates the picks' terms of o, ``[B T, H, K, V]`` in
     v's dtype, for as long as it runs. ``block_events`` (events per tile) and ``num_warps`` set
     the launch (for tuning)."""
     B, T, H, V = v.shape
     K = routing.rows.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     v = v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
     events = sparse_events(SparseRouting(*(x.contiguous() for x in routing)), eta, mu, M, cu_seqlens)
@@ -399,12 +411,17 @@ def chunk_sparse_bwd(
     event from the carries. ``num_warps`` sets the launch (for tuning)."""
     B, T, H, V = v.shape
     K = events.rows.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    E = events.keys.shape[1]
+    if carries is None or carries.shape[1] != cdiv(E, block_events):
+        raise ValueError(
+            f"chunk_sparse_bwd needs the carries of chunk_sparse_fwd(..., store_carries=True) with tiles of "
+            f"{block_events} events ([H, {cdiv(E, block_events)}, V]); got {None if carries is None else tuple(carries.shape)}"
+        )
+    N = num_sequences(B, cu_seqlens)
     v, eta, mu, do = (x.contiguous() for x in (v, eta, mu, do))
     h0 = initial_state.contiguous() if initial_state is not None else None
     dht = dht.contiguous() if dht is not None else None
     dh0 = memory_copy(dht, N, H, M, V, v.device) if needs_dh0 else None
-    E = events.keys.shape[1]
     BV = sparse_block_v(V)
     NV, NB = cdiv(V, BV), events.block_bounds.shape[1] - 1
     dv_contributions = torch.empty(B * T, H, K, V, dtype=v.dtype, device=v.device)
@@ -526,7 +543,7 @@ def fused_recurrent_fwd(
         BM, KB = next_power_of_2(M), next_power_of_2(topk)
         SPARSE_DECODE.launch(
             (cdiv(V, BV), N * H), v, logits, eta, mu, state, o, cu_seqlens, T, H=H, M=M, V=V, K=topk, BM=BM, KB=KB,
-            G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or max(1, BM // ranking_keys_per_warp(logits.dtype)),
+            G=top_k_group(BM, KB), BV=BV, num_warps=num_warps or top_k_warps(logits.dtype, M),
         )  # fmt: skip
         ht = state
     else:

@@ -15,35 +15,36 @@ def picks_softmax(values):
 
 
 @triton.jit
-def ranking_keys(x, rows, valid):
+def ranking_keys(x, rows, valid, ROW_BITS: tl.constexpr):
     """One integer per logit that orders as the logits do, ties to the lower row, so that one
     max finds both the value and its row: the logit's bits made monotone (the float's sign and
-    magnitude read as a signed integer, -0 as +0), then 2^W - 1 - row in the low W bits, W the
-    logits' width: int32 keys for 16-bit logits (rows < 2^16), int64 for float32. x: logits in
+    magnitude read as a signed integer, -0 as +0), then 2^R - 1 - row in the low R = ROW_BITS
+    bits: int32 keys for R = 16 (16-bit logits, rows < 2^16), int64 for R = 32. x: logits in
     their dtype; rows: int32, broadcast to x; invalid entries get the lowest key. Every real
     logit, -inf included, outranks them."""
-    # one return after the branches: the compiler (unlike the interpreter) would still build
+    # one branch and one return each: the compiler (unlike the interpreter) would still build
     # the code after a return in a branch, as if no branch had been taken
     if x.dtype.primitive_bitwidth == 16:
         bits = x.to(tl.int16, bitcast=True).to(tl.int32)
-        bits = tl.where(bits == -(2**15), 0, bits)
-        monotone = tl.where(bits >= 0, bits, -1 - (bits & (2**15 - 1)))
-        keys = tl.where(valid, monotone * 2**16 + (2**16 - 1 - rows), -(2**31))
     else:
         bits = x.to(tl.int32, bitcast=True)
-        bits = tl.where(bits == -(2**31), 0, bits)
-        monotone = tl.where(bits >= 0, bits, -1 - (bits & (2**31 - 1))).to(tl.int64)
-        keys = tl.where(valid, monotone * 2**32 + (2**32 - 1 - rows.to(tl.int64)), -(2**63))
+    SIGN: tl.constexpr = -(2 ** (x.dtype.primitive_bitwidth - 1))
+    bits = tl.where(bits == SIGN, 0, bits)
+    monotone = tl.where(bits >= 0, bits, -1 - (bits & (-SIGN - 1)))
+    if ROW_BITS == 16:
+        keys = tl.where(valid, monotone * 2**16 + (2**16 - 1 - rows), -(2**31))
+    else:
+        keys = tl.where(valid, monotone.to(tl.int64) * 2**32 + (2**32 - 1 - rows.to(tl.int64)), -(2**63))
     return keys
 
 
 @triton.jit
-def logit_and_row(keys, dtype: tl.constexpr):
+def logit_and_row(keys, dtype: tl.constexpr, ROW_BITS: tl.constexpr):
     """The float32 logit and the int32 row that ``ranking_keys`` packed into keys, from logits
     of ``dtype``."""
+    monotone = keys >> ROW_BITS
+    row = (2**ROW_BITS - 1 - (keys & (2**ROW_BITS - 1))).to(tl.int32)
     W: tl.constexpr = dtype.primitive_bitwidth
-    monotone = keys >> W
-    row = (2**W - 1 - (keys & (2**W - 1))).to(tl.int32)
     bits = tl.where(monotone >= 0, monotone, -(2 ** (W - 1)) - 1 - monotone)
     bits = bits.to(tl.int16) if W == 16 else bits.to(tl.int32)
     return bits.to(dtype, bitcast=True).to(tl.float32), row
@@ -51,10 +52,10 @@ def logit_and_row(keys, dtype: tl.constexpr):
 
 @triton.jit
 def top_k(keys, K: tl.constexpr, KB: tl.constexpr):
-    """The K largest of each keys[r] (keys [BR, A, C] from ``ranking_keys``, all distinct),
-    [BR, KB], largest first, the lowest key in lanes k >= K. keys is 3-D so that the grouped
-    search of ``top_k_logits`` needs no reshape (Triton 3.6 fails to compile a reduction of a
-    reshaped tile on Hopper)."""
+    """The K largest of each keys[r] (keys [BR, A, C] from ``ranking_keys``, the valid ones
+    distinct), [BR, KB], largest first, the lowest key in lanes k >= K. keys is 3-D so that the
+    grouped search of ``top_k_logits`` needs no reshape (Triton 3.6 fails to compile a reduction
+    of a reshaped tile on Hopper)."""
     LOWEST: tl.constexpr = -(2 ** (keys.dtype.primitive_bitwidth - 1))
     o_k = tl.arange(0, KB)[None, :]
     top_keys = tl.full([keys.shape[0], KB], LOWEST, dtype=keys.dtype)
@@ -71,24 +72,29 @@ def top_k_logits(
 ):
     """The top K of the M logits at ``logits + start[r]`` for each row r (start [BR] int64, m_r
     [BR] which rows exist), largest first, ties to the lower row: their rows (int32) and values
-    (float32), [BR, KB] each; lanes k >= K get row 0 and value -inf.
+    (float32), [BR, KB] each; lanes k >= K get row 0 and value -inf. A token whose logits are
+    all -inf gets them as values, hence NaN weights, as the softmax of the definition does.
 
     In groups of G logits (G > 1 needs BM // G >= 2 KB, so that more than K groups hold logits):
     the top K lie in the K groups of the largest maxima (a logit outside them is outranked by
     those K maxima), so K searches over the BM // G group maxima and K over the K * G logits of
     the chosen groups replace K searches over all BM logits."""
+    dtype: tl.constexpr = logits.dtype.element_ty
+    # rows in the low 16 bits of 32-bit keys where they fit (launch.logits_per_warp)
+    ROW_BITS: tl.constexpr = 16 if (dtype.primitive_bitwidth == 16 and M <= 2**16) else 32
     NG: tl.constexpr = BM // G
     o_g, o_i = tl.arange(0, NG), tl.arange(0, G)
     in_row = (o_g[:, None] * G + o_i[None, :])[None, :, :]  # [1, NG, G]
     m_in = m_r[:, None, None] & (in_row < M)
     x = tl.load(logits + start[:, None, None] + in_row, mask=m_in, other=0.0)
-    keys = ranking_keys(x, in_row, m_in)
+    keys = ranking_keys(x, in_row, m_in, ROW_BITS)
     if G > 1:
-        groups = logit_and_row(top_k(tl.max(keys, 2)[:, :, None], K, KB), logits.dtype.element_ty)[1] // G
+        groups = logit_and_row(top_k(tl.max(keys, 2)[:, :, None], K, KB), dtype, ROW_BITS)[1] // G
         rows = groups[:, :, None] * G + o_i[None, None, :]  # [BR, KB, G]
         m_c = (tl.arange(0, KB) < K)[None, :, None] & (rows < M) & m_r[:, None, None]
-        keys = ranking_keys(tl.load(logits + start[:, None, None] + rows, mask=m_c, other=0.0), rows, m_c)
-    values, rows = logit_and_row(top_k(keys, K, KB), logits.dtype.element_ty)
+        x = tl.load(logits + start[:, None, None] + rows, mask=m_c, other=0.0)
+        keys = ranking_keys(x, rows, m_c, ROW_BITS)
+    values, rows = logit_and_row(top_k(keys, K, KB), dtype, ROW_BITS)
     in_k = (tl.arange(0, KB) < K)[None, :]
     return tl.where(in_k, rows, 0), tl.where(in_k, values, float("-inf"))
 

@@ -49,8 +49,9 @@ def poisoned(h0, chosen):
     return torch.where(chosen[..., None], h0, poison)
 
 
-# one stage (K = M / 2); two stages with groups of 4, 2, 8 and 16 logits (``top_k_group``)
-@pytest.mark.parametrize(("M", "topk"), [(16, 1), (40, 7), (64, 16), (32, 16), (1000, 16), (4096, 16)])
+# one stage (K = M / 2); two stages with groups of 4, 2, 8 and 16 logits (``top_k_group``); rows
+# past 2^16, which 16-bit logits rank with 64-bit keys
+@pytest.mark.parametrize(("M", "topk"), [(16, 1), (40, 7), (64, 16), (32, 16), (1000, 16), (4096, 16), (65600, 3)])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sparse_routing_kernel(M, topk, ties, dtype):
@@ -59,6 +60,7 @@ def test_sparse_routing_kernel(M, topk, ties, dtype):
         logits = torch.randint(-3, 4, logits.shape).to(dtype)
         logits[..., 1::3] *= -1  # -0.0 among the zeros, equal to +0.0
         logits[:, 0, :, ::5] = float("-inf")
+        logits[:, 1, :, 2:] = float("-inf")  # fewer finite logits than picks: -inf ones get picked too
     picks = sparse_routing(logits, topk)
     rows = torch.sort(-logits.float(), dim=-1, stable=True).indices[..., :topk]
     assert torch.equal(picks.rows.long(), rows), "the picks, largest logit first, ties to the lower row"
@@ -66,9 +68,10 @@ def test_sparse_routing_kernel(M, topk, ties, dtype):
 
 
 def sparse_chunk_kernels(v, logits, eta, mu, topk, h0, output_final_state, cu_seqlens=None):
-    """The sparse Triton forward on any device (the public op takes it on CUDA only)."""
+    """The sparse Triton forward on any device (the public op takes it on CUDA only), without
+    the carries a backward would need."""
     picks = sparse_routing(logits, topk)
-    return chunk_sparse_fwd(v, eta, mu, picks, logits.shape[-1], h0, output_final_state, cu_seqlens)[:2]
+    return chunk_sparse_fwd(v, eta, mu, picks, logits.shape[-1], h0, output_final_state, cu_seqlens, False)[:2]
 
 
 def triton_sparse_chunk(v, logits, eta, mu, topk, initial_state=None, output_final_state=False, cu_seqlens=None):
