@@ -127,6 +127,16 @@ def memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i):
     return h, entered
 
 
+@triton.jit
+def block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h):
+    """Block i_b of head i_h: where its events start and end among the head's sorted events,
+    [lo, hi), and the pointers to the head's keys, picks, theta and phi."""
+    lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
+    hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
+    base = i_h.to(tl.int64) * E
+    return lo, hi, keys + base, picks + base, theta + base, phi + base
+
+
 @triton.heuristics(FORWARD_SWITCHES)
 @triton.jit
 def chunk_sparse_fwd_kernel(
@@ -165,10 +175,7 @@ def chunk_sparse_fwd_kernel(
     programs never store the same tile) after the first tile of each block.
     One program per (block of keys, head, block of BV columns)."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
-    hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
-    base = i_h.to(tl.int64) * E
-    keys, picks, theta, phi = keys + base, picks + base, theta + base, phi + base
+    lo, hi, keys, picks, theta, phi = block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h)
     if STORE_CARRIES:
         carries += i_h.to(tl.int64) * NTILES * V
     o_i = tl.arange(0, BP)
@@ -236,10 +243,7 @@ def chunk_sparse_bwd_kernel(
     over K. dtheta, dphi: [NV, tokens, H, K] float32, each block of columns' part of the
     gradients on the picks' theta and phi."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
-    hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
-    base = i_h.to(tl.int64) * E
-    keys, picks, theta, phi = keys + base, picks + base, theta + base, phi + base
+    lo, hi, keys, picks, theta, phi = block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h)
     carries += i_h.to(tl.int64) * NTILES * V
     n_picks = E * H
     o_i = tl.arange(0, BP)
