@@ -1,7 +1,9 @@
-"""The launcher that skips Triton's JIT dispatch for decode steps: its specialisation key on the
-CPU, and on the GPU (``cuda`` marker) that kept launchers give the JIT's results, also for
-arguments that the JIT compiles differently (unaligned tensors, varlen)."""
+"""The launcher that skips Triton's JIT dispatch (decode steps, the sparse op): its
+specialisation key and the sparse op's launch arguments on the CPU, and on the GPU (``cuda``
+marker) that kept launchers give the JIT's results, also for arguments that the JIT compiles
+differently (unaligned tensors, varlen)."""
 
+import inspect
 import os
 
 import pytest
@@ -46,6 +48,49 @@ def test_tail_appends_constexprs_and_heuristics_in_signature_order():
         launcher._tail((1, None, 3), {"A": 5})
     if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted: no JIT dispatch to skip
         assert CompiledLauncher(triton.jit(toy_kernel)).arg_names is None
+
+
+def jit_twin(kernel):
+    """The kernel as Triton builds it on a GPU: its heuristics over a JITFunction of its Python
+    function (under the interpreter, ``triton.jit`` makes an interpreted function instead)."""
+    layers = []
+    while not inspect.isfunction(kernel):
+        layers.append(getattr(kernel, "values", None))
+        kernel = kernel.fn
+    twin = JITFunction(kernel)
+    for values in reversed(layers):
+        if values is not None:
+            twin = triton.heuristics(values)(twin)
+    return twin
+
+
+def test_sparse_op_launches_resolve_every_parameter(monkeypatch):
+    """Every launch of the sparse op, forward and backward, gives its kernel's non-constexpr
+    parameters positionally and the rest by name or through the heuristics, as the kept
+    launchers on a GPU need."""
+    from tests.ops.factorization_memory.test_sparse_kernels import triton_sparse_chunk
+    from tests.utils import make_inputs
+
+    calls = []
+    original = CompiledLauncher.launch
+
+    def recording(self, grid, *args, **constexprs):
+        calls.append((self.kernel, args, constexprs))
+        original(self, grid, *args, **constexprs)
+
+    monkeypatch.setattr(CompiledLauncher, "launch", recording)
+    v, logits, eta, mu, h0 = make_inputs(1, 20, 2, 32, 16)
+    o, ht = triton_sparse_chunk(v, logits, eta, mu, 4, h0, True)
+    (o.sum() + ht.sum()).backward()
+    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_EVENTS, launch.SPARSE_FWD, launch.SUM_OVER_PICKS,
+                 launch.SPARSE_BWD, launch.SUM_OVER_PICKS, launch.SPARSE_ROUTING_BWD]  # fmt: skip
+    assert [kernel for kernel, _, _ in calls] == [launcher.kernel for launcher in launchers]
+    for kernel, args, constexprs in calls:
+        twin = CompiledLauncher(jit_twin(kernel))
+        jit = twin.kernel if isinstance(twin.kernel, JITFunction) else twin.kernel.fn
+        positional = [p.name for p in jit.params if not p.is_constexpr]
+        assert twin.arg_names[: len(args)] == positional, jit.fn.__name__
+        assert len(twin._tail(args, constexprs)) == len(twin.arg_names) - len(args)
 
 
 @pytest.mark.cuda
@@ -101,3 +146,23 @@ def test_cuda_kept_launchers_call_launch_hooks():
     finally:
         chain.remove(hook)
     assert seen == ["fused_recurrent_sparse_fwd_kernel"]
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_op_kept_launchers_match_the_jit():
+    """The sparse op's second call, through the kept launchers, gives the first's bits, forward
+    and backward."""
+    from fla_factmem.ops import chunk_factorization_memory
+    from tests.utils import make_inputs, run_with_grads
+
+    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_EVENTS, launch.SPARSE_FWD, launch.SUM_OVER_PICKS,
+                 launch.SPARSE_BWD, launch.SPARSE_ROUTING_BWD]  # fmt: skip
+    for launcher in launchers:
+        launcher.launchers.clear()
+    inputs = make_inputs(2, 300, 4, 1024, 64, dtype=torch.bfloat16, device="cuda", logit_scale=2.0)
+    o_jit, ht_jit, grads_jit, dout, dht = run_with_grads(chunk_factorization_memory, inputs, 16)
+    o, ht, grads, _, _ = run_with_grads(chunk_factorization_memory, inputs, 16, dout, dht)
+    assert all(launcher.launchers for launcher in launchers)
+    assert torch.equal(o, o_jit) and torch.equal(ht, ht_jit)
+    for g, g_jit in zip(grads, grads_jit):
+        assert torch.equal(g, g_jit)

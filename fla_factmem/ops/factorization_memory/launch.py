@@ -242,7 +242,8 @@ def sparse_routing(
     # so that the K reductions stay within a warp
     BR = rows_per_program or max(1, min(4, logits_per_warp(logits.dtype, M) // BM))
     n_rows = logits.numel() // M
-    sparse_routing_kernel[(cdiv(n_rows, BR),)](
+    SPARSE_ROUTING.launch(
+        (cdiv(n_rows, BR),),
         logits, picks, alpha, n_rows, M=M, K=topk, BR=BR, BM=BM, KB=KB, G=top_k_group(BM, KB),
         num_warps=num_warps or top_k_warps(logits.dtype, M, BR),
     )  # fmt: skip
@@ -277,6 +278,16 @@ SPARSE_BLOCK_V = 64
 SPARSE_WARPS = 1
 SPARSE_EVENTS_PER_PROGRAM = 256
 
+# The sparse op's launches go past Triton's JIT dispatch (CompiledLauncher): at (1024, 16), B=4,
+# T=4096, H=8, V=64 its host time (1.69 ms per forward+backward, 7 launches through the JIT)
+# exceeded its kernels' 1.45 ms on an H200 (benchmarks/ops/NOTES.md).
+SPARSE_ROUTING = CompiledLauncher(sparse_routing_kernel)
+SPARSE_EVENTS = CompiledLauncher(sparse_events_kernel)
+SUM_OVER_PICKS = CompiledLauncher(sum_over_picks_kernel)
+SPARSE_FWD = CompiledLauncher(chunk_sparse_fwd_kernel)
+SPARSE_BWD = CompiledLauncher(chunk_sparse_bwd_kernel)
+SPARSE_ROUTING_BWD = CompiledLauncher(sparse_routing_bwd_kernel)
+
 
 def sparse_events(
     routing: SparseRouting, eta: torch.Tensor, mu: torch.Tensor, M: int, cu_seqlens: torch.Tensor | None
@@ -308,7 +319,8 @@ def sparse_events(
     E = B * T * K
     events = [torch.empty(H, E, dtype=dtype, device=rows.device) for dtype in (torch.int32,) * 2 + (torch.float32,) * 2]
     BE = 1024
-    sparse_events_kernel[(cdiv(H * E, BE),)](
+    SPARSE_EVENTS.launch(
+        (cdiv(H * E, BE),),
         order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha.contiguous(), *events, E, H * E, head_keys,
         H=H, K=K, BE=BE, num_warps=4,
     )  # fmt: skip
@@ -336,7 +348,7 @@ def sum_over_picks(x: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> to
     # bf16 terms (300 us with 4 warps on 4096), 137 us on float32 terms (either launch)
     BV, KB = min(next_power_of_2(V), 64), min(next_power_of_2(K), 16)
     BR = max(1, 2048 // (KB * BV))
-    sum_over_picks_kernel[(cdiv(n_rows, BR), cdiv(V, BV))](x, y, n_rows, K=K, V=V, BR=BR, KB=KB, BV=BV, num_warps=1)
+    SUM_OVER_PICKS.launch((cdiv(n_rows, BR), cdiv(V, BV)), x, y, n_rows, K=K, V=V, BR=BR, KB=KB, BV=BV, num_warps=1)
     return y
 
 
@@ -377,7 +389,8 @@ def chunk_sparse_fwd(
     carries = torch.empty(H, NTILES, V, dtype=torch.float32, device=v.device) if store_carries else None
     BV = sparse_block_v(V)
     NB = events.block_bounds.shape[1] - 1
-    chunk_sparse_fwd_kernel[(NB, H, cdiv(V, BV))](
+    SPARSE_FWD.launch(
+        (NB, H, cdiv(V, BV)),
         v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, ht, contributions,
         carries, E, NB, NTILES,
         H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
@@ -426,7 +439,8 @@ def chunk_sparse_bwd(
     NV, NB = cdiv(V, BV), events.block_bounds.shape[1] - 1
     dv_contributions = torch.empty(B * T, H, K, V, dtype=v.dtype, device=v.device)
     pick_dtheta, pick_dphi = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=v.device) for _ in range(2))
-    chunk_sparse_bwd_kernel[(NB, H, NV)](
+    SPARSE_BWD.launch(
+        (NB, H, NV),
         v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, carries, do, dht, dh0,
         dv_contributions, pick_dtheta, pick_dphi, E, NB, carries.shape[1],
         H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
@@ -439,7 +453,8 @@ def chunk_sparse_bwd(
     # 4 tokens per program, whole rows of up to 1024 logits at a time: best measured on an H200
     # at (1024, 16), 90 us, where 64 tokens took 173 (a zero fill of dlogits alone takes 83)
     BR, BM = 4, min(next_power_of_2(M), 1024)
-    sparse_routing_bwd_kernel[(cdiv(eta.numel(), BR),)](
+    SPARSE_ROUTING_BWD.launch(
+        (cdiv(eta.numel(), BR),),
         events.alpha, eta, mu, events.rows, pick_dtheta, pick_dphi, dlogits, deta, dmu, eta.numel(),
         M=M, K=K, BR=BR, KB=next_power_of_2(K), BM=BM, num_warps=4,
     )  # fmt: skip
