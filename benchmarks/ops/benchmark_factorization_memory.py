@@ -181,11 +181,24 @@ def sparse_case_arg(text: str):
     return int(M), None if not K else "via_gla" if K == "gla" else int(K)
 
 
+def kernel_ms(step, repeats: int = 5) -> float:
+    """The GPU time of the kernels ``step`` launches, per call (torch.profiler), to set beside
+    its wall time: where the wall time is longer, the host is the bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / repeats / 1e3
+
+
 def sparse_case(B, T, H, M, V, topk):
-    """(forward ms without autograd, forward+backward ms, peak MB of forward+backward above the
-    inputs, error or '') of our op, dense (``topk`` None) or sparse; ``topk="via_gla"`` is FM
-    through chunk_gla (dense). The peak counts everything the step allocates, the gradients of
-    the inputs included (dlogits alone is B T H M bf16)."""
+    """(forward ms without autograd, forward+backward ms, the forward+backward's kernel time in
+    ms, peak MB of forward+backward above the inputs, error or '') of our op, dense (``topk``
+    None) or sparse; ``topk="via_gla"`` is FM through chunk_gla (dense). The peak counts
+    everything the step allocates, the gradients of the inputs included (dlogits alone is
+    B T H M bf16)."""
     dev, dtype = "cuda", torch.bfloat16
     v = torch.randn(B, T, H, V, device=dev, dtype=dtype).requires_grad_()
     logits = (torch.randn(B, T, H, M, device=dev) * 2).to(dtype).requires_grad_()
@@ -213,14 +226,22 @@ def sparse_case(B, T, H, M, V, topk):
         )
         for x in leaves:
             x.grad = None
+
+        def step():
+            forward().backward(grad)
+            for x in leaves:
+                x.grad = None
+
+        kernels = kernel_ms(step)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         forward().backward(grad)
         torch.cuda.synchronize()
-        return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2**20, ""
+        return fwd, both, kernels, (torch.cuda.max_memory_allocated() - base) / 2**20, ""
     except Exception as e:  # a kernel refused or miscompiled by the installed Triton
-        return float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        nan = float("nan")
+        return nan, nan, nan, nan, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
 def main():
@@ -272,13 +293,25 @@ def main():
     sparse = []
     for T in () if args.no_sparse else (4096, 16384):
         for M, K in args.sparse_cases:
-            fwd, both, peak, err = sparse_case(4, T, 8, M, 64, K)
+            fwd, both, kernels, peak, err = sparse_case(4, T, 8, M, 64, K)
             op = "fm_via_gla" if K == "via_gla" else "fm"
             K = M if K in (None, "via_gla") else K
-            sparse.append(dict(T=T, M=M, K=K, op=op, fwd_ms=fwd, fwd_bwd_ms=both, fwd_bwd_peak_MB=peak, error=err))
+            sparse.append(
+                dict(
+                    T=T,
+                    M=M,
+                    K=K,
+                    op=op,
+                    fwd_ms=fwd,
+                    fwd_bwd_ms=both,
+                    fwd_bwd_kernels_ms=kernels,
+                    fwd_bwd_peak_MB=peak,
+                    error=err,
+                )  # fmt: skip
+            )
             print(
                 f"sparse T={T:6d} M={M:4d} K={K:4d} {op:10s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  "
-                f"peak {peak:8.1f} MB  {err}",
+                f"(kernels {kernels:8.3f} ms)  peak {peak:8.1f} MB  {err}",
                 flush=True,
             )
             torch.cuda.empty_cache()
@@ -330,12 +363,13 @@ def main():
     if sparse:
         print(f"\n## sparse, B=4 H=8 V=64 bf16 ({gpu}); peak: forward+backward, above the inputs")
         print(
-            "| T | M | K | op | forward ms (no grad) | forward+backward ms | peak MB |\n|---|---|---|---|---|---|---|"
+            "| T | M | K | op | forward ms (no grad) | forward+backward ms | its kernels, ms | peak MB |\n"
+            "|---|---|---|---|---|---|---|---|"
         )
         for r in sparse:
             print(
                 f"| {r['T']} | {r['M']} | {r['K']} | {r['op']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
-                f"| {r['fwd_bwd_peak_MB']:.0f} |"
+                f"| {r['fwd_bwd_kernels_ms']:.3f} | {r['fwd_bwd_peak_MB']:.0f} |"
             )
     print(f"\n## decode, B=64 H=8 V=64, fp32 state ({gpu})")
     print("| M | K | op | CUDA-graph kernel us | eager wall us | GB/s |\n|---|---|---|---|---|---|")
