@@ -82,8 +82,8 @@ def test_sparse_op_launches_resolve_every_parameter(monkeypatch):
     v, logits, eta, mu, h0 = make_inputs(1, 20, 2, 32, 16)
     o, ht = triton_sparse_chunk(v, logits, eta, mu, 4, h0, True)
     (o.sum() + ht.sum()).backward()
-    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_EVENTS, launch.SPARSE_FWD, launch.SUM_OVER_PICKS,
-                 launch.SPARSE_BWD, launch.SUM_OVER_PICKS, launch.SPARSE_ROUTING_BWD]  # fmt: skip
+    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_KEYS, launch.SPARSE_EVENTS, launch.SPARSE_FWD,
+                 launch.SUM_OVER_PICKS, launch.SPARSE_BWD, launch.SUM_OVER_PICKS, launch.SPARSE_ROUTING_BWD]  # fmt: skip
     assert [kernel for kernel, _, _ in calls] == [launcher.kernel for launcher in launchers]
     for kernel, args, constexprs in calls:
         twin = CompiledLauncher(jit_twin(kernel))
@@ -155,8 +155,8 @@ def test_cuda_sparse_op_kept_launchers_match_the_jit():
     from fla_factmem.ops import chunk_factorization_memory
     from tests.utils import make_inputs, run_with_grads
 
-    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_EVENTS, launch.SPARSE_FWD, launch.SUM_OVER_PICKS,
-                 launch.SPARSE_BWD, launch.SPARSE_ROUTING_BWD]  # fmt: skip
+    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_KEYS, launch.SPARSE_EVENTS, launch.SPARSE_FWD,
+                 launch.SUM_OVER_PICKS, launch.SPARSE_BWD, launch.SPARSE_ROUTING_BWD]  # fmt: skip
     for launcher in launchers:
         launcher.launchers.clear()
     inputs = make_inputs(2, 300, 4, 1024, 64, dtype=torch.bfloat16, device="cuda", logit_scale=2.0)

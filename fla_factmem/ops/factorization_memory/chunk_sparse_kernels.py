@@ -59,6 +59,15 @@ def linear_recurrence(a_first, b_first, a_second, b_second):
 
 
 @triton.jit
+def reverse_linear_scan(a, b):
+    """x_e = a_e x_{e+1} + b_e along axis 0 of [BP, BV] tiles, from the last row back: a forward
+    scan of the rows flipped. Triton 3.6 lowers ``associative_scan(..., reverse=True)`` along an
+    axis that each thread holds whole with 320 lane shuffles at [8, 64] in one warp, the flips
+    and the forward scan with none (sm_90)."""
+    return tl.flip(tl.associative_scan((tl.flip(a, 0), tl.flip(b, 0)), 0, linear_recurrence)[1], 0)
+
+
+@triton.jit
 def at_tokens(x, pick, m_p, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
     """x's [BP, BV] columns o_v (x: v or do, [tokens, H, V], in its dtype) at the tokens of the
     picks ``pick`` [BP] (flat indices of [tokens, H, K]), where m_p."""
@@ -125,6 +134,40 @@ def memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i):
     a = tl.broadcast_to(tl.where(starts, 0.0, d)[:, None], b.shape)
     h = tl.associative_scan((a, b), 0, linear_recurrence)[1]
     return h, entered
+
+
+@triton.jit
+def backward_tile(
+    keys,
+    picks,
+    theta,
+    phi,
+    v,
+    do,
+    carries,
+    p0,
+    lo,
+    hi,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BP: tl.constexpr,
+    o_i,
+    o_v,
+    m_v,
+):
+    """What the backward loads for the tile of events at p0 + o_i (``tile_events``), then do at
+    the events' tokens [BP, BV], the carry entering the tile [BV] (zeros at the block's first
+    tile, which starts a row) and each event's d_next [BP]: 1 - theta of the next event where
+    that is on the same row, else 1."""
+    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
+        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
+    )
+    do_p = at_tokens(do, pick, m_p, K, V, o_v, m_v)
+    # a [BV] mask, as the interpreter takes no scalar in a mask
+    has_carry = m_v & (tl.full(o_v.shape, p0, tl.int32) > lo // BP * BP)
+    carry = tl.load(carries + (p0 // BP) * V + o_v, mask=has_carry, other=0.0)
+    d_next = 1.0 - tl.load(theta + p0 + o_i + 1, mask=m_p & ~last, other=1.0)
+    return m_p, key, first, last, pick, theta_p, phi_p, v_p, do_p, carry, d_next
 
 
 @triton.jit
@@ -253,35 +296,33 @@ def chunk_sparse_bwd_kernel(
 
     grad_carry = tl.zeros([BV], dtype=tl.float32)
     p0 = lo // BP * BP + (n_tiles - 1) * BP
-    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
-        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
+    m_p, key, first, last, pick, theta_p, phi_p, v_p, do_p, carry, d_next = backward_tile(
+        keys, picks, theta, phi, v, do, carries, p0, lo, hi, K, V, BP, o_i, o_v, m_v
     )
-    do_p = at_tokens(do, pick, m_p, K, V, o_v, m_v)
-    for j in range(n_tiles):
-        # the previous tile's loads, do's among them, issued before this tile's scans
-        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
-            keys, picks, theta, phi, v, p0 - BP + o_i, lo, hi, K, V, o_v, m_v
+    for _ in range(n_tiles):
+        # the previous tile's loads, issued before this tile's scans (none depends on them): all
+        # a tile loads but the initial state's and dht's rows
+        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n, do_n, carry_n, d_next_n = backward_tile(
+            keys, picks, theta, phi, v, do, carries, p0 - BP, lo, hi, K, V, BP, o_i, o_v, m_v
         )
-        do_n = at_tokens(do, pick_n, m_n, K, V, o_v, m_v)
-        # the first tile starts a row; a [BV] mask, as the interpreter takes no scalar in a mask
-        has_carry = m_v & (tl.full([BV], j, tl.int32) < n_tiles - 1)
-        carry = tl.load(carries + (p0 // BP) * V + o_v, mask=has_carry, other=0.0)
         init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
         h, entered = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)
-        # the memory before each event: the previous event's, or the one entered at a start
-        before = tl.gather(h, tl.broadcast_to(tl.maximum(o_i - 1, 0)[:, None], h.shape), 0)
+        # the memory before each event: the previous event's, or the one entered at a start. A
+        # one-hot sum over the tile's rows, which each thread holds whole: tl.gather moved the
+        # tile to another layout and back through shared memory, and Triton 3.6 scanned h twice
+        # for it (sm_90); with the loads above, 725 -> 649 us at (1024, 16), H200
+        before = tl.sum(tl.where(((o_i[:, None] - 1) == o_i[None, :])[:, :, None], h[None, :, :], 0.0), 1)
         before = tl.where((first | (o_i == 0))[:, None], entered, before)
 
-        # the gradient on h_e, from the row's later events: the next event's decay, where the
-        # next event is on the same row; the tile's last event continues from grad_carry
-        d_next = 1.0 - tl.load(theta + p0 + o_i + 1, mask=m_p & ~last, other=1.0)
+        # the gradient on h_e, from the row's later events (d_next: the next event's decay,
+        # where it is on the same row); the tile's last event continues from grad_carry
         ends = last | (o_i == BP - 1) | ~m_p
         do_f = do_p.to(tl.float32)
         b = phi_p[:, None] * do_f + tl.where(ends & ~last & m_p, d_next, 0.0)[:, None] * grad_carry[None, :]
         if USE_FINAL_STATE_GRADIENT:
             b += tl.load(row_of_state(dht, key, i_h, H, M, V, o_v), mask=last[:, None] & m_v[None, :], other=0.0)
         a = tl.broadcast_to(tl.where(ends, 0.0, d_next)[:, None], b.shape)
-        g = tl.associative_scan((a, b), 0, linear_recurrence, reverse=True)[1]
+        g = reverse_linear_scan(a, b)
         grad_carry = tl.sum(tl.where((o_i == tl.maximum(lo - p0, 0))[:, None], g, 0.0), 0)
 
         m_pv = m_p[:, None] & m_v[None, :]
@@ -294,7 +335,37 @@ def chunk_sparse_bwd_kernel(
             tl.store(row_of_state(dh0, key, i_h, H, M, V, o_v), dh0_p, mask=first[:, None] & m_v[None, :])
         p0 -= BP
         m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
-        do_p = do_n
+        do_p, carry, d_next = do_n, carry_n, d_next_n
+
+
+@triton.heuristics({"VARLEN": lambda args: args["token_sequence"] is not None})
+@triton.jit
+def sparse_keys_kernel(
+    rows,
+    token_sequence,
+    keys,
+    n_picks,
+    T,
+    head_keys,
+    lowest_key,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    M: tl.constexpr,
+    BE: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """The picks' sort keys: from rows [tokens, H, K] int32 (the routing's picks), keys [H,
+    tokens, K] = lowest_key + head * head_keys + sequence * M + row in keys' integer dtype. A
+    token's sequence is token // T, or with VARLEN token_sequence[token] (any integer dtype)."""
+    o_e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
+    m_e = o_e < n_picks
+    token, head = o_e // (H * K), o_e // K % H
+    if VARLEN:
+        sequence = tl.load(token_sequence + token, mask=m_e, other=0).to(tl.int64)
+    else:
+        sequence = token // T
+    key = lowest_key + head * head_keys + sequence * M + tl.load(rows + o_e, mask=m_e, other=0)
+    tl.store(keys + (head * (n_picks // (H * K)) + token) * K + o_e % K, key.to(keys.dtype.element_ty), mask=m_e)
 
 
 @triton.jit
@@ -308,33 +379,67 @@ def sparse_events_kernel(
     picks,
     theta,
     phi,
+    block_bounds,
     E,
     n_events,
     head_keys,
+    lowest_key,
+    n_keys,
+    NB,
+    search_steps,
     H: tl.constexpr,
     K: tl.constexpr,
+    S: tl.constexpr,
     BE: tl.constexpr,
 ):
-    """The picks as events, from one stable sort of all heads' keys (head * head_keys +
-    sequence * M + row, flat over [H, tokens, K]): sorted_keys and order (the position each came
-    from), [H E] each. Head h's events fill positions [h E, (h + 1) E), as its keys are below the
-    next head's. Writes, [H, E] each in sorted order: keys without the head's offset (int32),
+    """The picks as events, from one stable sort of all heads' keys (``sparse_keys_kernel``'s,
+    flat over [H, tokens, K]): sorted_keys and order (the position each came from), [H E] each.
+    Head h's events fill positions [h E, (h + 1) E), as its keys are below the next head's.
+    Writes, [H, E] each in sorted order: keys without the offsets (sequence * M + row, int32),
     each event's pick as a flat index of [tokens, H, K] (int32), and its theta = eta * alpha and
-    phi = mu * alpha (float32; eta, mu [tokens, H], alpha [tokens, H, K] float32)."""
-    o_e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
-    m_e = o_e < n_events
-    head = o_e // E
-    source = tl.load(order + o_e, mask=m_e, other=0) - head * E
-    token = source // K
-    pick = (token * H + head) * K + source % K
-    a = tl.load(alpha + pick, mask=m_e, other=0.0)
-    eta_e = tl.load(eta + token * H + head, mask=m_e, other=0.0).to(tl.float32)
-    mu_e = tl.load(mu + token * H + head, mask=m_e, other=0.0).to(tl.float32)
-    key = tl.load(sorted_keys + o_e, mask=m_e, other=0) - head * head_keys
-    tl.store(keys + o_e, key.to(tl.int32), mask=m_e)
-    tl.store(picks + o_e, pick.to(tl.int32), mask=m_e)
-    tl.store(theta + o_e, eta_e * a, mask=m_e)
-    tl.store(phi + o_e, mu_e * a, mask=m_e)
+    phi = mu * alpha (float32; eta, mu [tokens, H], alpha [tokens, H, K] float32).
+    The first cdiv(H (NB + 1), BE) programs write block_bounds [H, NB + 1] int32 instead: block
+    j of a head starts where the row holding its event j S starts, and its last block ends where
+    the keys of tokens past the last sequence (key >= n_keys, outside the contract) begin, or at
+    E; each found by a binary search of at most ``search_steps`` >= log2(E + 1) steps. They
+    need only the sorted keys, so they run beside the others, one search per lane."""
+    i_p = tl.program_id(0)
+    n_bound_programs = tl.cdiv(H * (NB + 1), BE)
+    if i_p < n_bound_programs:
+        o_b = i_p.to(tl.int64) * BE + tl.arange(0, BE)
+        m_b = o_b < H * (NB + 1)
+        head, j = o_b // (NB + 1), o_b % (NB + 1)
+        end_key = lowest_key + head * head_keys + n_keys
+        at = tl.load(sorted_keys + head * E + j * S, mask=m_b & (j < NB), other=0).to(tl.int64)
+        target = tl.where(j < NB, tl.minimum(at, end_key), end_key)
+        # the first sorted key >= target lies at most at j S, and after (j - 1) S unless the
+        # row there is one as long as S (a hot row): log2(S) steps but for those
+        lo, hi = head * E, head * E + tl.minimum(j * S, E)
+        before = tl.maximum(hi - S, lo)
+        previous = tl.load(sorted_keys + before, mask=m_b & (j > 0), other=0).to(tl.int64)
+        lo = tl.where((j > 0) & (previous < target), before + 1, lo)
+        for _ in range(search_steps):
+            active = m_b & (lo < hi)
+            mid = (lo + hi) // 2
+            below = tl.load(sorted_keys + mid, mask=active, other=0).to(tl.int64) < target
+            lo = tl.where(active & below, mid + 1, lo)
+            hi = tl.where(active & ~below, mid, hi)
+        tl.store(block_bounds + o_b, (lo - head * E).to(tl.int32), mask=m_b)
+    else:
+        o_e = (i_p - n_bound_programs).to(tl.int64) * BE + tl.arange(0, BE)
+        m_e = o_e < n_events
+        head = o_e // E
+        source = tl.load(order + o_e, mask=m_e, other=0) - head * E
+        token = source // K
+        pick = (token * H + head) * K + source % K
+        a = tl.load(alpha + pick, mask=m_e, other=0.0)
+        eta_e = tl.load(eta + token * H + head, mask=m_e, other=0.0).to(tl.float32)
+        mu_e = tl.load(mu + token * H + head, mask=m_e, other=0.0).to(tl.float32)
+        key = tl.load(sorted_keys + o_e, mask=m_e, other=0).to(tl.int64) - lowest_key - head * head_keys
+        tl.store(keys + o_e, key.to(tl.int32), mask=m_e)
+        tl.store(picks + o_e, pick.to(tl.int32), mask=m_e)
+        tl.store(theta + o_e, eta_e * a, mask=m_e)
+        tl.store(phi + o_e, mu_e * a, mask=m_e)
 
 
 @triton.jit

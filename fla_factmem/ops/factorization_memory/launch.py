@@ -23,6 +23,7 @@ from fla_factmem.ops.factorization_memory.chunk_sparse_kernels import (
     chunk_sparse_bwd_kernel,
     chunk_sparse_fwd_kernel,
     sparse_events_kernel,
+    sparse_keys_kernel,
     sum_over_picks_kernel,
 )
 from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import (
@@ -282,6 +283,7 @@ SPARSE_EVENTS_PER_PROGRAM = 256
 # T=4096, H=8, V=64 its host time (1.69 ms per forward+backward, 7 launches through the JIT)
 # exceeded its kernels' 1.45 ms on an H200 (benchmarks/ops/NOTES.md).
 SPARSE_ROUTING = CompiledLauncher(sparse_routing_kernel)
+SPARSE_KEYS = CompiledLauncher(sparse_keys_kernel)
 SPARSE_EVENTS = CompiledLauncher(sparse_events_kernel)
 SUM_OVER_PICKS = CompiledLauncher(sum_over_picks_kernel)
 SPARSE_FWD = CompiledLauncher(chunk_sparse_fwd_kernel)
@@ -301,35 +303,38 @@ def sparse_events(
     rows, alpha = routing
     B, T, H, K = rows.shape
     N = num_sequences(B, cu_seqlens)
-    tokens = torch.arange(B * T, device=rows.device)
-    if cu_seqlens is None:
-        seq = tokens // T
-    else:  # tokens past the last offset (outside the contract) get keys >= N M, in no block: never computed
-        seq = torch.searchsorted(cu_seqlens[1:], tokens.to(cu_seqlens.dtype), right=True)
+    E = B * T * K
     # one sort for all heads, each head's keys above the previous head's (N + 1 sequences each,
     # for the tokens past the last offset), in token order within a key
     head_keys = (N + 1) * M
     if head_keys >= 2**31:
         raise ValueError(f"the sparse kernels key rows by sequence * M + row in int32; got {N} sequences of M = {M}")
-    key_dtype = torch.int32 if H * head_keys < 2**31 else torch.int64
-    first_keys = torch.arange(H, device=rows.device)[:, None] * head_keys + seq[None, :] * M
+    # the sort's radix passes cover every bit of the keys' dtype: 16-bit keys (from -2^15) where
+    # all heads' fit take half the passes of 32-bit ones (100 against 151 us at (1024, 16), H200)
+    if H * head_keys <= 2**16:
+        key_dtype, lowest_key = torch.int16, -(2**15)
+    else:
+        key_dtype, lowest_key = (torch.int32 if H * head_keys < 2**31 else torch.int64), 0
+    # tokens past the last offset (outside the contract) get keys >= N M, in no block: never computed
+    token_sequence = None
+    if cu_seqlens is not None:
+        tokens = torch.arange(B * T, device=rows.device, dtype=cu_seqlens.dtype)
+        token_sequence = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
     keys = torch.empty(H, B * T, K, dtype=key_dtype, device=rows.device)
-    torch.add(rows.view(B * T, H, K).permute(1, 0, 2), first_keys[:, :, None], out=keys)
-    sorted_keys, order = torch.sort(keys.view(-1), stable=True)
-    E = B * T * K
-    events = [torch.empty(H, E, dtype=dtype, device=rows.device) for dtype in (torch.int32,) * 2 + (torch.float32,) * 2]
     BE = 1024
-    SPARSE_EVENTS.launch(
+    SPARSE_KEYS.launch(
         (cdiv(H * E, BE),),
-        order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha.contiguous(), *events, E, H * E, head_keys,
-        H=H, K=K, BE=BE, num_warps=4,
+        rows, token_sequence, keys, H * E, T, head_keys, lowest_key, H=H, K=K, M=M, BE=BE, num_warps=4,
     )  # fmt: skip
-    keys = events[0]
-    # each block starts where the row holding its first S-th event starts: a row longer than S
-    # leaves empty the blocks before the last one that starts in it, which holds the whole row
-    at = keys[:, ::SPARSE_EVENTS_PER_PROGRAM]
-    end = torch.full((H, 1), N * M, dtype=keys.dtype, device=keys.device)
-    block_bounds = torch.searchsorted(keys, torch.cat([at.clamp(max=N * M), end], 1), out_int32=True)
+    sorted_keys, order = torch.sort(keys.view(-1), stable=True)
+    events = [torch.empty(H, E, dtype=dtype, device=rows.device) for dtype in (torch.int32,) * 2 + (torch.float32,) * 2]
+    NB = cdiv(E, SPARSE_EVENTS_PER_PROGRAM)
+    block_bounds = torch.empty(H, NB + 1, dtype=torch.int32, device=rows.device)
+    SPARSE_EVENTS.launch(
+        (cdiv(H * (NB + 1), BE) + cdiv(H * E, BE),),
+        order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha.contiguous(), *events, block_bounds, E, H * E,
+        head_keys, lowest_key, N * M, NB, E.bit_length(), H=H, K=K, S=SPARSE_EVENTS_PER_PROGRAM, BE=BE, num_warps=4,
+    )  # fmt: skip
     return SparseEvents(rows, alpha, *events, block_bounds)
 
 
@@ -438,7 +443,9 @@ def chunk_sparse_bwd(
     BV = sparse_block_v(V)
     NV, NB = cdiv(V, BV), events.block_bounds.shape[1] - 1
     dv_contributions = torch.empty(B * T, H, K, V, dtype=v.dtype, device=v.device)
-    pick_dtheta, pick_dphi = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=v.device) for _ in range(2))
+    # with one block of columns the kernel's parts are the gradients: no sum, nor a select (host time)
+    pick_shape = (NV, B, T, H, K) if NV > 1 else (B, T, H, K)
+    pick_dtheta, pick_dphi = (torch.empty(pick_shape, dtype=torch.float32, device=v.device) for _ in range(2))
     SPARSE_BWD.launch(
         (NB, H, NV),
         v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, carries, do, dht, dh0,
@@ -446,7 +453,8 @@ def chunk_sparse_bwd(
         H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
     )  # fmt: skip
     dv = sum_over_picks(dv_contributions, v.dtype, v.shape)
-    pick_dtheta, pick_dphi = (x.sum(0) if NV > 1 else x[0] for x in (pick_dtheta, pick_dphi))
+    if NV > 1:
+        pick_dtheta, pick_dphi = pick_dtheta.sum(0), pick_dphi.sum(0)
 
     dlogits = torch.empty(*eta.shape, M, dtype=logits_dtype, device=v.device)
     deta, dmu = torch.empty_like(eta), torch.empty_like(mu)

@@ -55,9 +55,23 @@ def poisoned(h0, chosen):
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sparse_routing_kernel(M, topk, ties, dtype):
-    logits = detached_inputs(2, 5, 3, M, 4, with_state=False)[1].to(dtype)
+    check_sparse_routing(M, topk, ties, dtype, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("M", "topk"), [(1024, 16), (4096, 64), (65600, 3)])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_sparse_routing_kernel(M, topk, ties, dtype):
+    check_sparse_routing(M, topk, ties, dtype, "cuda")
+
+
+def check_sparse_routing(M, topk, ties, dtype, device):
+    """The routing kernel's picks are the stable sort's first ``topk`` rows, its alpha their
+    softmax."""
+    logits = detached_inputs(2, 5, 3, M, 4, with_state=False, device=device)[1].to(dtype)
     if ties:  # few distinct values: the picks among equal logits go to the lower rows
-        logits = torch.randint(-3, 4, logits.shape).to(dtype)
+        logits = torch.randint(-3, 4, logits.shape, device=device).to(dtype)
         logits[..., 1::3] *= -1  # -0.0 among the zeros, equal to +0.0
         logits[:, 0, :, ::5] = float("-inf")
         logits[:, 1, :, 2:] = float("-inf")  # fewer finite logits than picks: -inf ones get picked too
@@ -169,6 +183,47 @@ def test_sparse_chunk_keeps_nothing_of_size_m():
     assert 0 < kept(64, 16) == kept(256, 16)
     tiles_per_head = -(-40 * 8 // launch.SPARSE_TILE)
     assert kept(64, 48) - kept(64, 16) == 2 * tiles_per_head * (48 - 16)
+
+
+@pytest.mark.parametrize("events_per_program", [1, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
+@pytest.mark.parametrize(("M", "offsets"), [(24, None), (24, [0, 70, 71, 120]), (30000, [0, 3, 130])])
+def test_sparse_events_and_block_bounds(events_per_program, M, offsets, monkeypatch):
+    """16-bit sort keys (M = 24) and 32-bit ones (M = 30000); varlen with tokens past the last
+    offset; blocks of one event up to the default."""
+    monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
+    check_sparse_events(1, 130, 3, M, 4, offsets, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("B", "M", "offsets"), [(4, 1024, None), (1, 4096, [0, 5, 3000, 4000])])
+def test_cuda_sparse_events_and_block_bounds(B, M, offsets):
+    check_sparse_events(B, 4096, 8, M, 16, offsets, "cuda")
+
+
+def check_sparse_events(B, T, H, M, K, offsets, device):
+    """The events are the picks sorted by (sequence, row), in token order within a row, with
+    their theta and phi; block j of a head starts where the row holding its event j S starts,
+    and the blocks end before the tokens past the last offset. Rows 0 and 1 are hot."""
+    _, logits, eta, mu, _ = detached_inputs(B, T, H, M, 1, with_state=False, device=device)
+    logits[..., :2] += 6.0
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets is not None else None
+    routing = sparse_routing(logits, K)
+    events = launch.sparse_events(routing, eta, mu, M, cu_seqlens)
+
+    N, S = (B if offsets is None else len(offsets) - 1), launch.SPARSE_EVENTS_PER_PROGRAM
+    tokens = torch.arange(B * T, device=device)
+    sequence = tokens // T if offsets is None else torch.searchsorted(cu_seqlens[1:], tokens.int(), right=True)
+    rows = routing.rows.long().reshape(B * T, H, K)
+    keys = (sequence[:, None, None] * M + rows).permute(1, 0, 2).reshape(H, -1)
+    picks = (tokens[:, None, None] * H + torch.arange(H, device=device)[:, None]) * K + torch.arange(K, device=device)
+    ref_keys, order = torch.sort(keys, stable=True)
+    ref_picks = picks.permute(1, 0, 2).reshape(H, -1).gather(1, order)
+    assert torch.equal(events.keys.long(), ref_keys) and torch.equal(events.picks.long(), ref_picks)
+    alpha = routing.alpha.reshape(-1)[ref_picks]
+    assert torch.equal(events.theta, eta.float().reshape(-1)[ref_picks // K] * alpha)
+    assert torch.equal(events.phi, mu.float().reshape(-1)[ref_picks // K] * alpha)
+    at = torch.cat([ref_keys[:, ::S].clamp(max=N * M), torch.full((H, 1), N * M, device=device)], 1)
+    assert torch.equal(events.block_bounds.long(), torch.searchsorted(ref_keys, at))
 
 
 @pytest.mark.parametrize("events_per_program", [1, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
