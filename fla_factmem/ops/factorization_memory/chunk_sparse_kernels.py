@@ -158,7 +158,7 @@ def backward_tile(
     """What the backward loads for the tile of events at p0 + o_i (``tile_events``), then do at
     the events' tokens [BP, BV], the carry entering the tile [BV] (zeros at the block's first
     tile, which starts a row) and each event's d_next [BP]: 1 - theta of the next event where
-    that is on the same row, else 1."""
+    that is on the same row, else 0 (unused there)."""
     m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
         keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
     )
@@ -284,7 +284,7 @@ def chunk_sparse_bwd_kernel(
     [N, H, M, V] float32 holding dht (or zeros) on entry: only the picked rows are written.
     dv_contributions: [tokens, H, K, V] in v's dtype, theta g at each event, for dv = their sum
     over K. dtheta, dphi: [NV, tokens, H, K] float32, each block of columns' part of the
-    gradients on the picks' theta and phi."""
+    gradients on the picks' theta and phi (with NV = 1, the gradients)."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lo, hi, keys, picks, theta, phi = block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h)
     carries += i_h.to(tl.int64) * NTILES * V
@@ -310,7 +310,8 @@ def chunk_sparse_bwd_kernel(
         # the memory before each event: the previous event's, or the one entered at a start. A
         # one-hot sum over the tile's rows, which each thread holds whole: tl.gather moved the
         # tile to another layout and back through shared memory, and Triton 3.6 scanned h twice
-        # for it (sm_90); with the loads above, 725 -> 649 us at (1024, 16), H200
+        # for it (sm_90); with the loads above and the flipped scan, 666 -> 649 us at (1024, 16),
+        # H200 (each alone was slower: benchmarks/ops/NOTES.md, session 9). O(BP^2 BV) a tile
         before = tl.sum(tl.where(((o_i[:, None] - 1) == o_i[None, :])[:, :, None], h[None, :, :], 0.0), 1)
         before = tl.where((first | (o_i == 0))[:, None], entered, before)
 
@@ -412,8 +413,9 @@ def sparse_events_kernel(
         end_key = lowest_key + head * head_keys + n_keys
         at = tl.load(sorted_keys + head * E + j * S, mask=m_b & (j < NB), other=0).to(tl.int64)
         target = tl.where(j < NB, tl.minimum(at, end_key), end_key)
-        # the first sorted key >= target lies at most at j S, and after (j - 1) S unless the
-        # row there is one as long as S (a hot row): log2(S) steps but for those
+        # the first sorted key >= target lies at most at j S, and after (j - 1) S unless a row
+        # as long as S (a hot row) spans both, or (j - 1) S is past the last sequence: in the
+        # other lanes the search ends (lo = hi) after log2(S) of the steps
         lo, hi = head * E, head * E + tl.minimum(j * S, E)
         before = tl.maximum(hi - S, lo)
         previous = tl.load(sorted_keys + before, mask=m_b & (j > 0), other=0).to(tl.int64)

@@ -300,7 +300,7 @@ def sparse_events(
     (j + 1) S, S = ``SPARSE_EVENTS_PER_PROGRAM``: S events and the rest of the row it ends in,
     or one row of more than S events (a program walks a row's events in order, so a row picked
     by every token costs T / 8 steps of one program)."""
-    rows, alpha = routing
+    rows, alpha = (x.contiguous() for x in routing)
     B, T, H, K = rows.shape
     N = num_sequences(B, cu_seqlens)
     E = B * T * K
@@ -332,7 +332,7 @@ def sparse_events(
     block_bounds = torch.empty(H, NB + 1, dtype=torch.int32, device=rows.device)
     SPARSE_EVENTS.launch(
         (cdiv(H * (NB + 1), BE) + cdiv(H * E, BE),),
-        order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha.contiguous(), *events, block_bounds, E, H * E,
+        order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha, *events, block_bounds, E, H * E,
         head_keys, lowest_key, N * M, NB, E.bit_length(), H=H, K=K, S=SPARSE_EVENTS_PER_PROGRAM, BE=BE, num_warps=4,
     )  # fmt: skip
     return SparseEvents(rows, alpha, *events, block_bounds)

@@ -194,6 +194,15 @@ def test_sparse_events_and_block_bounds(events_per_program, M, offsets, monkeypa
     check_sparse_events(1, 130, 3, M, 4, offsets, "cpu")
 
 
+@pytest.mark.parametrize("events_per_program", [1, 2, 1024])
+def test_sparse_events_block_bounds_at_the_edges(events_per_program, monkeypatch):
+    """Searches over every step of the binary search (one event per block, all tokens but the
+    first past the last offset) and blocks longer than all events."""
+    monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
+    check_sparse_events(1, 8, 1, 24, 1, [0, 1], "cpu")
+    check_sparse_events(1, 130, 2, 24, 4, None, "cpu")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(("B", "M", "offsets"), [(4, 1024, None), (1, 4096, [0, 5, 3000, 4000])])
 def test_cuda_sparse_events_and_block_bounds(B, M, offsets):
