@@ -384,7 +384,7 @@ def chunk_sparse_fwd(
     N = num_sequences(B, cu_seqlens)
     v = v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
-    events = sparse_events(SparseRouting(*(x.contiguous() for x in routing)), eta, mu, M, cu_seqlens)
+    events = sparse_events(routing, eta, mu, M, cu_seqlens)
     E = events.keys.shape[1]
     ht = memory_copy(h0, N, H, M, V, v.device) if output_final_state else None
     # in v's dtype: each term rounds once before the sum, for half the traffic of float32 terms
