@@ -27,7 +27,8 @@ event, which folds in the same way what the previous tile left in its row (the c
 
        g_e = phi_e do_t + d_{e+1} g_{e+1}   (the gradient on the final state after the last),
 
-   a reverse scan of the same kind. Walking the tiles in reverse, with h_e recomputed from
+   a reverse scan of the same kind. Walking the tiles in reverse (the launch takes half the
+   forward's, a carry from the tile before where none is stored), with h_e recomputed from
    each tile's carry, each event gives dv_t its theta_e g_e (summed over the
    picks like o), dtheta_e = <g_e, v_t - h_{e-1}>, dphi_e = <do_t, h_e>, and the
    first event of each row the initial state's gradient d_e g_e. ``routing_kernels.py`` turns
@@ -150,22 +151,24 @@ def backward_tile(
     hi,
     K: tl.constexpr,
     V: tl.constexpr,
-    BP: tl.constexpr,
+    CP: tl.constexpr,
     o_i,
     o_v,
     m_v,
 ):
     """What the backward loads for the tile of events at p0 + o_i (``tile_events``), then do at
-    the events' tokens [BP, BV], the carry entering the tile [BV] (zeros at the block's first
-    tile, which starts a row) and each event's d_next [BP]: 1 - theta of the next event where
-    that is on the same row, else 0 (unused there)."""
+    the events' tokens [BP, BV], the stored carry entering the tile [BV] where the forward
+    stored one (p0 a multiple of CP past the block's first forward tile; zeros elsewhere, and at
+    the block's first tile, which starts a row) and each event's d_next [BP]: 1 - theta of the
+    next event where that is on the same row, else 0 (unused there)."""
     m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
         keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
     )
     do_p = at_tokens(do, pick, m_p, K, V, o_v, m_v)
     # a [BV] mask, as the interpreter takes no scalar in a mask
-    has_carry = m_v & (tl.full(o_v.shape, p0, tl.int32) > lo // BP * BP)
-    carry = tl.load(carries + (p0 // BP) * V + o_v, mask=has_carry, other=0.0)
+    p0_v = tl.full(o_v.shape, p0, tl.int32)
+    has_carry = m_v & (p0_v % CP == 0) & (p0_v > lo // CP * CP)
+    carry = tl.load(carries + (p0 // CP) * V + o_v, mask=has_carry, other=0.0)
     d_next = 1.0 - tl.load(theta + p0 + o_i + 1, mask=m_p & ~last, other=1.0)
     return m_p, key, first, last, pick, theta_p, phi_p, v_p, do_p, carry, d_next
 
@@ -274,13 +277,16 @@ def chunk_sparse_bwd_kernel(
     K: tl.constexpr,
     V: tl.constexpr,
     BP: tl.constexpr,
+    CP: tl.constexpr,
     BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
 ):
-    """As ``chunk_sparse_fwd_kernel``, backward, from the carries the forward stored with the
-    same launch. do: [tokens, H, V]; dht: [N, H, M, V] float32, optional. dh0 (optional):
+    """As ``chunk_sparse_fwd_kernel``, backward, in tiles of BP events, from the carries the
+    forward stored with tiles of CP events (CP = BP, or 2 BP: a tile between two stored carries
+    gets its carry from the tile before it, which the loop loads next anyway; NTILES = cdiv(E,
+    CP)). do: [tokens, H, V]; dht: [N, H, M, V] float32, optional. dh0 (optional):
     [N, H, M, V] float32 holding dht (or zeros) on entry: only the picked rows are written.
     dv_contributions: [tokens, H, K, V] in v's dtype, theta g at each event, for dv = their sum
     over K. dtheta, dphi: [NV, tokens, H, K] float32, each block of columns' part of the
@@ -296,15 +302,23 @@ def chunk_sparse_bwd_kernel(
 
     grad_carry = tl.zeros([BV], dtype=tl.float32)
     p0 = lo // BP * BP + (n_tiles - 1) * BP
+    tl.static_assert((CP == BP) | (CP == 2 * BP), "carries every tile or every other tile")
     m_p, key, first, last, pick, theta_p, phi_p, v_p, do_p, carry, d_next = backward_tile(
-        keys, picks, theta, phi, v, do, carries, p0, lo, hi, K, V, BP, o_i, o_v, m_v
+        keys, picks, theta, phi, v, do, carries, p0, lo, hi, K, V, CP, o_i, o_v, m_v
     )
     for _ in range(n_tiles):
         # the previous tile's loads, issued before this tile's scans (none depends on them): all
         # a tile loads but the initial state's and dht's rows
         m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n, do_n, carry_n, d_next_n = backward_tile(
-            keys, picks, theta, phi, v, do, carries, p0 - BP, lo, hi, K, V, BP, o_i, o_v, m_v
+            keys, picks, theta, phi, v, do, carries, p0 - BP, lo, hi, K, V, CP, o_i, o_v, m_v
         )
+        if CP != BP:
+            # no stored carry here: where the previous tile (loaded above) leaves its last row.
+            # Half the carries of tiles of BP; before the first tile of a block it is unused
+            if p0 % CP != 0:
+                init_n = initial_rows(h0, key_n, first_n, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
+                h_n = memory_at_events(theta_n, v_n, m_n, first_n, init_n, carry_n, o_i)[0]
+                carry = tl.sum(tl.where((o_i == BP - 1)[:, None], h_n, 0.0), 0)
         init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
         h, entered = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)
         # the memory before each event: the previous event's, or the one entered at a start. A

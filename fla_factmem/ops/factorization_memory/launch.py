@@ -275,6 +275,12 @@ class SparseEvents(NamedTuple):
 # blocks of about 256 events (2.33 ms forward+backward then, against 2.9 to 3.9 with 2 or 4 warps
 # on tiles of 16 or 32 events: the tiles' scans hold some 15 registers per element).
 SPARSE_TILE = 8
+# The backward walks tiles of 4 events (118 registers for sm_90, so 17 one-warp programs an SM
+# against 8 at tiles of 8 with 243: the kernel is bound by latency), from the forward's carries
+# every 8 events: 642 -> 471 us at (1024, 16), and 2.47 -> 1.80 ms at the 340M model's H = 4,
+# V = 256, T = 8192 (H200; a carry every 4 events: 480 us and 1.81 ms, and 64 MB more at
+# (1024, 16)). The forward is faster at tiles of 8 (173 against 193 us). benchmarks/ops/NOTES.md, session 10
+SPARSE_BACKWARD_TILE = 4
 SPARSE_BLOCK_V = 64
 SPARSE_WARPS = 1
 SPARSE_EVENTS_PER_PROGRAM = 256
@@ -418,15 +424,19 @@ def chunk_sparse_bwd(
     cu_seqlens: torch.Tensor | None,
     needs_dh0: bool,
     block_events: int = SPARSE_TILE,
+    backward_block_events: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sparse backward from the forward's inputs (``initial_state`` among them), ``events`` and
-    ``carries`` (``chunk_sparse_fwd``'s, with the same ``block_events``): ``(dv, dlogits, deta,
+    ``carries`` (``chunk_sparse_fwd``'s, with the same ``block_events``), in tiles of
+    ``backward_block_events`` (``block_events`` or half of it; ``SPARSE_BACKWARD_TILE`` if None):
+    ``(dv, dlogits, deta,
     dmu, dh0)`` in the layouts and dtypes of the inputs (dlogits ``[B, T, H, M]`` in
     ``logits_dtype``; dh0 float32, None unless ``needs_dh0``). Like the forward it reads and
     writes only the picked rows, of the gradient on the memory too (the others pass from dht to
     dh0 as they are); dlogits is 0 outside each token's picks. It recomputes the memory at each
-    event from the carries. ``num_warps`` sets the launch (for tuning)."""
+    event from the carries. ``backward_block_events`` and ``num_warps`` set the launch (for
+    tuning)."""
     B, T, H, V = v.shape
     K = events.rows.shape[-1]
     E = events.keys.shape[1]
@@ -434,6 +444,11 @@ def chunk_sparse_bwd(
         raise ValueError(
             f"chunk_sparse_bwd needs the carries of chunk_sparse_fwd(..., store_carries=True) with tiles of "
             f"{block_events} events ([H, {cdiv(E, block_events)}, V]); got {None if carries is None else tuple(carries.shape)}"
+        )
+    backward_block_events = backward_block_events or SPARSE_BACKWARD_TILE
+    if block_events not in (backward_block_events, 2 * backward_block_events):
+        raise ValueError(
+            f"backward_block_events must be block_events ({block_events}) or half of it; got {backward_block_events}"
         )
     N = num_sequences(B, cu_seqlens)
     v, eta, mu, do = (x.contiguous() for x in (v, eta, mu, do))
@@ -450,7 +465,7 @@ def chunk_sparse_bwd(
         (NB, H, NV),
         v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, carries, do, dht, dh0,
         dv_contributions, pick_dtheta, pick_dphi, E, NB, carries.shape[1],
-        H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
+        H=H, M=M, K=K, V=V, BP=backward_block_events, CP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
     )  # fmt: skip
     dv = sum_over_picks(dv_contributions, v.dtype, v.shape)
     if NV > 1:

@@ -2,6 +2,8 @@
 at small shapes, on the GPU (``cuda`` marker) at real shapes and in bf16; and the proof that
 rows a token does not select are neither read nor written."""
 
+import functools
+
 import pytest
 import torch
 
@@ -235,19 +237,34 @@ def check_sparse_events(B, T, H, M, K, offsets, device):
     assert torch.equal(events.block_bounds.long(), torch.searchsorted(ref_keys, at))
 
 
+@pytest.mark.parametrize("backward_tile", [launch.SPARSE_TILE // 2, launch.SPARSE_TILE])
 @pytest.mark.parametrize("events_per_program", [1, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
-def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, monkeypatch):
+def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, backward_tile, monkeypatch):
     """Routing concentrated on a few rows (each picked by nearly every token: runs of events far
     longer than a tile) and other rows picked now and then, in blocks of one row per program up
     to blocks that hold a whole sequence: the memory carried from tile to tile, forward and
-    backward, and the blocks' bounds."""
+    backward (with a stored carry at every backward tile, or at every other one), and the
+    blocks' bounds."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
+    monkeypatch.setattr(launch, "SPARSE_BACKWARD_TILE", backward_tile)
     offsets = torch.tensor([0, 70, 71, 130], dtype=torch.int32)
     v, logits, eta, mu, h0 = make_inputs(1, 130, 2, 24, 16, N=3)
     with torch.no_grad():
         logits[..., :3] += 6.0  # rows 0-2 lead almost every token's picks
     assert_matches(triton_sparse_chunk, naive_factorization_memory, (v, logits, eta, mu, h0), 5, 1e-5, 1e-4,
                    cu_seqlens=offsets)  # fmt: skip
+
+
+def test_sparse_backward_launch_errors():
+    """The backward needs the forward's carries, and tiles that its stored carries line up with."""
+    v, logits, eta, mu, _ = make_inputs(1, 20, 2, 24, 16)
+    routing = sparse_routing(logits, 4)
+    _, _, events, carries = chunk_sparse_fwd(v, eta, mu, routing, 24, None, False, None)
+    backward = functools.partial(launch.chunk_sparse_bwd, v, eta, mu, 24, logits.dtype, events)
+    with pytest.raises(ValueError, match="needs the carries"):
+        backward(None, None, torch.randn_like(v), None, None, False)
+    with pytest.raises(ValueError, match="block_events .* or half of it"):
+        backward(carries, None, torch.randn_like(v), None, None, False, backward_block_events=2)
 
 
 @pytest.mark.parametrize(
