@@ -10,8 +10,8 @@ side, and along them the row follows a scalar linear recurrence:
 from the initial state's row at the row's first event to the final state's row at its last.
 Rows nobody picks have no events: they are neither read nor written, and per token the work and
 traffic are K * V, whatever M. No chunk states exist; the backward keeps the sorted events (key,
-pick and weights, T * K values per head) and the memory entering each tile of them (below),
-T * K * V / BP values per head.
+pick and weights, T * K values per head) and the memory entering each of the forward's tiles
+of them (below), T * K * V / BP values per head.
 
 Each program takes one block of consecutive (sequence, row) keys, whose events are one range of
 the sorted list, and walks it in tiles of BP events. Within a tile the recurrence is an
@@ -27,9 +27,9 @@ event, which folds in the same way what the previous tile left in its row (the c
 
        g_e = phi_e do_t + d_{e+1} g_{e+1}   (the gradient on the final state after the last),
 
-   a reverse scan of the same kind. Walking the tiles in reverse (the launch takes half the
-   forward's, a carry from the tile before where none is stored), with h_e recomputed from
-   each tile's carry, each event gives dv_t its theta_e g_e (summed over the
+   a reverse scan of the same kind. Walking the tiles in reverse (the launch's backward tiles
+   are half the forward's; a tile without a stored carry gets it from the tile before), with
+   h_e recomputed from each tile's carry, each event gives dv_t its theta_e g_e (summed over the
    picks like o), dtheta_e = <g_e, v_t - h_{e-1}>, dphi_e = <do_t, h_e>, and the
    first event of each row the initial state's gradient d_e g_e. ``routing_kernels.py`` turns
    dtheta and dphi into gradients on the logits, eta and mu.

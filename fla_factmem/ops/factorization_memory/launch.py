@@ -429,7 +429,8 @@ def chunk_sparse_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sparse backward from the forward's inputs (``initial_state`` among them), ``events`` and
     ``carries`` (``chunk_sparse_fwd``'s, with the same ``block_events``), in tiles of
-    ``backward_block_events`` (``block_events`` or half of it; ``SPARSE_BACKWARD_TILE`` if None):
+    ``backward_block_events`` (``block_events`` or half of it; if None, ``SPARSE_BACKWARD_TILE``
+    where that is one of them, else ``block_events``):
     ``(dv, dlogits, deta,
     dmu, dh0)`` in the layouts and dtypes of the inputs (dlogits ``[B, T, H, M]`` in
     ``logits_dtype``; dh0 float32, None unless ``needs_dh0``). Like the forward it reads and
@@ -445,7 +446,8 @@ def chunk_sparse_bwd(
             f"chunk_sparse_bwd needs the carries of chunk_sparse_fwd(..., store_carries=True) with tiles of "
             f"{block_events} events ([H, {cdiv(E, block_events)}, V]); got {None if carries is None else tuple(carries.shape)}"
         )
-    backward_block_events = backward_block_events or SPARSE_BACKWARD_TILE
+    if backward_block_events is None:
+        backward_block_events = SPARSE_BACKWARD_TILE if 2 * SPARSE_BACKWARD_TILE == block_events else block_events
     if block_events not in (backward_block_events, 2 * backward_block_events):
         raise ValueError(
             f"backward_block_events must be block_events ({block_events}) or half of it; got {backward_block_events}"

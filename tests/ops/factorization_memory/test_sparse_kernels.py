@@ -255,6 +255,32 @@ def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, backwar
                    cu_seqlens=offsets)  # fmt: skip
 
 
+@pytest.mark.parametrize("backward_tile", [launch.SPARSE_TILE // 2, launch.SPARSE_TILE])
+@pytest.mark.parametrize("events_per_program", [1, 3])
+def test_sparse_backward_reads_only_stored_carries(events_per_program, backward_tile, monkeypatch):
+    """The carry slots the forward leaves unwritten (each block's first tile; torch.empty on the
+    GPU) set to NaN change nothing: the backward loads only the carries the forward stored, at
+    blocks whose first event lies anywhere in a tile of 4 or 8."""
+    monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
+    v, logits, eta, mu, h0 = detached_inputs(1, 60, 2, 24, 16)
+    logits[..., :2] += 6.0  # rows 0-1 picked by nearly every token: runs over many tiles
+    _, _, events, carries = chunk_sparse_fwd(v, eta, mu, sparse_routing(logits, 3), 24, h0, False, None)
+    CP = launch.SPARSE_TILE
+    stored = torch.zeros(carries.shape[:2], dtype=torch.bool)
+    for head, bounds in enumerate(events.block_bounds.tolist()):
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            stored[head, lo // CP + 1 : -(-hi // CP)] = True  # the forward's tiles after the block's first
+    assert (~stored).sum() > stored.shape[0], "the test needs blocks past the first that start inside a tile"
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+    grads = [
+        launch.chunk_sparse_bwd(v, eta, mu, 24, logits.dtype, events, torch.where(stored[..., None], carries, fill),
+                                h0, do, dht, None, True, backward_block_events=backward_tile)
+        for fill in (0.0, float("nan"))
+    ]  # fmt: skip
+    for name, a, b in zip(("dv", "dlogits", "deta", "dmu", "dh0"), *grads):
+        assert torch.equal(a, b), f"{name}: the backward read a carry the forward did not store"
+
+
 def test_sparse_backward_launch_errors():
     """The backward needs the forward's carries, and tiles that its stored carries line up with."""
     v, logits, eta, mu, _ = make_inputs(1, 20, 2, 24, 16)
