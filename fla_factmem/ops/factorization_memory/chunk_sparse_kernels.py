@@ -69,6 +69,13 @@ def reverse_linear_scan(a, b):
 
 
 @triton.jit
+def tile_row(x, o_i, i):
+    """Row i [BV] of a [BP, BV] tile (o_i = arange(BP)): a one-hot sum over the rows, which each
+    thread holds whole."""
+    return tl.sum(tl.where((o_i == i)[:, None], x, 0.0), 0)
+
+
+@triton.jit
 def at_tokens(x, pick, m_p, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
     """x's [BP, BV] columns o_v (x: v or do, [tokens, H, V], in its dtype) at the tokens of the
     picks ``pick`` [BP] (flat indices of [tokens, H, K]), where m_p."""
@@ -247,7 +254,7 @@ def chunk_sparse_fwd_kernel(
         tl.store(contributions + pick[:, None] * V + o_v[None, :], terms, mask=m_p[:, None] & m_v[None, :])
         if STORE_FINAL_STATE:
             tl.store(row_of_state(ht, key, i_h, H, M, V, o_v), h, mask=last[:, None] & m_v[None, :])
-        carry = tl.sum(tl.where((o_i == tl.minimum(hi - p0, BP) - 1)[:, None], h, 0.0), 0)
+        carry = tile_row(h, o_i, tl.minimum(hi - p0, BP) - 1)
         p0 += BP
         m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
 
@@ -318,7 +325,7 @@ def chunk_sparse_bwd_kernel(
             if p0 % CP != 0:
                 init_n = initial_rows(h0, key_n, first_n, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
                 h_n = memory_at_events(theta_n, v_n, m_n, first_n, init_n, carry_n, o_i)[0]
-                carry = tl.sum(tl.where((o_i == BP - 1)[:, None], h_n, 0.0), 0)
+                carry = tile_row(h_n, o_i, BP - 1)
         init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
         h, entered = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)
         # the memory before each event: the previous event's, or the one entered at a start. A
@@ -338,7 +345,7 @@ def chunk_sparse_bwd_kernel(
             b += tl.load(row_of_state(dht, key, i_h, H, M, V, o_v), mask=last[:, None] & m_v[None, :], other=0.0)
         a = tl.broadcast_to(tl.where(ends, 0.0, d_next)[:, None], b.shape)
         g = reverse_linear_scan(a, b)
-        grad_carry = tl.sum(tl.where((o_i == tl.maximum(lo - p0, 0))[:, None], g, 0.0), 0)
+        grad_carry = tile_row(g, o_i, tl.maximum(lo - p0, 0))
 
         m_pv = m_p[:, None] & m_v[None, :]
         dv_terms = (theta_p[:, None] * g).to(dv_contributions.dtype.element_ty)
