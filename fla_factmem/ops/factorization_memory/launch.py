@@ -281,7 +281,12 @@ SPARSE_TILE = 8
 # V = 256, T = 8192 (H200; a carry every 4 events: 480 us and 1.81 ms, and 64 MB more at
 # (1024, 16)). The forward is faster at tiles of 8 (173 against 193 us). benchmarks/ops/NOTES.md, session 10
 SPARSE_BACKWARD_TILE = 4
+# Columns per program: the backward's 64 (118 registers at tiles of 4; 128 columns took 2.11
+# against 1.82 ms at V = 256); the forward's up to 128 (151 registers at tiles of 8): 651 -> 530
+# us at the model's V = 256, 648 -> 527 at V = 128 (B=4, T=8192, H=8), equal at B=1, T=2048
+# (H200, benchmarks/ops/NOTES.md, session 11)
 SPARSE_BLOCK_V = 64
+SPARSE_FORWARD_BLOCK_V = 128
 SPARSE_WARPS = 1
 SPARSE_EVENTS_PER_PROGRAM = 256
 
@@ -344,9 +349,9 @@ def sparse_events(
     return SparseEvents(rows, alpha, *events, block_bounds)
 
 
-def sparse_block_v(V: int) -> int:
-    """Columns per program of the sparse kernels."""
-    return min(next_power_of_2(V), SPARSE_BLOCK_V)
+def sparse_block_v(V: int, limit: int = SPARSE_BLOCK_V) -> int:
+    """Columns per program of the sparse kernels: V's power of 2, at most ``limit``."""
+    return min(next_power_of_2(V), limit)
 
 
 def sum_over_picks(x: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
@@ -374,6 +379,7 @@ def chunk_sparse_fwd(
     cu_seqlens: torch.Tensor | None,
     store_carries: bool = True,
     block_events: int = SPARSE_TILE,
+    block_v: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, SparseEvents, torch.Tensor | None]:
     """Sparse forward over each token's K picks (``routing``, rows < M, e.g. from
@@ -383,8 +389,8 @@ def chunk_sparse_fwd(
     block_events), V]`` float32, T K V / block_events values per head), are stored if ``store_carries``,
     else None. Rows no token picks are never read or written (the final state's are copies of
     the initial state's). Besides o it allocates the picks' terms of o, ``[B T, H, K, V]`` in
-    v's dtype, for as long as it runs. ``block_events`` (events per tile) and ``num_warps`` set
-    the launch (for tuning)."""
+    v's dtype, for as long as it runs. ``block_events`` (events per tile), ``block_v`` (columns
+    per program) and ``num_warps`` set the launch (for tuning)."""
     B, T, H, V = v.shape
     K = routing.rows.shape[-1]
     N = num_sequences(B, cu_seqlens)
@@ -398,7 +404,7 @@ def chunk_sparse_fwd(
     contributions = torch.empty(B * T, H, K, V, dtype=v.dtype, device=v.device)
     NTILES = cdiv(E, block_events)
     carries = torch.empty(H, NTILES, V, dtype=torch.float32, device=v.device) if store_carries else None
-    BV = sparse_block_v(V)
+    BV = block_v or sparse_block_v(V, SPARSE_FORWARD_BLOCK_V)
     NB = events.block_bounds.shape[1] - 1
     SPARSE_FWD.launch(
         (NB, H, cdiv(V, BV)),
