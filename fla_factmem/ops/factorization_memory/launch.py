@@ -436,8 +436,9 @@ def chunk_sparse_bwd(
     """Sparse backward from the forward's inputs (``initial_state`` among them), ``events`` and
     ``carries`` (``chunk_sparse_fwd``'s, with the same ``block_events``), in tiles of
     ``backward_block_events`` (``block_events`` or half of it; if None, ``SPARSE_BACKWARD_TILE``
-    where that is one of them, else ``block_events``): ``(dv, dlogits, deta, dmu, dh0)`` in the layouts and dtypes of the inputs (dlogits ``[B, T, H, M]`` in
-    ``logits_dtype``; dh0 float32, None unless ``needs_dh0``). Like the forward it reads and
+    where that is one of them, else ``block_events``): ``(dv, dlogits, deta, dmu, dh0)`` in the
+    layouts and dtypes of the inputs (dlogits ``[B, T, H, M]`` in ``logits_dtype``; dh0
+    float32, None unless ``needs_dh0``). Like the forward it reads and
     writes only the picked rows, of the gradient on the memory too (the others pass from dht to
     dh0 as they are); dlogits is 0 outside each token's picks. It recomputes the memory at each
     event from the carries. ``backward_block_events`` and ``num_warps`` set the launch (for
