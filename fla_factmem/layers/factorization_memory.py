@@ -28,18 +28,23 @@ RECURRENT_MAX_LEN = 64  # inputs this short, without autograd (decoding), take t
 class FactorizationMemory(nn.Module):
     r"""Factorization Memory (arXiv 2511.00315): a Mamba-2-style mixer around an M x V memory per head.
 
-    From ``x`` ``[B, T, hidden_size]``, per head:
-    ``v = SiLU(short_conv(v_proj(x)))`` (SiLU alone without the short convolution),
-    ``logits = a_proj(x) / temperature``, ``eta, mu = sigmoid(eta_mu_proj(x))`` (the first H
-    outputs are eta's, the last H mu's: the SPEC's W_eta and W_mu stacked); the memory op turns
-    them into ``o`` ``[B, T, H, V]``; then ``y = o_proj(g_norm(o, g_proj(x)))``, where
-    ``g_norm`` is a SiLU-gated RMS norm over all heads together (so the per-head merge rate
-    ``mu`` keeps its meaning).
+    One GEMM, ``in_proj``, makes all the inputs of the memory from ``x`` ``[B, T, hidden_size]``:
+    its outputs are, in order, ``H V`` pre-activations of v, ``H V`` of the output gate z, ``H M``
+    routing logits and ``2 H`` pre-activations of eta and mu (the SPEC's W_v, W_z, W_alpha, W_eta
+    and W_mu stacked, as Mamba-2 stacks its input projections). Per head:
+    ``v = SiLU(short_conv(x W_v^T))`` (SiLU alone without the short convolution),
+    ``logits = x W_alpha^T / temperature``, ``eta, mu = sigmoid(x [W_eta; W_mu]^T + eta_mu_bias)``
+    (the first H entries of ``eta_mu_bias`` are eta's); the memory op turns them into ``o``
+    ``[B, T, H, V]``, then ``y = o_proj(g_norm(o, z))``, where ``g_norm`` is a SiLU-gated RMS norm
+    over all heads together (so the per-head merge rate ``mu`` keeps its meaning). Decoding makes
+    all of them in one GEMM, and the decode kernels read the logits, eta and mu where they lie in
+    its output; otherwise each block of ``in_proj``'s rows is a GEMM of its own.
 
-    Initialisation: PyTorch's defaults when built alone; inside the models, FLA's scheme
-    (normal(0, initializer_range) weights, zero biases). Zero biases give eta = mu = 1/2 and,
-    with small routing weights, near-uniform routing: every state starts as a slow moving
-    average (theta about 1 / (2M) per token) and learns to specialise.
+    Initialisation: PyTorch's defaults for the projections and a zero ``eta_mu_bias`` when built
+    alone; inside the models, FLA's scheme (normal(0, initializer_range) weights, zero biases).
+    Zero biases give eta = mu = 1/2 and, with small routing weights, near-uniform routing: every
+    state starts as a slow moving average (theta about 1 / (2M) per token) and learns to
+    specialise.
 
     Args:
         hidden_size: width D of the input and output.
@@ -116,14 +121,12 @@ class FactorizationMemory(nn.Module):
         self.layer_idx = layer_idx
         value_dim = num_heads * head_dim
 
-        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        # one weight for v, z, the logits and the rates, so that decoding makes them in one GEMM (forward)
+        self.split_sizes = (value_dim, value_dim, num_heads * num_memories, 2 * num_heads)
+        self.in_proj = nn.Linear(hidden_size, sum(self.split_sizes), bias=False)
+        self.eta_mu_bias = nn.Parameter(torch.zeros(2 * num_heads))
         if use_short_conv:
             self.v_conv1d = ShortConvolution(value_dim, conv_size, bias=conv_bias, activation="silu")
-        self.a_proj = nn.Linear(hidden_size, num_heads * num_memories, bias=False)  # the paper's W_alpha
-        # both rates from one GEMM: when decoding a batch of 32 on an H200, an H-wide projection with
-        # bias took 8.6 us, the 2H-wide one 3.6 (cuBLAS picks a slow kernel for 4 outputs)
-        self.eta_mu_proj = nn.Linear(hidden_size, 2 * num_heads, bias=True)
-        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)  # the output gate z
         self.g_norm = FusedRMSNormGated(value_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
@@ -159,17 +162,27 @@ class FactorizationMemory(nn.Module):
             hidden_states, kwargs.get("cu_seqlens"), attention_mask, q_len
         )
 
-        v, conv_state = self.v_proj(hidden_states), None
+        if short_decode:
+            # one GEMM, read in place: decoding a batch of 32 tokens at the 340M model's shape on an
+            # H200, the four projections took 17.7 us of kernels and this one 6.4
+            v, z, logits, eta_mu = self.in_proj(hidden_states).split(self.split_sizes, dim=-1)
+        else:
+            # one GEMM per block of rows: each input comes out contiguous, and the backward adds the
+            # four gradients on x. One GEMM took 0.15 ms more per layer at that model's training
+            # shape (0.7 with rows of 6152 elements, not a multiple of 16: unaligned loads), as its
+            # split's backward concatenates the gradients (benchmarks/ops/NOTES.md)
+            v, z, logits, eta_mu = (F.linear(hidden_states, w) for w in self.in_proj.weight.split(self.split_sizes))
+        conv_state = None
         if self.use_short_conv:
             conv_state = last_state["conv_state"] if last_state is not None else None
             v, conv_state = self.v_conv1d(x=v, cache=conv_state, output_final_state=use_cache, cu_seqlens=cu_seqlens)
         else:
             v = F.silu(v)
         v = rearrange(v, "... (h d) -> ... h d", d=self.head_dim)
-        logits = rearrange(self.a_proj(hidden_states), "... (h m) -> ... h m", m=self.num_memories)
+        logits = rearrange(logits, "... (h m) -> ... h m", m=self.num_memories)
         if self.temperature != 1:  # a pass over B * T * H * M logits each way, skipped at the default
             logits = logits / self.temperature
-        eta, mu = torch.sigmoid(self.eta_mu_proj(hidden_states)).unflatten(-1, (2, self.num_heads)).unbind(-2)
+        eta, mu = torch.sigmoid(eta_mu + self.eta_mu_bias).unflatten(-1, (2, self.num_heads)).unbind(-2)
         aux_loss = self._routing_diagnostics(logits)
 
         initial_state = last_state["recurrent_state"] if last_state is not None else None
@@ -193,7 +206,7 @@ class FactorizationMemory(nn.Module):
         )
         update_layer_cache(self, past_key_values, recurrent_state=recurrent_state, conv_state=conv_state, offset=q_len)
 
-        o = self.g_norm(rearrange(o, "... h d -> ... (h d)"), self.g_proj(hidden_states))
+        o = self.g_norm(rearrange(o, "... h d -> ... (h d)"), z)
         o = self.o_proj(o)
         if aux_loss is not None:
             o = AttachAuxiliaryLoss.apply(o, self.load_balance_coef * aux_loss)

@@ -28,26 +28,34 @@ def make_layer(topk=None, use_short_conv=True, mode="chunk", **kwargs):
     )
     with torch.no_grad():  # non-trivial norm weight and rate biases, so the test sees them
         layer.g_norm.weight.normal_()
-        layer.eta_mu_proj.bias.normal_()
+        layer.eta_mu_bias.normal_()
     return layer
+
+
+def projection_weights(layer):
+    """The SPEC's W_v, W_z, W_alpha and [W_eta; W_mu] in the order the layer documents them
+    stacked in ``in_proj``."""
+    H, V, M = layer.num_heads, layer.head_dim, layer.num_memories
+    return layer.in_proj.weight.split([H * V, H * V, H * M, 2 * H])
 
 
 def compose(layer, x):
     """The layer written out from SPEC section 4 with the naive op."""
     H, V, M = layer.num_heads, layer.head_dim, layer.num_memories
-    v = layer.v_proj(x)
+    w_v, w_z, w_alpha, w_rates = projection_weights(layer)
+    v = F.linear(x, w_v)
     if layer.use_short_conv:
         conv = layer.v_conv1d
         v = F.conv1d(F.pad(v.transpose(1, 2), (layer.conv_size - 1, 0)), conv.weight, conv.bias, groups=v.shape[-1])
         v = v.transpose(1, 2)
     v = F.silu(v).unflatten(-1, (H, V))
-    logits = layer.a_proj(x).unflatten(-1, (H, M)) / layer.temperature
-    (w_eta, w_mu), (b_eta, b_mu) = layer.eta_mu_proj.weight.chunk(2), layer.eta_mu_proj.bias.chunk(2)
+    logits = F.linear(x, w_alpha).unflatten(-1, (H, M)) / layer.temperature
+    (w_eta, w_mu), (b_eta, b_mu) = w_rates.chunk(2), layer.eta_mu_bias.chunk(2)
     eta, mu = torch.sigmoid(F.linear(x, w_eta, b_eta)), torch.sigmoid(F.linear(x, w_mu, b_mu))
     o, _ = naive_factorization_memory(v, logits, eta, mu, topk=layer.topk)
     o = o.flatten(-2)
     o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + layer.g_norm.eps) * layer.g_norm.weight
-    return layer.o_proj(o * F.silu(layer.g_proj(x)))
+    return layer.o_proj(o * F.silu(F.linear(x, w_z)))
 
 
 @pytest.mark.parametrize("topk", [None, 1, 3, M])
@@ -64,6 +72,8 @@ def test_layer_equals_composition_of_projections_and_naive_op(topk, use_short_co
     (dx,) = torch.autograd.grad((y * g).sum(), x)
     (dx_ref,) = torch.autograd.grad((ref * g).sum(), x)
     assert_close("dx", dx, dx_ref, 1e-5)
+    with torch.no_grad():  # decoding's path up to 64 tokens: one GEMM, its outputs read in place
+        assert_close("y without autograd", layer(x)[0], ref, 1e-5)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -153,10 +163,14 @@ def test_layer_on_gpu_equals_composition(dtype, topk):
     runs under the same autocast, so the two differ only where their kernels round."""
     layer = FactorizationMemory(hidden_size=256, num_heads=4, num_memories=64, topk=topk, layer_idx=0).cuda()
     x = torch.randn(2, 300, 256, device="cuda")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         y = layer(x)[0]
         ref = compose(layer, x)
-    assert_close("y", y, ref, 1e-4 if dtype == torch.float32 else 2e-2)
+        with torch.no_grad():  # decoding's path: one GEMM, read in place by the decode kernel
+            y_short, ref_short = layer(x[:, :20])[0], compose(layer, x[:, :20])
+    assert_close("y", y, ref, tol)
+    assert_close("y of 20 tokens without autograd", y_short, ref_short, tol)
 
 
 def test_routing_diagnostics_are_off_by_default_and_measure_collapse():
@@ -167,7 +181,7 @@ def test_routing_diagnostics_are_off_by_default_and_measure_collapse():
 
     layer.track_routing = True
     with torch.no_grad():  # uniform routing: every state takes the same share
-        layer.a_proj.weight.zero_()
+        projection_weights(layer)[2].zero_()
     layer(x)
     stats = layer.routing_stats
     assert stats["entropy"].item() == pytest.approx(1.0) and stats["load"].shape == (H, M)
@@ -175,8 +189,9 @@ def test_routing_diagnostics_are_off_by_default_and_measure_collapse():
 
     dense = make_layer(track_routing=True)
     with torch.no_grad():  # collapse: every token routes to state 0
-        dense.a_proj.weight.zero_()
-        dense.a_proj.weight.view(H, M, D)[:, 0] = 5.0
+        w_alpha = projection_weights(dense)[2]
+        w_alpha.zero_()
+        w_alpha.view(H, M, D)[:, 0] = 5.0
     dense(x.abs() + 1)
     assert dense.routing_stats["entropy"].item() < 0.05
     assert dense.routing_stats["states_used"].item() == pytest.approx(1 / M, rel=0.05)
@@ -208,12 +223,15 @@ def test_load_balance_loss_trains_the_routing_without_changing_the_output():
     y_balanced.square().sum().backward()
     y_plain.square().sum().backward()
 
-    # the extra gradient is exactly that of coef * loss with respect to a_proj
-    weight = plain.a_proj.weight.detach().requires_grad_()
+    # the extra gradient is exactly that of coef * loss with respect to W_alpha, and no other weight's
+    weight = projection_weights(plain)[2].detach().requires_grad_()
     logits = (x @ weight.T).unflatten(-1, (H, M)) / plain.temperature
     (extra,) = torch.autograd.grad(0.5 * load_balance_loss(affinity(logits), 2), weight)
-    assert_close("a_proj grad", balanced.a_proj.weight.grad, plain.a_proj.weight.grad + extra, 1e-5)
-    assert torch.equal(balanced.v_proj.weight.grad, plain.v_proj.weight.grad)
+    rows = [slice(0, 2 * H * V), slice(2 * H * V, 2 * H * V + H * M), slice(2 * H * V + H * M, None)]
+    grad_balanced, grad_plain = balanced.in_proj.weight.grad, plain.in_proj.weight.grad
+    assert_close("W_alpha grad", grad_balanced[rows[1]], grad_plain[rows[1]] + extra, 1e-5)
+    assert torch.equal(grad_balanced[rows[0]], grad_plain[rows[0]])
+    assert torch.equal(grad_balanced[rows[2]], grad_plain[rows[2]])
     assert balanced.routing_stats["load_balance_loss"].item() >= 1.0 - 1e-6
 
     balanced.eval()

@@ -8,6 +8,7 @@ from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
 from fla.models.modeling_utils import FLAForCausalLM, FLAModel, FLAPreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from fla_factmem.layers import FactorizationMemory
 from fla_factmem.models.factorization_memory.configuration_factorization_memory import FactorizationMemoryConfig
 from fla_factmem.models.mixers import build_mixer, mixer_entry
 from fla_factmem.modules import GatedMLP, RMSNorm
@@ -61,6 +62,13 @@ class FactorizationMemoryPreTrainedModel(FLAPreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["FactorizationMemoryBlock"]
     _supports_cache_class = True
+
+    def _init_weights(self, module: nn.Module, *args, **kwargs):
+        """FLA's scheme (normal weights, zero biases), with the rates' bias, a bare parameter of
+        the Factorization Memory layers, zeroed too."""
+        super()._init_weights(module, *args, **kwargs)
+        if isinstance(module, FactorizationMemory):
+            nn.init.zeros_(module.eta_mu_bias)
 
 
 class FactorizationMemoryModel(FactorizationMemoryPreTrainedModel, FLAModel):

@@ -5,6 +5,9 @@ Dense: the program holds all M rows of the memory in registers; per token it rea
 eta, mu and V values, and the state is read and written once per call.
 Sparse: the state stays in memory and is updated in place; per token the program reads the M
 logits, picks the top K and reads and writes only those K rows.
+Both read logits, eta and mu at a stride per token with each token's heads packed, so that views
+into one projection's output need no copy: ``stride_eta`` and ``stride_mu`` in elements,
+``stride_logits`` in units of LOGITS_UNIT elements (``launch.stride_unit``).
 """
 
 import triton
@@ -30,6 +33,10 @@ def fused_recurrent_fwd_kernel(
     ht,
     cu_seqlens,
     T,
+    stride_logits,
+    stride_eta,
+    stride_mu,
+    LOGITS_UNIT: tl.constexpr,
     H: tl.constexpr,
     M: tl.constexpr,
     V: tl.constexpr,
@@ -54,11 +61,12 @@ def fused_recurrent_fwd_kernel(
 
     for t in range(bos, eos):
         tok = t * H + i_h
-        x = tl.load(logits + tok * M + o_m, mask=m_m, other=float("-inf")).to(tl.float32)
+        start = t * stride_logits * LOGITS_UNIT + i_h * M
+        x = tl.load(logits + start + o_m, mask=m_m, other=float("-inf")).to(tl.float32)
         alpha = tl.exp(x - tl.max(x, 0))
         alpha = alpha / tl.sum(alpha, 0)
-        theta = tl.load(eta + tok).to(tl.float32) * alpha
-        phi = tl.load(mu + tok).to(tl.float32) * alpha
+        theta = tl.load(eta + t * stride_eta + i_h).to(tl.float32) * alpha
+        phi = tl.load(mu + t * stride_mu + i_h).to(tl.float32) * alpha
         v_t = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         h = (1.0 - theta[:, None]) * h + theta[:, None] * v_t[None, :]
         o_t = tl.sum(phi[:, None] * h, 0)
@@ -79,6 +87,10 @@ def fused_recurrent_sparse_fwd_kernel(
     o,
     cu_seqlens,
     T,
+    stride_logits,
+    stride_eta,
+    stride_mu,
+    LOGITS_UNIT: tl.constexpr,
     H: tl.constexpr,
     M: tl.constexpr,
     V: tl.constexpr,
@@ -104,10 +116,11 @@ def fused_recurrent_sparse_fwd_kernel(
     for t in range(bos, eos):
         tok = t * H + i_h
         one_row = tl.zeros([1], dtype=tl.int64)
-        rows, top = top_k_logits(logits, one_row + tok * M, one_row == 0, M, K, BM, KB, G)
+        start = (one_row + t) * stride_logits * LOGITS_UNIT + i_h * M
+        rows, top = top_k_logits(logits, start, one_row == 0, M, K, BM, KB, G)
         rows, alpha = tl.reshape(rows, [KB]), tl.reshape(picks_softmax(top), [KB])
-        theta = tl.load(eta + tok).to(tl.float32) * alpha
-        phi = tl.load(mu + tok).to(tl.float32) * alpha
+        theta = tl.load(eta + t * stride_eta + i_h).to(tl.float32) * alpha
+        phi = tl.load(mu + t * stride_mu + i_h).to(tl.float32) * alpha
         v_t = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         ptrs = head_state + rows[:, None] * V + o_v[None, :]
         h = tl.load(ptrs, mask=m_rows, other=0.0)

@@ -105,6 +105,9 @@ def sparse_routing_kernel(
     picks,
     alpha,
     n_rows,
+    stride_logits,
+    LOGITS_UNIT: tl.constexpr,
+    H: tl.constexpr,
     M: tl.constexpr,
     K: tl.constexpr,
     BR: tl.constexpr,
@@ -112,13 +115,15 @@ def sparse_routing_kernel(
     KB: tl.constexpr,
     G: tl.constexpr,
 ):
-    """For BR rows of the flat [n_rows, M] logits: picks [n_rows, K] int32, the top-K rows
-    largest first, and their alpha [n_rows, K] float32, the softmax re-normalised over them;
+    """For BR of the n_rows = tokens * H rows of the logits (token t's H rows of M packed, from
+    t * stride_logits * LOGITS_UNIT: ``launch.stride_unit``): picks [n_rows, K] int32, the top-K
+    rows largest first, and their alpha [n_rows, K] float32, the softmax re-normalised over them;
     G as in ``top_k_logits``."""
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_k = tl.arange(0, KB)
     m_r = o_r < n_rows
-    rows, top = top_k_logits(logits, o_r.to(tl.int64) * M, m_r, M, K, BM, KB, G)
+    start = (o_r // H).to(tl.int64) * stride_logits * LOGITS_UNIT + (o_r % H) * M
+    rows, top = top_k_logits(logits, start, m_r, M, K, BM, KB, G)
     out = o_r[:, None].to(tl.int64) * K + o_k[None, :]
     m_out = m_r[:, None] & (o_k < K)[None, :]
     tl.store(picks + out, rows, mask=m_out)
