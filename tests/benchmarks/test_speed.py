@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 TINY = ["--params", "2e5", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--vocab-size", "64"]
 MODELS = ["--models", "transformer", "gla", "fm_dense_64", "fm_sparse_1024_16"]
@@ -53,3 +55,17 @@ def test_profile_kernels_smoke(tmp_path):
         for phase in ("train", "decode"):
             entries = [r for r in rows if r["model"] == model and r["phase"] == phase]
             assert entries and all(r["status"] == "ok" and float(r["ms_per_step"]) > 0 for r in entries)
+
+
+@pytest.mark.parametrize("phase", ["train", "decode"])
+def test_in_turns_smoke(tmp_path, phase):
+    args = ["--phase", phase, "--seq-len", "32", "--batch-tokens", "64", "--decode-batch", "2", "--prompt", "8"]
+    rows = run("benchmark_in_turns.py", tmp_path, *args, "--warmup", "1", "--rounds", "3", "--steps", "1")
+    assert [r["model"] for r in rows] == MODELS[1:] and (tmp_path / "in_turns.png").exists()
+    for row in rows:
+        if row["model"] == "gla":
+            assert row["status"].startswith("needs CUDA")
+        else:
+            assert row["status"] == "ok" and row["phase"] == phase and len(row["round_medians"].split()) == 3
+            assert float(row["ms_per_step"]) > 0
+    assert float(rows[0]["throughput_over_first"]) == 1.0
