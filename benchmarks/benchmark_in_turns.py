@@ -13,10 +13,11 @@ backward + AdamW step (``contenders.training_step``) of ``--batch-tokens`` rando
 sequences of ``--seq-len``; with ``--phase decode``, one greedy decode step at batch
 ``--decode-batch`` after a ``--prompt``-token prompt: one CUDA graph replay on CUDA
 (``graph_decoding.GraphDecoder``, so models with a growing attention cache cannot take part),
-an eager step on the CPU. Each step is timed on its own up to a sync.
+an eager step on the CPU. Each step is timed on its own up to a sync, as in
+``benchmark_generation.py`` (transformers' ``generate`` syncs at every token).
 
 Reports each model's median step over all rounds, its rounds' medians, and its throughput over
-the first model's (that model's median step over this one's). Writes ``in_turns.csv`` and
+the first model's that ran (that model's median step over this one's). Writes ``in_turns.csv`` and
 ``in_turns.png`` under ``--out``.
 """
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
             rows.append(dict(model=name, phase=args.phase, status=reason))
             continue
 
-        def build_and_warm_up():
+        def build_and_warm_up(contender=contender):
             model = build_model(
                 contender, args.params, args.hidden_size, args.num_layers, args.num_heads, args.vocab_size, max_len,
                 device, dtype,

@@ -36,9 +36,10 @@ class FactorizationMemory(nn.Module):
     ``logits = x W_alpha^T / temperature``, ``eta, mu = sigmoid(x [W_eta; W_mu]^T + eta_mu_bias)``
     (the first H entries of ``eta_mu_bias`` are eta's); the memory op turns them into ``o``
     ``[B, T, H, V]``, then ``y = o_proj(g_norm(o, z))``, where ``g_norm`` is a SiLU-gated RMS norm
-    over all heads together (so the per-head merge rate ``mu`` keeps its meaning). Decoding makes
-    all of them in one GEMM, and the decode kernels read the logits, eta and mu where they lie in
-    its output; otherwise each block of ``in_proj``'s rows is a GEMM of its own.
+    over all heads together (so the per-head merge rate ``mu`` keeps its meaning). Decoding (up to
+    64 tokens without autograd) makes all of them in one GEMM, and the decode kernel reads the
+    logits where they lie in its output and eta and mu as views of one ``[B, T, 2H]`` tensor (no
+    copies); other calls run one GEMM per block of ``in_proj``'s rows. ``in_proj`` is used through its weight, so it must stay a plain ``nn.Linear``.
 
     Initialisation: PyTorch's defaults for the projections and a zero ``eta_mu_bias`` when built
     alone; inside the models, FLA's scheme (normal(0, initializer_range) weights, zero biases).
@@ -121,7 +122,7 @@ class FactorizationMemory(nn.Module):
         self.layer_idx = layer_idx
         value_dim = num_heads * head_dim
 
-        # one weight for v, z, the logits and the rates, so that decoding makes them in one GEMM (forward)
+        # one weight for v, z, the logits and the rates, so that decoding makes them in one GEMM
         self.split_sizes = (value_dim, value_dim, num_heads * num_memories, 2 * num_heads)
         self.in_proj = nn.Linear(hidden_size, sum(self.split_sizes), bias=False)
         self.eta_mu_bias = nn.Parameter(torch.zeros(2 * num_heads))
@@ -165,7 +166,7 @@ class FactorizationMemory(nn.Module):
         if short_decode:
             # one GEMM, read in place: decoding a batch of 32 tokens at the 340M model's shape on an
             # H200, the four projections took 17.7 us of kernels and this one 6.4
-            v, z, logits, eta_mu = self.in_proj(hidden_states).split(self.split_sizes, dim=-1)
+            v, z, logits, eta_mu = F.linear(hidden_states, self.in_proj.weight).split(self.split_sizes, dim=-1)
         else:
             # one GEMM per block of rows: each input comes out contiguous, and the backward adds the
             # four gradients on x. One GEMM took 0.15 ms more per layer at that model's training
@@ -182,7 +183,9 @@ class FactorizationMemory(nn.Module):
         logits = rearrange(logits, "... (h m) -> ... h m", m=self.num_memories)
         if self.temperature != 1:  # a pass over B * T * H * M logits each way, skipped at the default
             logits = logits / self.temperature
-        eta, mu = torch.sigmoid(eta_mu + self.eta_mu_bias).unflatten(-1, (2, self.num_heads)).unbind(-2)
+        # the bias in the projection's dtype, as nn.Linear adds it under autocast
+        eta_mu = torch.sigmoid(eta_mu + self.eta_mu_bias.to(eta_mu.dtype))
+        eta, mu = eta_mu.unflatten(-1, (2, self.num_heads)).unbind(-2)
         aux_loss = self._routing_diagnostics(logits)
 
         initial_state = last_state["recurrent_state"] if last_state is not None else None

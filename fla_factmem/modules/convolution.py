@@ -54,6 +54,8 @@ class ShortConvolution(FLAShortConvolution):
         W = self.kernel_size[0]
         past = x.new_zeros(B, D, W) if cache is None else cache.to(x.dtype)
         window = torch.cat([past, x.transpose(1, 2)], dim=-1)  # [B, D, W + T]
+        if T == 0:  # an empty sequence (a packed one, or a fully padded row): the cache as it was
+            return x.new_empty(B, 0, D), window.contiguous()
         bias = None if self.bias is None else self.bias.float()
         # the first input column only ever feeds the cache: the convolution sees the last W - 1 past inputs
         y = F.conv1d(window[..., 1:].float(), self.weight.float(), bias, groups=D)

@@ -94,6 +94,17 @@ def test_padded_batch_equals_per_sequence_runs(side):
         assert torch.all(y[i, mask[i] == 0] == 0)
 
 
+@pytest.mark.parametrize("topk", [None, 2])
+def test_fully_padded_row_gives_zeros_and_leaves_the_others(topk):
+    layer = make_layer(topk)
+    x = torch.randn(3, 7, D)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1] = 0
+    y, _, _ = layer(x, attention_mask=mask)
+    assert torch.all(y[1] == 0)
+    assert_close("other rows", y[[0, 2]], layer(x[[0, 2]])[0], 1e-5)
+
+
 def test_cu_seqlens_equals_per_sequence_runs():
     layer = make_layer()
     lengths = [5, 1, 66, 9]

@@ -110,6 +110,18 @@ def test_loss_decreases_on_a_fixed_batch(topk):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_init_weights_follows_flas_scheme_and_zeroes_the_rates_bias():
+    model = FactorizationMemoryForCausalLM(small_config())
+    layer = model.model.layers[0].attn
+    with torch.no_grad():
+        layer.eta_mu_bias.normal_()
+        layer.in_proj.weight.fill_(1.0)
+    model._init_weights(layer)
+    model._init_weights(layer.in_proj)
+    assert torch.equal(layer.eta_mu_bias, torch.zeros_like(layer.eta_mu_bias))
+    assert layer.in_proj.weight.std().item() == pytest.approx(model.config.initializer_range, rel=0.2)
+
+
 def test_save_pretrained_then_from_pretrained_reproduces_logits(tmp_path):
     config = small_config(topk=3, mixer_options={"attention": {"num_kv_heads": 1}})
     model = AutoModelForCausalLM.from_config(config).eval()

@@ -37,9 +37,9 @@ def test_short_convolution_cache_continues_the_sequence(split):
 
 def test_short_convolution_packed_equals_per_sequence():
     conv = ShortConvolution(8, 3)
-    lengths = [5, 1, 9]
+    lengths = [5, 0, 1, 9]
     xs = [torch.randn(1, n, 8) for n in lengths]
-    cu_seqlens = torch.tensor([0, 5, 6, 15])
+    cu_seqlens = torch.tensor([0, 5, 5, 6, 15])
     y, state = conv(torch.cat(xs, 1), cu_seqlens=cu_seqlens, output_final_state=True)
     for i, x in enumerate(xs):
         y_i, state_i = conv(x, output_final_state=True)

@@ -599,9 +599,10 @@ def fused_recurrent_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token forward for decoding; no autograd. Shapes as in the public op. Dense
     (``topk`` None or M) or sparse (``topk`` < M: only the top-K rows of each token are read and
-    written, in place in the state). ``inplace_final_state`` writes the final state into
-    ``initial_state`` (float32, contiguous). ``block_v`` and ``num_warps`` override the launch
-    configuration (for tuning)."""
+    written, in place in the state). Logits, eta and mu may be views whose tokens lie at one
+    stride (``token_strided``): they are read in place. ``inplace_final_state`` writes the final
+    state into ``initial_state`` (float32, contiguous). ``block_v`` and ``num_warps`` override the
+    launch configuration (for tuning)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     sparse = topk is not None and topk < M
@@ -609,8 +610,9 @@ def fused_recurrent_fwd(
         _check_dense_m(M)
     N = num_sequences(B, cu_seqlens)
     v, h0 = v.contiguous(), initial_state.contiguous() if initial_state is not None else None
-    # read where they lie when each token's heads are packed (the layer's views into its one input
-    # projection): no copies, which took 2 of a decode step's 18 launches per layer
+    # read where they lie when each token's heads are packed (the layer's views: the logits in its
+    # input projection's output, eta and mu in one [B, T, 2H] tensor): no copies, which took 2 of a
+    # decode step's 18 launches per layer
     (logits, stride_logits), (eta, stride_eta), (mu, stride_mu) = (token_strided(x) for x in (logits, eta, mu))
     unit = stride_unit(stride_logits)
     strides = (stride_logits // unit, stride_eta, stride_mu)

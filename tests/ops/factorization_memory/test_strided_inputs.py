@@ -1,5 +1,6 @@
-"""Logits, eta and mu as the layer passes them when decoding, views into its one input
-projection's output: the decode kernels and the sparse routing read them where they lie
+"""Logits, eta and mu as views whose tokens lie at one stride, as the layer passes them when
+decoding (the logits a slice of its input projection's output, eta and mu unbound from one
+tensor): the decode kernels and the sparse routing read them where they lie
 (``launch.token_strided``) and give what they give on contiguous copies (the same picks; the
 same values up to the order of sums, which the compiler may change with the alignment). On the
 CPU through TRITON_INTERPRET=1, on the GPU with the ``cuda`` marker."""
@@ -11,22 +12,23 @@ from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd, spa
 from tests.utils import assert_close, make_inputs
 
 
-def projection_views(logits, eta, mu):
+def projection_views(logits, eta, mu, before=5, between=3):
     """``logits`` ``[B, T, H, M]``, ``eta`` and ``mu`` ``[B, T, H]`` copied into one ``[B, T, width]``
-    tensor between other columns, as the layer's ``in_proj`` lays them out, and returned as views
-    of it (eta and mu unbound from one ``[B, T, 2, H]`` block)."""
+    tensor after ``before`` and ``between`` other columns, as the layer's ``in_proj`` lays them out
+    (8 and 8 give the 340M model's alignment: rows of a multiple of 8 elements, not 16), and
+    returned as views of it (eta and mu unbound from one ``[B, T, 2, H]`` block)."""
     B, T, H, M = logits.shape
     fused = torch.cat(
         [
-            torch.randn(B, T, 5, dtype=logits.dtype, device=logits.device),
+            torch.randn(B, T, before, dtype=logits.dtype, device=logits.device),
             logits.flatten(-2),
-            torch.randn(B, T, 3, dtype=logits.dtype, device=logits.device),
+            torch.randn(B, T, between, dtype=logits.dtype, device=logits.device),
             torch.stack([eta, mu], -2).flatten(-2),
         ],
         -1,
     )
-    rates = fused[..., 8 + H * M :].unflatten(-1, (2, H)).unbind(-2)
-    return fused[..., 5 : 5 + H * M].unflatten(-1, (H, M)), *rates
+    rates = fused[..., before + H * M + between :].unflatten(-1, (2, H)).unbind(-2)
+    return fused[..., before : before + H * M].unflatten(-1, (H, M)), *rates
 
 
 def reads_in_place(x, stride):
@@ -84,13 +86,28 @@ def test_decode_of_projection_views(M, topk, T):
 @pytest.mark.parametrize(("M", "topk"), [(64, None), (256, None), (1024, 16), (4096, 16)])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_decode_of_projection_views(M, topk, T, dtype):
-    check_decode_of_projection_views(32, T, 4, M, 256 if topk else 64, topk, dtype, "cuda")
+@pytest.mark.parametrize(("before", "between"), [(5, 3), (8, 8)])
+def test_cuda_decode_of_projection_views(M, topk, T, dtype, before, between):
+    check_decode_of_projection_views(32, T, 4, M, 256 if topk else 64, topk, dtype, "cuda", before, between)
 
 
-def check_decode_of_projection_views(B, T, H, M, V, topk, dtype, device):
+def check_decode_of_projection_views(B, T, H, M, V, topk, dtype, device, before=5, between=3):
     v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(B, T, H, M, V, dtype, device, logit_scale=2.0))
     o_ref, ht_ref = fused_recurrent_fwd(v, logits, eta, mu, h0, True, None, topk)
-    o, ht = fused_recurrent_fwd(v, *projection_views(logits, eta, mu), h0, True, None, topk)
+    o, ht = fused_recurrent_fwd(v, *projection_views(logits, eta, mu, before, between), h0, True, None, topk)
     assert_close("o", o, o_ref, 1e-6 if dtype == torch.float32 else 1e-2)
     assert_close("final state", ht, ht_ref, 1e-5)
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_decode_of_projection_views_varlen_in_place(topk):
+    offsets = torch.tensor([0, 3, 3, 4, 9], dtype=torch.int32)
+    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(1, 9, 2, 32, 16, N=4, logit_scale=2.0))
+    o_ref, ht_ref = fused_recurrent_fwd(v, logits, eta, mu, h0, True, offsets, topk)
+    state = h0.clone()
+    o, ht = fused_recurrent_fwd(
+        v, *projection_views(logits, eta, mu), state, True, offsets, topk, inplace_final_state=True
+    )
+    assert ht is state
+    assert_close("o", o, o_ref, 1e-6)
+    assert_close("final state", ht, ht_ref, 1e-6)
