@@ -39,7 +39,8 @@ class FactorizationMemory(nn.Module):
     over all heads together (so the per-head merge rate ``mu`` keeps its meaning). Decoding (up to
     64 tokens without autograd) makes all of them in one GEMM, and the decode kernel reads the
     logits where they lie in its output and eta and mu as views of one ``[B, T, 2H]`` tensor (no
-    copies); other calls run one GEMM per block of ``in_proj``'s rows. ``in_proj`` is used through its weight, so it must stay a plain ``nn.Linear``.
+    copies); other calls run one GEMM per block of ``in_proj``'s rows. ``in_proj`` is used
+    through its weight, so it must stay a plain ``nn.Linear``.
 
     Initialisation: PyTorch's defaults for the projections and a zero ``eta_mu_bias`` when built
     alone; inside the models, FLA's scheme (normal(0, initializer_range) weights, zero biases).

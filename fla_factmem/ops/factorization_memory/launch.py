@@ -139,7 +139,7 @@ def token_strided(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     ``[B, T, 2, H]`` tensor), a contiguous copy otherwise; and that stride, in elements."""
     B, T, H = x.shape[:3]
     X = x.shape[3] if x.dim() == 4 else 1
-    packed = (X == 1 or x.stride(-1) == 1) and (H == 1 or x.stride(2) == (X if x.dim() == 4 else 1))
+    packed = (X == 1 or x.stride(-1) == 1) and (H == 1 or x.stride(2) == X)
     if packed and T == 1:
         return x, x.stride(0)
     if packed and (B == 1 or x.stride(0) == T * x.stride(1)):

@@ -241,7 +241,8 @@ def check_sparse_events(B, T, H, M, K, offsets, device):
     ("events_per_program", "backward_tile"),
     # every block size at the launch's backward tile; at the forward's tile (a stored carry at
     # every backward tile) all but blocks of one event, the slowest case under the interpreter
-    [(1, launch.SPARSE_TILE // 2), (40, launch.SPARSE_TILE // 2), (launch.SPARSE_EVENTS_PER_PROGRAM, launch.SPARSE_TILE // 2),
+    [(1, launch.SPARSE_TILE // 2), (40, launch.SPARSE_TILE // 2),
+     (launch.SPARSE_EVENTS_PER_PROGRAM, launch.SPARSE_TILE // 2),
      (40, launch.SPARSE_TILE), (launch.SPARSE_EVENTS_PER_PROGRAM, launch.SPARSE_TILE)],
 )  # fmt: skip
 def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, backward_tile, monkeypatch):
