@@ -17,7 +17,7 @@ from fla_factmem.layers.routing_diagnostics import (
     routing_statistics,
 )
 from fla_factmem.layers.utils import check_padding_mask
-from fla_factmem.modules import FusedRMSNormGated, ShortConvolution
+from fla_factmem.modules import FusedRMSNormGated, ShortConvolution, biased_sigmoid
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
 from fla_factmem.ops.factorization_memory.validation import takes_state_in_place
 
@@ -184,8 +184,7 @@ class FactorizationMemory(nn.Module):
         logits = rearrange(logits, "... (h m) -> ... h m", m=self.num_memories)
         if self.temperature != 1:  # a pass over B * T * H * M logits each way, skipped at the default
             logits = logits / self.temperature
-        # the bias in the projection's dtype, as nn.Linear adds it under autocast
-        eta_mu = torch.sigmoid(eta_mu + self.eta_mu_bias.to(eta_mu.dtype))
+        eta_mu = biased_sigmoid(eta_mu, self.eta_mu_bias)
         eta, mu = eta_mu.unflatten(-1, (2, self.num_heads)).unbind(-2)
         aux_loss = self._routing_diagnostics(logits)
 

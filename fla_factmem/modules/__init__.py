@@ -4,12 +4,14 @@ FLA's norms, short convolution and gated MLP are Triton kernels that need a CUDA
 class here subclasses FLA's own (same parameters, same state layouts, so checkpoints and
 caches move freely between machines) and runs FLA's kernel on CUDA tensors, and the same
 math in PyTorch on CPU tensors, where it is the only path. ``RotaryEmbedding`` is plain
-PyTorch with FLA's convention, taking explicit positions.
+PyTorch with FLA's convention, taking explicit positions. ``biased_sigmoid`` is ours: the
+layer's rates in one kernel.
 """
 
+from fla_factmem.modules.activations import biased_sigmoid
 from fla_factmem.modules.convolution import ShortConvolution
 from fla_factmem.modules.mlp import GatedMLP
 from fla_factmem.modules.norm import FusedRMSNormGated, RMSNorm
 from fla_factmem.modules.rotary import RotaryEmbedding
 
-__all__ = ["FusedRMSNormGated", "GatedMLP", "RMSNorm", "RotaryEmbedding", "ShortConvolution"]
+__all__ = ["FusedRMSNormGated", "GatedMLP", "RMSNorm", "RotaryEmbedding", "ShortConvolution", "biased_sigmoid"]
