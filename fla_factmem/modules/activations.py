@@ -37,23 +37,26 @@ BIASED_SIGMOID = CompiledLauncher(biased_sigmoid_kernel)
 def biased_sigmoid_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The kernel, no autograd: ``x`` ``[..., C]`` (its rows at any one stride, as a slice of a
     fused projection's output), ``bias`` ``[C]``; returns ``[..., C]`` contiguous, in x's dtype."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return y
     C = x.shape[-1]
     rows = x.reshape(-1, C)  # a view where the rows lie at one stride
     if C > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = rows.shape[0]
-    if n_rows == 0:
-        return y
     BC = triton.next_power_of_2(C)
     BR = min(triton.next_power_of_2(n_rows), max(1, BLOCK_ELEMENTS // BC))
     BIASED_SIGMOID.launch(
-        (triton.cdiv(n_rows, BR),), rows, bias, y, n_rows, rows.stride(0), C=C, BR=BR, BC=BC, num_warps=4
+        (triton.cdiv(n_rows, BR),), rows, bias.contiguous(), y, n_rows, rows.stride(0), C=C, BR=BR, BC=BC, num_warps=4
     )
     return y
 
 
 class BiasedSigmoidFunction(torch.autograd.Function):
+    """``biased_sigmoid_fwd`` with autograd: dx = dy y (1 - y), and the bias's gradient its sum
+    over the rows, in float32."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         y = biased_sigmoid_fwd(x, bias)
@@ -65,12 +68,15 @@ class BiasedSigmoidFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (y,) = ctx.saved_tensors
         dx = torch.ops.aten.sigmoid_backward(dy, y)
+        if not ctx.needs_input_grad[1]:
+            return dx, None
         return dx, dx.reshape(-1, dx.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
 
 
 def biased_sigmoid(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``sigmoid(x + bias)`` with the bias rounded to x's dtype first (as ``nn.Linear`` adds its
-    bias under autocast): one Triton kernel on CUDA tensors, PyTorch's two ops on CPU ones.
+    bias under autocast): one Triton kernel on CUDA tensors, PyTorch's two ops on CPU ones and
+    in float64 (which the kernel, computing in float32, would not keep).
 
     Args:
         x: ``[..., C]``; its rows may lie at any one stride (a slice of a fused projection's output).
@@ -79,8 +85,8 @@ def biased_sigmoid(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., C]`` contiguous, in x's dtype.
     """
-    if x.shape[-1] != bias.shape[-1] or bias.dim() != 1:
+    if bias.dim() != 1 or x.dim() == 0 or x.shape[-1] != bias.shape[0]:
         raise ValueError(f"biased_sigmoid: bias of shape {tuple(bias.shape)} for x of shape {tuple(x.shape)}")
-    if not x.is_cuda:
+    if not x.is_cuda or x.dtype == torch.float64:
         return torch.sigmoid(x + bias.to(x.dtype))
     return BiasedSigmoidFunction.apply(x, bias)

@@ -67,12 +67,6 @@ def top_k(keys, K: tl.constexpr, KB: tl.constexpr):
 
 
 @triton.jit
-def max_with_nan(a, b):
-    """The larger of a and b, NaN if either is (``tl.max`` would skip a NaN)."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def top_k_logits(
     logits, start, m_r, M: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, G: tl.constexpr
 ):
@@ -82,13 +76,9 @@ def top_k_logits(
     all -inf gets them as values, hence NaN weights, as the softmax of the definition does.
 
     In groups of G logits (G > 1 needs BM // G >= 2 KB, so that more than K groups hold logits):
-    the top K lie in the K groups of the largest maxima, ties to the lower group (a logit outside
-    them is outranked by those K maxima), so K searches over the BM // G group maxima and K over
-    the K * G logits of the chosen groups replace K searches over all BM logits. The groups'
-    maxima are taken on the logits themselves and only they get ranking keys: building a key for
-    every logit took a quarter of the routing's instructions. A NaN logit wins its group, as it
-    wins the ranking keys' order when positive (a negative NaN, last there, leaves its row's
-    picks unspecified)."""
+    the top K lie in the K groups of the largest maxima (a logit outside them is outranked by
+    those K maxima), so K searches over the BM // G group maxima and K over the K * G logits of
+    the chosen groups replace K searches over all BM logits."""
     dtype: tl.constexpr = logits.dtype.element_ty
     # rows in the low 16 bits of 32-bit keys where they fit (launch.logits_per_warp)
     ROW_BITS: tl.constexpr = 16 if (dtype.primitive_bitwidth == 16 and M <= 2**16) else 32
@@ -96,20 +86,14 @@ def top_k_logits(
     o_g, o_i = tl.arange(0, NG), tl.arange(0, G)
     in_row = (o_g[:, None] * G + o_i[None, :])[None, :, :]  # [1, NG, G]
     m_in = m_r[:, None, None] & (in_row < M)
-    x = tl.load(logits + start[:, None, None] + in_row, mask=m_in, other=float("-inf"))
+    x = tl.load(logits + start[:, None, None] + in_row, mask=m_in, other=0.0)
+    keys = ranking_keys(x, in_row, m_in, ROW_BITS)
     if G > 1:
-        # exact: a group's maximum is one of its logits (compared in float32: the interpreter
-        # compares bfloat16 wrongly)
-        group_max = tl.reduce(x.to(tl.float32), 2, max_with_nan).to(dtype)
-        m_g = m_r[:, None] & (o_g * G < M)[None, :]
-        group_keys = ranking_keys(group_max, o_g[None, :], m_g, ROW_BITS)
-        groups = logit_and_row(top_k(group_keys[:, :, None], K, KB), dtype, ROW_BITS)[1]
+        groups = logit_and_row(top_k(tl.max(keys, 2)[:, :, None], K, KB), dtype, ROW_BITS)[1] // G
         rows = groups[:, :, None] * G + o_i[None, None, :]  # [BR, KB, G]
         m_c = (tl.arange(0, KB) < K)[None, :, None] & (rows < M) & m_r[:, None, None]
         x = tl.load(logits + start[:, None, None] + rows, mask=m_c, other=0.0)
         keys = ranking_keys(x, rows, m_c, ROW_BITS)
-    else:
-        keys = ranking_keys(x, in_row, m_in, ROW_BITS)
     values, rows = logit_and_row(top_k(keys, K, KB), dtype, ROW_BITS)
     in_k = (tl.arange(0, KB) < K)[None, :]
     return tl.where(in_k, rows, 0), tl.where(in_k, values, float("-inf"))
