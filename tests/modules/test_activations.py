@@ -26,6 +26,14 @@ def reference(x, bias):
     return torch.sigmoid(x + bias.to(x.dtype))
 
 
+def float32_gradients(x, bias, dy):
+    """The gradients on x and bias of the reference computed in float32 from the same rounded
+    inputs: a 16-bit reference sums the bias's gradient with errors as large as the tolerance."""
+    x32 = x.detach().float().requires_grad_()
+    bias32 = bias.detach().to(x.dtype).float().requires_grad_()
+    return torch.autograd.grad(torch.sigmoid(x32 + bias32), (x32, bias32), dy.float())
+
+
 # (3, 300, 8): 900 rows, two programs of 512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
@@ -40,13 +48,14 @@ def test_biased_sigmoid_kernel(B, T, C, layout, dtype):
     assert_close("y", y, reference(x, bias), TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# not bfloat16 here: the interpreter's truncated y puts dx up to 1.1e-2 off (rounded, on the GPU, it is tested)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_biased_sigmoid_gradients(dtype):
     x = rows_at_a_stride(3, 7, 6, dtype, "cpu", "slice").requires_grad_()
     bias = torch.randn(6, requires_grad=True)
-    dy = torch.randn(3, 7, 6).to(dtype)
+    dy = torch.rand(3, 7, 6).to(dtype)  # positive: the bias's gradient sums it over rows, without cancelling
     dx, dbias = torch.autograd.grad(BiasedSigmoidFunction.apply(x, bias), (x, bias), dy)
-    dx_ref, dbias_ref = torch.autograd.grad(reference(x, bias), (x, bias), dy)
+    dx_ref, dbias_ref = float32_gradients(x, bias, dy)
     assert_close("dx", dx, dx_ref, TOLERANCES[dtype])
     assert_close("dbias", dbias, dbias_ref, TOLERANCES[dtype])
 
@@ -73,9 +82,9 @@ def test_cuda_biased_sigmoid_and_gradients(B, T, C, layout, dtype):
     # [0.5, 1)); float32 keeps the few units of Triton's approximate exp
     ulps = 4 if dtype == torch.float32 else 1
     assert (y.float() - y_ref.float()).abs().max() <= ulps * torch.finfo(dtype).eps
-    dy = torch.randn_like(y)
+    dy = torch.rand_like(y)
     dx, dbias = torch.autograd.grad(y, (x, bias), dy)
-    dx_ref, dbias_ref = torch.autograd.grad(y_ref, (x, bias), dy)
+    dx_ref, dbias_ref = float32_gradients(x, bias, dy)
     assert_close("dx", dx, dx_ref, TOLERANCES[dtype])
     assert_close("dbias", dbias, dbias_ref, TOLERANCES[dtype])
 
