@@ -1,8 +1,9 @@
 """``sigmoid(x + bias)`` in one kernel: the layer's rates eta and mu from their projection.
 
 Decoding runs a step's kernels back to back, a few microseconds each, so every launch counts:
-PyTorch's add and sigmoid are two (2.3 and 1.3 us on an H200 at the 340M model's decode shape,
-plus about 1.2 us each under CUDA-graph replay), this is one."""
+PyTorch's add and sigmoid are two (in a profile of the 340M model's decode step on an H200, the
+sigmoid took 1.3 us and an elementwise kernel of 2.3 us, most likely the add on its strided
+input; under CUDA-graph replay each launch adds about 1.2 us), this is one."""
 
 from __future__ import annotations
 
