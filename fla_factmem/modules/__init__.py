@@ -5,7 +5,8 @@ class here subclasses FLA's own (same parameters, same state layouts, so checkpo
 caches move freely between machines) and runs FLA's kernel on CUDA tensors, and the same
 math in PyTorch on CPU tensors, where it is the only path. ``RotaryEmbedding`` is plain
 PyTorch with FLA's convention, taking explicit positions. ``biased_sigmoid`` is ours: the
-layer's rates in one kernel.
+layer's rates in one kernel; so is the gated norm's forward without autograd
+(``norm.rms_norm_gated_fwd``), which reads its gate where it lies.
 """
 
 from fla_factmem.modules.activations import biased_sigmoid
