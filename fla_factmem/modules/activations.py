@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fla_factmem.modules.rows import rows_at_one_stride
 from fla_factmem.ops.compiled_launch import CompiledLauncher
 
 # elements per program: a decode step's rows fit in one program
@@ -42,9 +43,7 @@ def biased_sigmoid_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return y
     C = x.shape[-1]
-    rows = x.reshape(-1, C)  # a view where the rows lie at one stride
-    if C > 1 and rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = rows_at_one_stride(x)
     n_rows = rows.shape[0]
     BC = triton.next_power_of_2(C)
     BR = min(triton.next_power_of_2(n_rows), max(1, BLOCK_ELEMENTS // BC))

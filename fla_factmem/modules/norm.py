@@ -10,6 +10,7 @@ import triton.language as tl
 from fla.modules import FusedRMSNormGated as FLAFusedRMSNormGated
 from fla.modules import RMSNorm as FLARMSNorm
 
+from fla_factmem.modules.rows import rows_at_one_stride
 from fla_factmem.ops.compiled_launch import CompiledLauncher
 
 
@@ -72,30 +73,27 @@ def rms_norm_gated_fwd_kernel(
 RMS_NORM_GATED_FWD = CompiledLauncher(rms_norm_gated_fwd_kernel)
 
 
-def rows_at_one_stride(x: torch.Tensor) -> torch.Tensor:
-    """x ``[..., D]`` as ``[rows, D]``: a view where its rows lie at one stride with unit steps
-    within them, else a contiguous copy."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 or x.shape[-1] == 1 else rows.contiguous()
-
-
 def rms_norm_gated_fwd(
     x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None, eps: float, activation: str
 ) -> torch.Tensor:
-    """The gated RMS norm's forward in one kernel, no autograd: ``x``, ``g`` ``[..., D]``, their
-    rows at any one stride each (the layer's gate is a view into its fused projection's output
-    when decoding); ``weight`` ``[D]`` or None; ``activation`` ``swish``/``silu`` or
-    ``sigmoid``. Returns ``[..., D]`` contiguous, in x's dtype."""
+    """The gated RMS norm's forward in one kernel, no autograd: ``x``, ``g`` ``[..., D]`` with as
+    many rows (as FLA's function takes them), their rows at any one stride each (the layer's gate
+    is a view into its fused projection's output when decoding); ``weight`` ``[D]`` or None;
+    ``activation`` ``swish``/``silu`` or ``sigmoid``. Returns ``[..., D]`` (x's shape)
+    contiguous, in x's dtype."""
     D = x.shape[-1]
-    if g.shape != x.shape or (weight is not None and weight.shape != (D,)):
+    if g.shape[-1] != D or g.numel() != x.numel() or (weight is not None and weight.shape != (D,)):
         shapes = f"x {tuple(x.shape)}, g {tuple(g.shape)}, weight {None if weight is None else tuple(weight.shape)}"
         raise ValueError(f"rms_norm_gated_fwd: {shapes}")
+    if activation not in ("swish", "silu", "sigmoid"):
+        raise ValueError(f"rms_norm_gated_fwd: activation {activation!r}, not swish, silu or sigmoid")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
     if D * x.element_size() > 65536:  # FLA's bound too: one row per program, in registers
         raise ValueError(f"rms_norm_gated_fwd: rows of {D} elements exceed 64 KB")
     x_rows, g_rows = rows_at_one_stride(x), rows_at_one_stride(g)
+    weight = None if weight is None else weight.contiguous()
     BD = triton.next_power_of_2(D)
     RMS_NORM_GATED_FWD.launch(
         (x_rows.shape[0],), x_rows, g_rows, weight, y, x_rows.stride(0), g_rows.stride(0), eps, D=D, BD=BD,

@@ -1,12 +1,13 @@
 """``rms_norm_gated_fwd``, the gated norm's inference kernel: through the interpreter on the CPU
-against the module's PyTorch math, on gates at a stride; on the GPU against FLA's kernel, and
-the module's choice between the two."""
+against the module's PyTorch math, on gates (and inputs) at a stride; on the GPU against FLA's
+kernel, and the module's choice between the two."""
 
 import pytest
 import torch
 from fla.modules.norm.fused_norm_gate import rms_norm_gated
 
 from fla_factmem.modules import FusedRMSNormGated
+from fla_factmem.modules import norm as norm_module
 from fla_factmem.modules.norm import rms_norm_gated_fwd
 from tests.utils import assert_close
 
@@ -15,16 +16,19 @@ TOLERANCES = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
 def norm_inputs(B, T, D, dtype, device, layout):
-    """x [B, T, D] contiguous; g [B, T, D] contiguous, or the slice of a wider projection's output
-    (the layer's gate when decoding), or every other element of one (copied for the kernel)."""
+    """x and g [B, T, D]: both contiguous; g the slice of a wider projection's output (the layer's
+    gate when decoding: rows at a stride, read in place); g every other element of a wider
+    tensor (no unit step: copied for the kernel); or x with B and T swapped in memory (copied)."""
     x = torch.randn(B, T, D, device=device).to(dtype)
-    if layout == "contiguous":
-        g = torch.randn(B, T, D, device=device)
-    elif layout == "slice":
-        g = torch.randn(B, T, 3 * D + 5, device=device)[..., D : 2 * D]
-    else:
-        g = torch.randn(B, T, 2 * D, device=device)[..., ::2]
-    return x, (4 * g).to(dtype)
+    g = (4 * torch.randn(B, T, D, device=device)).to(dtype)
+    if layout == "slice":
+        g = (4 * torch.randn(B, T, 3 * D + 5, device=device)).to(dtype)[..., D : 2 * D]
+    elif layout == "every_other":
+        g = (4 * torch.randn(B, T, 2 * D, device=device)).to(dtype)[..., ::2]
+    elif layout == "x_transposed":
+        x = torch.randn(T, B, D, device=device).to(dtype).transpose(0, 1)
+    assert (layout == "contiguous") == (x.is_contiguous() and g.is_contiguous()) or B * T <= 1
+    return x, g
 
 
 def make_norm(D, activation, affine, device):
@@ -34,16 +38,18 @@ def make_norm(D, activation, affine, device):
     return norm
 
 
+CASES = [
+    (3, 1, 64, "slice", "swish", True),
+    (2, 5, 37, "every_other", "sigmoid", True),
+    (2, 3, 16, "x_transposed", "sigmoid", False),
+    (1, 4, 16, "contiguous", "silu", False),
+    (2, 3, 1, "slice", "swish", True),
+    (2, 0, 16, "slice", "swish", True),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    ("B", "T", "D", "layout", "activation", "affine"),
-    [
-        (3, 1, 64, "slice", "swish", True),
-        (2, 5, 37, "every_other", "sigmoid", True),
-        (1, 4, 16, "contiguous", "silu", False),
-        (2, 0, 16, "slice", "swish", True),
-    ],
-)
+@pytest.mark.parametrize(("B", "T", "D", "layout", "activation", "affine"), CASES)
 def test_rms_norm_gated_kernel(B, T, D, layout, activation, affine, dtype):
     x, g = norm_inputs(B, T, D, dtype, "cpu", layout)
     norm = make_norm(D, activation, affine, "cpu")
@@ -52,27 +58,66 @@ def test_rms_norm_gated_kernel(B, T, D, layout, activation, affine, dtype):
     assert_close("y", y, norm.forward_torch(x, g), TOLERANCES[dtype])
 
 
-def test_rms_norm_gated_kernel_checks_shapes():
-    x = torch.randn(2, 8)
-    for g, weight in ((torch.randn(2, 7), None), (torch.randn(3, 8), None), (torch.randn(2, 8), torch.randn(7))):
+def test_rms_norm_gated_kernel_takes_a_strided_weight_and_checks_its_arguments():
+    x, g = norm_inputs(2, 3, 8, torch.float32, "cpu", "slice")
+    weight = torch.randn(16)[::2]
+    y = rms_norm_gated_fwd(x, g, weight, 1e-5, "swish")
+    assert_close("y", y, norm_module.rms_norm_torch(x, weight, 1e-5) * torch.nn.functional.silu(g), 1e-6)
+    # g may have another shape with as many rows, as FLA's function takes it
+    assert torch.equal(rms_norm_gated_fwd(x.reshape(6, 8), g, weight, 1e-5, "swish"), y.reshape(6, 8))
+    for bad_g, bad_weight in ((g[..., :7], None), (g[:1], None), (g, torch.randn(7))):
         with pytest.raises(ValueError, match="rms_norm_gated_fwd"):
-            rms_norm_gated_fwd(x, g, weight, 1e-5, "swish")
+            rms_norm_gated_fwd(x, bad_g, bad_weight, 1e-5, "swish")
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        rms_norm_gated_fwd(x, g, None, 1e-5, "relu")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    ("B", "T", "D", "layout", "activation"),
-    [(32, 1, 1024, "slice", "swish"), (4, 300, 256, "contiguous", "sigmoid"), (2, 7, 100, "every_other", "swish")],
+    ("B", "T", "D", "layout", "activation", "affine"),
+    [
+        (32, 1, 1024, "slice", "swish", True),
+        (4, 300, 256, "contiguous", "sigmoid", True),
+        (2, 7, 100, "every_other", "swish", True),
+        (3, 5, 64, "x_transposed", "sigmoid", False),
+    ],
 )
-def test_cuda_rms_norm_gated_matches_fla(B, T, D, layout, activation, dtype):
-    """Without gradients the module runs our kernel, within one rounding of FLA's (the same
-    float32 arithmetic, its sum perhaps in another order); with them, FLA's function."""
+def test_cuda_rms_norm_gated_matches_fla(B, T, D, layout, activation, affine, dtype):
+    """Our kernel within one rounding of FLA's (the same float32 arithmetic, its sum perhaps in
+    another order)."""
     x, g = norm_inputs(B, T, D, dtype, "cuda", layout)
-    norm = make_norm(D, activation, True, "cuda")
-    fla = rms_norm_gated(x, g.contiguous(), norm.weight, None, activation, eps=norm.eps)
-    with torch.no_grad():
-        y = norm(x, g)
+    norm = make_norm(D, activation, affine, "cuda")
+    fla = rms_norm_gated(x.contiguous(), g.contiguous(), norm.weight, None, activation, eps=norm.eps)
+    y = rms_norm_gated_fwd(x, g, norm.weight, norm.eps, activation)
     assert_close("y", y, fla, {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype])
-    y_grad = norm(x.requires_grad_(), g)
-    assert y_grad.grad_fn is not None and torch.equal(y_grad, fla)
+
+
+@pytest.mark.cuda
+def test_cuda_gated_norm_takes_our_kernel_exactly_without_autograd(monkeypatch):
+    """Our kernel under no_grad and inference_mode, and with gradients enabled when nothing needs
+    one; FLA's function with a residual, prenorm or a gradient to track."""
+    calls = []
+
+    def spy(*args):
+        calls.append(True)
+        return rms_norm_gated_fwd(*args)
+
+    monkeypatch.setattr(norm_module, "rms_norm_gated_fwd", spy)
+    x, g = norm_inputs(32, 1, 256, torch.bfloat16, "cuda", "slice")
+    norm, frozen = make_norm(256, "swish", True, "cuda"), make_norm(256, "swish", False, "cuda")
+
+    def takes_ours(call):
+        calls.clear()
+        out = call()
+        return bool(calls), out
+
+    with torch.no_grad():
+        assert takes_ours(lambda: norm(x, g))[0]
+        assert not takes_ours(lambda: norm(x, g, residual=torch.randn_like(x)))[0]
+        assert not takes_ours(lambda: norm(x, g, residual=torch.randn_like(x), prenorm=True))[0]
+    with torch.inference_mode():
+        assert takes_ours(lambda: norm(x, g))[0]
+    assert takes_ours(lambda: frozen(x, g))[0]
+    ours, y = takes_ours(lambda: norm(x, g))  # the weight needs a gradient
+    assert not ours and y.grad_fn is not None

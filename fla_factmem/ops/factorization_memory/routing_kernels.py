@@ -81,8 +81,8 @@ def top_k_logits(
     the K * G logits of the chosen groups replace K searches over all BM logits. The groups'
     maxima are taken on the logits themselves and only they get ranking keys: building a key for
     every logit took a quarter of the routing's instructions. A NaN logit ranks its group as
-    +inf, so that a positive one, first in the ranking keys' order, is picked (a negative NaN,
-    last there, leaves its row's picks unspecified)."""
+    +inf (a positive NaN, first in the ranking keys' order, is then picked unless K lower groups
+    hold +inf or NaN too; picks among NaN logits are otherwise unspecified: the inputs hold none)."""
     dtype: tl.constexpr = logits.dtype.element_ty
     # rows in the low 16 bits of 32-bit keys where they fit (launch.logits_per_warp)
     ROW_BITS: tl.constexpr = 16 if (dtype.primitive_bitwidth == 16 and M <= 2**16) else 32
@@ -92,9 +92,9 @@ def top_k_logits(
     m_in = m_r[:, None, None] & (in_row < M)
     x = tl.load(logits + start[:, None, None] + in_row, mask=m_in, other=float("-inf"))
     if G > 1:
-        # exact: a group's maximum is one of its logits. tl.max skips NaN, so NaN counts as +inf
-        # here; tl.reduce with a NaN-propagating combine ran some 20x slower under the
-        # interpreter. In float32: the interpreter compares bfloat16 wrongly
+        # exact: a group's maximum is one of its logits. tl.max skips NaN, so NaN is replaced by
+        # +inf first (tl.reduce with a NaN-propagating combine ran some 20x slower under the
+        # interpreter). In float32: the interpreter compares bfloat16 wrongly
         x = x.to(tl.float32)
         group_max = tl.max(tl.where(x == x, x, float("inf")), 2).to(dtype)
         m_g = m_r[:, None] & (o_g * G < M)[None, :]
