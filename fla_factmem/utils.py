@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+
+import torch
 
 _warned: set[str] = set()
 
@@ -12,3 +15,13 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, stacklevel=3)
+
+
+def on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context that makes x's GPU the current one while Triton launches kernels for it (they
+    go to the current device, as FLA's ``input_guard`` also sees to): a model on ``cuda:1`` with
+    ``cuda:0`` current, as Hugging Face's ``device_map`` places layers. A no-op where it already
+    is current, or for CPU tensors."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()

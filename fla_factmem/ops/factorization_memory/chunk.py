@@ -22,7 +22,7 @@ from fla_factmem.ops.factorization_memory.routing import (
     slow_path_reason,
 )
 from fla_factmem.ops.factorization_memory.validation import check_chunk_size, validate_inputs
-from fla_factmem.utils import warn_once
+from fla_factmem.utils import on_device_of, warn_once
 
 
 class ChunkFactorizationMemoryFunction(torch.autograd.Function):
@@ -135,14 +135,17 @@ def chunk_factorization_memory(
     check_chunk_size(chunk_size)
     # with no backward to come (no_grad, or no input that requires grad) the kernels store less
     store_for_backward = needs_autograd(v, logits, eta, mu, initial_state)
+    # the backward needs no guard: autograd runs it on a thread of the gradients' device
     if runs_dense_triton(v, logits, topk, eta, mu, initial_state):
-        return ChunkFactorizationMemoryFunction.apply(
-            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
-        )
+        with on_device_of(v):
+            return ChunkFactorizationMemoryFunction.apply(
+                v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
+            )
     if runs_sparse_triton(v, logits, topk, eta, mu, initial_state):
-        return ChunkSparseFactorizationMemoryFunction.apply(
-            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
-        )
+        with on_device_of(v):
+            return ChunkSparseFactorizationMemoryFunction.apply(
+                v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
+            )
     if v.is_cuda:
         warn_once(
             "chunk_torch_on_cuda",

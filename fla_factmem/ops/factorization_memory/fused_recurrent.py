@@ -14,7 +14,7 @@ from fla_factmem.ops.factorization_memory.routing import (
     slow_path_reason,
 )
 from fla_factmem.ops.factorization_memory.validation import check_inplace_state, validate_inputs
-from fla_factmem.utils import warn_once
+from fla_factmem.utils import on_device_of, warn_once
 
 
 def fused_recurrent_factorization_memory(
@@ -62,9 +62,10 @@ def fused_recurrent_factorization_memory(
         runs_dense_triton(v, logits, topk, eta, mu, initial_state)
         or runs_sparse_triton(v, logits, topk, eta, mu, initial_state)
     ):
-        return fused_recurrent_fwd(
-            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, topk, inplace_final_state
-        )
+        with on_device_of(v):
+            return fused_recurrent_fwd(
+                v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, topk, inplace_final_state
+            )
     if v.is_cuda:
         others = (eta, mu, initial_state)
         reason = "its Triton kernel has no backward" if needs_grad else slow_path_reason(v, logits, topk, *others)
