@@ -22,6 +22,7 @@ def on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
     go to the current device, as FLA's ``input_guard`` also sees to): a model on ``cuda:1`` with
     ``cuda:0`` current, as Hugging Face's ``device_map`` places layers. A no-op where it already
     is current, or for CPU tensors."""
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
+    index = x.get_device()  # -1 on the CPU; cheaper than x.device, as decoding counts microseconds
+    if index >= 0 and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
     return contextlib.nullcontext()
