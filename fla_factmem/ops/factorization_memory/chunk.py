@@ -26,16 +26,19 @@ from fla_factmem.utils import on_device_of, warn_once
 
 
 class ChunkFactorizationMemoryFunction(torch.autograd.Function):
-    """Dense op on CUDA: Triton kernels both ways. Saves the inputs, the per-token
-    log-sum-exp and dominant row, the memory at each chunk's start ([NT_total, H, M, V] float32) and
-    the intra-chunk scores ([B, T, H, 32] float32). ``store_for_backward`` False (no backward
-    will run, as in a prefill under no_grad) skips the scores."""
+    """Dense op on CUDA: Triton kernels both ways, each with v's GPU current (``on_device_of``;
+    autograd's own device threads would see to the backward, compiled autograd would not). Saves
+    the inputs, the per-token log-sum-exp and dominant row, the memory at each chunk's start
+    ([NT_total, H, M, V] float32) and the intra-chunk scores ([B, T, H, 32] float32).
+    ``store_for_backward`` False (no backward will run, as in a prefill under no_grad) skips the
+    scores."""
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
-        o, final_state, saved = chunk_fwd(
-            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
-        )
+        with on_device_of(v):
+            o, final_state, saved = chunk_fwd(
+                v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
+            )
         ctx.save_for_backward(v, logits, eta, mu, cu_seqlens, saved.lse, saved.dominant, saved.states, saved.scores)
         ctx.layout = saved.layout
         ctx.needs_dh0 = initial_state is not None
@@ -45,12 +48,14 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         v, logits, eta, mu, cu_seqlens, lse, dominant, states, scores = ctx.saved_tensors
         saved = SavedForBackward(lse, dominant, states, scores, ctx.layout)
-        dv, dlogits, deta, dmu, dh0 = chunk_bwd(v, logits, eta, mu, saved, do, dht, cu_seqlens, ctx.needs_dh0)
+        with on_device_of(v):
+            dv, dlogits, deta, dmu, dh0 = chunk_bwd(v, logits, eta, mu, saved, do, dht, cu_seqlens, ctx.needs_dh0)
         return dv, dlogits, deta, dmu, dh0, None, None, None
 
 
 class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
-    """Sparse (top-K) op on CUDA: Triton kernels both ways, along the rows each token picks.
+    """Sparse (top-K) op on CUDA: Triton kernels both ways (with v's GPU current, as in the dense
+    op), along the rows each token picks.
     Saves v, eta, mu, the initial state and ``SparseEvents``: the picks ``[B, T, H, K]`` and,
     sorted along the memory's rows, their keys, flat indices, theta and phi (``[H, B T K]``
     each), about 24 bytes per pick; and the memory entering each tile of ``SPARSE_TILE`` (8)
@@ -60,10 +65,11 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
-        routing = sparse_routing(logits, topk)
-        o, final_state, events, carries = chunk_sparse_fwd(
-            v, eta, mu, routing, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
-        )
+        with on_device_of(v):
+            routing = sparse_routing(logits, topk)
+            o, final_state, events, carries = chunk_sparse_fwd(
+                v, eta, mu, routing, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
+            )
         ctx.save_for_backward(v, eta, mu, initial_state, cu_seqlens, carries, *events)
         ctx.M, ctx.logits_dtype = logits.shape[-1], logits.dtype
         ctx.needs_dh0 = initial_state is not None
@@ -73,9 +79,10 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         v, eta, mu, initial_state, cu_seqlens, carries, *events = ctx.saved_tensors
         events = SparseEvents(*events)
-        dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(
-            v, eta, mu, ctx.M, ctx.logits_dtype, events, carries, initial_state, do, dht, cu_seqlens, ctx.needs_dh0
-        )
+        with on_device_of(v):
+            dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(
+                v, eta, mu, ctx.M, ctx.logits_dtype, events, carries, initial_state, do, dht, cu_seqlens, ctx.needs_dh0
+            )
         return dv, dlogits, deta, dmu, None, dh0, None, None, None
 
 
@@ -135,17 +142,14 @@ def chunk_factorization_memory(
     check_chunk_size(chunk_size)
     # with no backward to come (no_grad, or no input that requires grad) the kernels store less
     store_for_backward = needs_autograd(v, logits, eta, mu, initial_state)
-    # the backward needs no guard: autograd runs it on a thread of the gradients' device
     if runs_dense_triton(v, logits, topk, eta, mu, initial_state):
-        with on_device_of(v):
-            return ChunkFactorizationMemoryFunction.apply(
-                v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
-            )
+        return ChunkFactorizationMemoryFunction.apply(
+            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
+        )
     if runs_sparse_triton(v, logits, topk, eta, mu, initial_state):
-        with on_device_of(v):
-            return ChunkSparseFactorizationMemoryFunction.apply(
-                v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
-            )
+        return ChunkSparseFactorizationMemoryFunction.apply(
+            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
+        )
     if v.is_cuda:
         warn_once(
             "chunk_torch_on_cuda",
