@@ -17,6 +17,11 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will track a call on these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context that makes x's GPU the current one while Triton launches kernels for it (they
     go to the current device, as FLA's ``input_guard`` also sees to): a model on ``cuda:1`` with

@@ -12,7 +12,7 @@ from fla.modules import RMSNorm as FLARMSNorm
 
 from fla_factmem.modules.rows import rows_at_one_stride
 from fla_factmem.ops.compiled_launch import CompiledLauncher
-from fla_factmem.utils import on_device_of
+from fla_factmem.utils import needs_autograd, on_device_of
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -123,9 +123,7 @@ class FusedRMSNormGated(FLAFusedRMSNormGated):
 
     def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
         if x.is_cuda:
-            tracked = (x, g) if self.weight is None else (x, g, self.weight)
-            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
-            if residual is None and not prenorm and not needs_grad:
+            if residual is None and not prenorm and not needs_autograd(x, g, self.weight):
                 return rms_norm_gated_fwd(x, g, self.weight, self.eps, self.activation)
             return super().forward(x, g, residual, prenorm, residual_in_fp32)
         if residual is not None or prenorm:

@@ -15,14 +15,13 @@ from fla_factmem.ops.factorization_memory.launch import (
     sparse_routing,
 )
 from fla_factmem.ops.factorization_memory.routing import (
-    needs_autograd,
     run_on_weights,
     runs_dense_triton,
     runs_sparse_triton,
     slow_path_reason,
 )
 from fla_factmem.ops.factorization_memory.validation import check_chunk_size, validate_inputs
-from fla_factmem.utils import on_device_of, warn_once
+from fla_factmem.utils import needs_autograd, on_device_of, warn_once
 
 
 class ChunkFactorizationMemoryFunction(torch.autograd.Function):

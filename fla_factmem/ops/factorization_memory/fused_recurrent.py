@@ -7,14 +7,13 @@ import torch
 from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd
 from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.routing import (
-    needs_autograd,
     run_on_weights,
     runs_dense_triton,
     runs_sparse_triton,
     slow_path_reason,
 )
 from fla_factmem.ops.factorization_memory.validation import check_inplace_state, validate_inputs
-from fla_factmem.utils import on_device_of, warn_once
+from fla_factmem.utils import needs_autograd, on_device_of, warn_once
 
 
 def fused_recurrent_factorization_memory(

@@ -115,11 +115,6 @@ def runs_sparse_triton(v: torch.Tensor, logits: torch.Tensor, topk: int | None, 
     return v.is_cuda and topk is not None and topk < logits.shape[-1] and not has_float64(v, logits, *others)
 
 
-def needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd will track a call on these inputs."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def slow_path_reason(v: torch.Tensor, logits: torch.Tensor, topk: int | None, *others: torch.Tensor | None) -> str:
     """Why a CUDA call fell to a PyTorch path, for the one-time warning; ``others`` are the
     remaining tensor inputs. Sparse calls reach it only with float64."""
