@@ -143,6 +143,7 @@ def test_chunk_kernels_gradients_varlen():
         ("overwrite", 16),
         ("eta_zero", 16),
         ("near_one_hot", 16),
+        ("near_one_hot", 80),
         ("saturating", 16),
         ("saturating", 80),
         ("overwrite", 80),
