@@ -56,7 +56,7 @@ def main():
         )
 
         with torch.no_grad():
-            step = [x[:, -1:] for x in (v, logits, eta, mu)]
+            step = [torch.randn_like(x[:, -1:]) for x in (v, logits)] + [torch.rand_like(x[:, -1:]) for x in (eta, mu)]
             o_step, state = fused_recurrent_factorization_memory(
                 *step, topk=topk, initial_state=state, output_final_state=True
             )

@@ -45,7 +45,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="runs/train", help="where save_pretrained writes the model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1; got {args.steps}")
+    return args
 
 
 def build_config(args, layer_types: list[str]) -> FactorizationMemoryConfig:

@@ -11,6 +11,7 @@ from fla.ops.utils.index import prepare_position_ids
 from fla_factmem.layers.utils import check_padding_mask
 from fla_factmem.modules import RMSNorm, RotaryEmbedding
 from fla_factmem.ops.factorization_memory.validation import host_offsets
+from fla_factmem.utils import warn_once
 
 
 def attention_allowed(q_len: int, k_len: int, window_size: int | None, device) -> torch.Tensor:
@@ -100,6 +101,14 @@ class Attention(nn.Module):
             ``(y [B, T, hidden_size], None, past_key_values)``.
         """
         check_padding_mask(attention_mask)
+        if hidden_states.is_cuda:
+            # the attention mixer takes this layer only where flash-attn is missing
+            warn_once(
+                "sdpa-attention",
+                "flash-attn is not installed: attention layers run on PyTorch SDPA (fla_factmem.layers.Attention), "
+                "one call per packed sequence (the offsets read on the host) and with a dense [T, T] mask for "
+                "sliding windows and padding; slower than FLA's Attention on flash-attn",
+            )
         batch_size, q_len, _ = hidden_states.shape
         q = rearrange(self.q_proj(hidden_states), "... (h d) -> ... h d", d=self.head_dim)
         k = rearrange(self.k_proj(hidden_states), "... (h d) -> ... h d", d=self.head_dim)

@@ -125,7 +125,9 @@ def chunk_factorization_memory(
             Gradients flow into it.
         output_final_state: whether to return the memory after the last token.
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
-            Its values are checked on the PyTorch path only (a check on the GPU would sync).
+            Its values are checked on the PyTorch path only: the sparse kernels never read them
+            on the host, so a check would add a sync (the dense kernels read the lengths once,
+            in FLA's ``prepare_chunk_indices``, cached per tensor).
         chunk_size: tokens per chunk of the PyTorch path (default 16; its memory grows with
             T * chunk_size * M); the dense Triton kernels use chunks of 32 and the sparse
             ones none; both ignore it.

@@ -14,7 +14,9 @@ gradient dg_t = d_t dL/dd_t = (1 - theta_t) <D_t, h_{t-1}>, a suffix sum over th
 in GLA), divided by 1 - theta_t. That division loses every digit as theta -> 1, so the one row per
 token that can have theta > 1/2 (sum_j theta_t[j] = eta_t <= 1; ``logsumexp_kernel`` finds
 it) is computed directly instead, from its own row of h and dh. The chain rule through
-theta = eta * alpha, phi = mu * alpha and the softmax gives the gradients on logits, eta and mu.
+theta = eta * alpha, phi = mu * alpha and the softmax gives the gradients on logits, eta and mu;
+there, the one row per token with alpha > 3/4 (``is_top_row``) gets minus the sum of the
+others' gradients on the logits, as computed directly it is a difference of nearly equal numbers.
 
 Three kernels, so that none holds more than a few [BT, BT] tiles:
 1. ``chunk_bwd_dominant_kernel``: <D_t[j], h_{t-1}[j]> for the dominant rows (most chunks
@@ -48,7 +50,9 @@ def is_top_row(alpha):
     difference of nearly equal numbers as alpha -> 1 (near one-hot routing): in float32 it came
     out 2% off at alpha = 1 - 1.2e-4, where the others are within 1e-5 of it. An error e in the
     sum costs the direct value alpha e and the others' sum (1 - alpha) e, so any threshold above
-    1/2 gains; 3/4 makes the row unique without a search for the largest."""
+    1/2 gains. 3/4, not 1/2, leaves a margin for rounding: two rows of one token never both pass,
+    so neither path needs a search for the largest. ``dominant`` rows (theta > 1/2, the forward's
+    ``logsumexp_kernel``) are the same idea for the decays."""
     return alpha > 0.75
 
 
@@ -240,8 +244,7 @@ def chunk_bwd_dqk_kernel(
         NM: tl.constexpr = (M + BM - 1) // BM
         tl.store(partial_sums + i_m * n_entries + tok, dmu_t, mask=m_t)
         tl.store(partial_sums + (NM + i_m) * n_entries + tok, deta_t, mask=m_t)
-        # the softmax's sum_j alpha dalpha from the very values stored: with one-hot routing the
-        # gradient alpha (dalpha - sum) is then exactly 0, as in the one-block path
+        # the block's part of the softmax's sum_j alpha dalpha, from the very values stored
         tl.store(partial_sums + (2 * NM + i_m) * n_entries + tok, tl.sum(alpha * dalpha_t, 1), mask=m_t)
 
 

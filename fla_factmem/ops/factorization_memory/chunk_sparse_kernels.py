@@ -10,8 +10,9 @@ side, and along them the row follows a scalar linear recurrence:
 from the initial state's row at the row's first event to the final state's row at its last.
 Rows nobody picks have no events: they are neither read nor written, and per token the work and
 traffic are K * V, whatever M. No chunk states exist; the backward keeps the sorted events (key,
-pick and weights, T * K values per head) and the memory entering each of the forward's tiles
-of them (below), T * K * V / BP values per head.
+pick and weights), the routing's rows and alpha (T * K values each per head), the programs'
+block bounds, and the memory entering each of the forward's tiles of events (below), T * K * V /
+BP values per head.
 
 Each program takes one block of consecutive (sequence, row) keys, whose events are one range of
 the sorted list, and walks it in tiles of BP events. Within a tile the recurrence is an
@@ -360,7 +361,7 @@ def chunk_sparse_bwd_kernel(
         do_p, carry, d_next = do_n, carry_n, d_next_n
 
 
-@triton.heuristics({"VARLEN": lambda args: args["token_sequence"] is not None})
+@triton.heuristics({"IS_VARLEN": lambda args: args["token_sequence"] is not None})
 @triton.jit
 def sparse_keys_kernel(
     rows,
@@ -374,15 +375,15 @@ def sparse_keys_kernel(
     K: tl.constexpr,
     M: tl.constexpr,
     BE: tl.constexpr,
-    VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """The picks' sort keys: from rows [tokens, H, K] int32 (the routing's picks), keys [H,
     tokens, K] = lowest_key + head * head_keys + sequence * M + row in keys' integer dtype. A
-    token's sequence is token // T, or with VARLEN token_sequence[token] (any integer dtype)."""
+    token's sequence is token // T, or with IS_VARLEN token_sequence[token] (any integer dtype)."""
     o_e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
     m_e = o_e < n_picks
     token, head = o_e // (H * K), o_e // K % H
-    if VARLEN:
+    if IS_VARLEN:
         sequence = tl.load(token_sequence + token, mask=m_e, other=0).to(tl.int64)
     else:
         sequence = token // T

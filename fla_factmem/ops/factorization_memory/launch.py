@@ -206,13 +206,12 @@ def chunk_fwd(
     cu_seqlens: torch.Tensor | None,
     store_scores: bool = True,
     block_m: int | None = None,
-    block_v: int = 64,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, SavedForBackward]:
     """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or
     None, what the backward needs)``; without ``store_scores`` (no backward will run) the saved
-    scores are None. ``block_m``, ``block_v`` and ``num_warps`` set the output kernel's launch
-    (for tuning)."""
+    scores are None. ``block_m`` and ``num_warps`` set the output kernel's launch (for tuning:
+    ``benchmarks/ops/sweep_launch_configs.py``)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens)
@@ -222,7 +221,7 @@ def chunk_fwd(
 
     # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): blocks of 16 rows, 4 warps
     BM = min(next_power_of_2(M), block_m or 16)
-    BV = min(next_power_of_2(V), block_v)
+    BV = min(next_power_of_2(V), 64)
     o = torch.empty_like(v)
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
     scores = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device) if store_scores else None
@@ -254,32 +253,29 @@ def top_k_warps(dtype: torch.dtype, M: int, rows: int = 1) -> int:
     return min(32, max(1, rows * next_power_of_2(M) // logits_per_warp(dtype, M)))
 
 
-def sparse_routing(
-    logits: torch.Tensor, topk: int, rows_per_program: int | None = None, num_warps: int | None = None
-) -> SparseRouting:
+def sparse_routing(logits: torch.Tensor, topk: int) -> SparseRouting:
     """The sparse variant's routing in one pass over the logits, no autograd: each token's top
     ``topk`` rows (int32, largest logit first) and their alpha (float32, the softmax
     re-normalised over them), ``[B, T, H, topk]`` each, from ``[B, T, H, M]`` logits (read where
-    they lie if each token's heads are packed, as in ``token_strided``).
-    ``rows_per_program`` and ``num_warps`` override the launch (for tuning)."""
+    they lie if each token's heads are packed, as in ``token_strided``)."""
     B, T, H, M = logits.shape
     logits, stride_logits = token_strided(logits)
     unit = stride_unit(stride_logits)
-    picks = torch.empty(B, T, H, topk, dtype=torch.int32, device=logits.device)
+    rows = torch.empty(B, T, H, topk, dtype=torch.int32, device=logits.device)
     alpha = torch.empty(B, T, H, topk, dtype=torch.float32, device=logits.device)
     BM, KB = next_power_of_2(M), next_power_of_2(topk)
     # best measured on an H200 (benchmarks/ops/NOTES.md): up to 4 rows of at most 4K logits per
     # program in one warp (half as many with float32 logits, whose ranking keys take 64 bits),
     # so that the K reductions stay within a warp
-    BR = rows_per_program or max(1, min(4, logits_per_warp(logits.dtype, M) // BM))
+    BR = max(1, min(4, logits_per_warp(logits.dtype, M) // BM))
     n_rows = B * T * H
     SPARSE_ROUTING.launch(
         (cdiv(n_rows, BR),),
-        logits, picks, alpha, n_rows, stride_logits // unit, LOGITS_UNIT=unit, H=H, M=M, K=topk, BR=BR, BM=BM, KB=KB,
+        logits, rows, alpha, n_rows, stride_logits // unit, LOGITS_UNIT=unit, H=H, M=M, K=topk, BR=BR, BM=BM, KB=KB,
         G=top_k_group(BM, KB),
-        num_warps=num_warps or top_k_warps(logits.dtype, M, BR),
+        num_warps=top_k_warps(logits.dtype, M, BR),
     )  # fmt: skip
-    return SparseRouting(picks, alpha)
+    return SparseRouting(rows, alpha)
 
 
 class SparseEvents(NamedTuple):
@@ -341,7 +337,8 @@ def sparse_events(
     Block j of a head holds the whole rows that start between the rows holding events j S and
     (j + 1) S, S = ``SPARSE_EVENTS_PER_PROGRAM``: S events and the rest of the row it ends in,
     or one row of more than S events (a program walks a row's events in order, so a row picked
-    by every token costs T / 8 steps of one program)."""
+    by every token costs T / SPARSE_TILE steps of one program forward, T / SPARSE_BACKWARD_TILE
+    backward)."""
     rows, alpha = (x.contiguous() for x in routing)
     B, T, H, K = rows.shape
     N = num_sequences(B, cu_seqlens)
@@ -409,19 +406,15 @@ def chunk_sparse_fwd(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     store_carries: bool = True,
-    block_events: int = SPARSE_TILE,
-    block_v: int | None = None,
-    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, SparseEvents, torch.Tensor | None]:
     """Sparse forward over each token's K picks (``routing``, rows < M, e.g. from
     ``sparse_routing``), with ``[B, T, H]`` eta and mu: ``(o [B, T, H, V] in v's dtype, final
     state [N, H, M, V] float32 or None, the events and the carries for the backward)``. The
-    carries, the memory entering each tile of ``block_events`` events (``[H, cdiv(B T K,
-    block_events), V]`` float32, T K V / block_events values per head), are stored if ``store_carries``,
+    carries, the memory entering each tile of ``SPARSE_TILE`` events (``[H, cdiv(B T K,
+    SPARSE_TILE), V]`` float32, T K V / SPARSE_TILE values per head), are stored if ``store_carries``,
     else None. Rows no token picks are never read or written (the final state's are copies of
     the initial state's). Besides o it allocates the picks' terms of o, ``[B T, H, K, V]`` in
-    v's dtype, for as long as it runs. ``block_events`` (events per tile), ``block_v`` (columns
-    per program) and ``num_warps`` set the launch (for tuning)."""
+    v's dtype, for as long as it runs."""
     B, T, H, V = v.shape
     K = routing.rows.shape[-1]
     N = num_sequences(B, cu_seqlens)
@@ -433,15 +426,15 @@ def chunk_sparse_fwd(
     # in v's dtype: each term rounds once before the sum, for half the traffic of float32 terms
     # in bf16 (this buffer, written and read once each way, is the largest traffic of the op)
     contributions = torch.empty(B * T, H, K, V, dtype=v.dtype, device=v.device)
-    NTILES = cdiv(E, block_events)
+    NTILES = cdiv(E, SPARSE_TILE)
     carries = torch.empty(H, NTILES, V, dtype=torch.float32, device=v.device) if store_carries else None
-    BV = block_v or sparse_block_v(V, SPARSE_FORWARD_BLOCK_V)
+    BV = sparse_block_v(V, SPARSE_FORWARD_BLOCK_V)
     NB = events.block_bounds.shape[1] - 1
     SPARSE_FWD.launch(
         (NB, H, cdiv(V, BV)),
         v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, ht, contributions,
         carries, E, NB, NTILES,
-        H=H, M=M, K=K, V=V, BP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
+        H=H, M=M, K=K, V=V, BP=SPARSE_TILE, BV=BV, num_warps=SPARSE_WARPS,
     )  # fmt: skip
     o = sum_over_picks(contributions, v.dtype, v.shape)
     return o, ht, events, carries
@@ -460,34 +453,29 @@ def chunk_sparse_bwd(
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     needs_dh0: bool,
-    block_events: int = SPARSE_TILE,
     backward_block_events: int | None = None,
-    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sparse backward from the forward's inputs (``initial_state`` among them), ``events`` and
-    ``carries`` (``chunk_sparse_fwd``'s, with the same ``block_events``), in tiles of
-    ``backward_block_events`` (``block_events`` or half of it; if None, ``SPARSE_BACKWARD_TILE``
-    where that is one of them, else ``block_events``): ``(dv, dlogits, deta, dmu, dh0)`` in the
-    layouts and dtypes of the inputs (dlogits ``[B, T, H, M]`` in ``logits_dtype``; dh0
-    float32, None unless ``needs_dh0``). Like the forward it reads and
-    writes only the picked rows, of the gradient on the memory too (the others pass from dht to
-    dh0 as they are); dlogits is 0 outside each token's picks. It recomputes the memory at each
-    event from the carries. ``backward_block_events`` and ``num_warps`` set the launch (for
-    tuning)."""
+    ``carries`` (``chunk_sparse_fwd``'s, one per tile of ``SPARSE_TILE`` events), in tiles of
+    ``backward_block_events`` (``SPARSE_TILE`` or half of it; ``SPARSE_BACKWARD_TILE`` if None):
+    ``(dv, dlogits, deta, dmu, dh0)`` in the layouts and dtypes of the inputs (dlogits
+    ``[B, T, H, M]`` in ``logits_dtype``; dh0 float32, None unless ``needs_dh0``). Like the
+    forward it reads and writes only the picked rows, of the gradient on the memory too (the
+    others pass from dht to dh0 as they are); dlogits is 0 outside each token's picks. It
+    recomputes the memory at each event from the carries."""
     B, T, H, V = v.shape
     K = events.rows.shape[-1]
     E = events.keys.shape[1]
-    if carries is None or carries.shape[1] != cdiv(E, block_events):
+    if carries is None or carries.shape[1] != cdiv(E, SPARSE_TILE):
         raise ValueError(
             f"chunk_sparse_bwd needs the carries of chunk_sparse_fwd(..., store_carries=True) with tiles of "
-            f"{block_events} events ([H, {cdiv(E, block_events)}, V]); "
+            f"{SPARSE_TILE} events ([H, {cdiv(E, SPARSE_TILE)}, V]); "
             f"got {None if carries is None else tuple(carries.shape)}"
         )
-    if backward_block_events is None:
-        backward_block_events = SPARSE_BACKWARD_TILE if 2 * SPARSE_BACKWARD_TILE == block_events else block_events
-    if block_events not in (backward_block_events, 2 * backward_block_events):
+    backward_block_events = backward_block_events or SPARSE_BACKWARD_TILE
+    if SPARSE_TILE not in (backward_block_events, 2 * backward_block_events):
         raise ValueError(
-            f"backward_block_events must be block_events ({block_events}) or half of it; got {backward_block_events}"
+            f"backward_block_events must be SPARSE_TILE ({SPARSE_TILE}) or half of it; got {backward_block_events}"
         )
     N = num_sequences(B, cu_seqlens)
     v, eta, mu, do = (x.contiguous() for x in (v, eta, mu, do))
@@ -504,7 +492,7 @@ def chunk_sparse_bwd(
         (NB, H, NV),
         v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, carries, do, dht, dh0,
         dv_contributions, pick_dtheta, pick_dphi, E, NB, carries.shape[1],
-        H=H, M=M, K=K, V=V, BP=backward_block_events, CP=block_events, BV=BV, num_warps=num_warps or SPARSE_WARPS,
+        H=H, M=M, K=K, V=V, BP=backward_block_events, CP=SPARSE_TILE, BV=BV, num_warps=SPARSE_WARPS,
     )  # fmt: skip
     dv = sum_over_picks(dv_contributions, v.dtype, v.shape)
     if NV > 1:

@@ -64,8 +64,8 @@ def validate_inputs(
     for name, x in (("eta", eta), ("mu", mu)):
         if x.shape != (B, T, H):
             raise ValueError(f"`{name}` must have shape [B, T, H] = [{B}, {T}, {H}]; got {tuple(x.shape)}")
-    if T < 1 or H < 1 or V < 1 or M < 1:
-        raise ValueError(f"T, H, V and M must be >= 1; got T={T}, H={H}, V={V}, M={M}")
+    if B < 1 or T < 1 or H < 1 or V < 1 or M < 1:
+        raise ValueError(f"B, T, H, V and M must be >= 1; got B={B}, T={T}, H={H}, V={V}, M={M}")
     device = v.device
     for name, x in (("logits", logits), ("eta", eta), ("mu", mu)):
         _check_device(name, x, device)

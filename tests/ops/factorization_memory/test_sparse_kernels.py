@@ -297,7 +297,7 @@ def test_sparse_backward_launch_errors():
     backward = functools.partial(launch.chunk_sparse_bwd, v, eta, mu, 24, logits.dtype, events)
     with pytest.raises(ValueError, match="needs the carries"):
         backward(None, None, torch.randn_like(v), None, None, False)
-    with pytest.raises(ValueError, match="block_events .* or half of it"):
+    with pytest.raises(ValueError, match="backward_block_events must be SPARSE_TILE .* or half of it"):
         backward(carries, None, torch.randn_like(v), None, None, False, backward_block_events=2)
 
 

@@ -39,6 +39,14 @@ CASES = [
         ValueError,
         "must be >= 1",
     ),
+    (
+        "empty batch",
+        dict(
+            v=torch.randn(0, T, H, V), logits=torch.randn(0, T, H, M), eta=torch.rand(0, T, H), mu=torch.rand(0, T, H)
+        ),
+        ValueError,
+        "must be >= 1",
+    ),
 ]
 
 
