@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -31,3 +32,20 @@ def on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
     if index >= 0 and index != torch.cuda.current_device():
         return torch.cuda.device(index)
     return contextlib.nullcontext()
+
+
+def check_cu_seqlens_values(offsets: Sequence[int], T: int) -> None:
+    """Checks host-side ``cu_seqlens`` values: they run from 0 to T and never decrease."""
+    if offsets[0] != 0 or offsets[-1] != T:
+        raise ValueError(f"`cu_seqlens` must start at 0 and end at T = {T}; got {offsets[0]} ... {offsets[-1]}")
+    if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"`cu_seqlens` must be non-decreasing; got {list(offsets)}")
+
+
+def host_offsets(cu_seqlens: torch.Tensor | None, T: int) -> list[int] | None:
+    """The checked host copy of ``cu_seqlens`` for the PyTorch paths (a device sync for CUDA tensors)."""
+    if cu_seqlens is None:
+        return None
+    offsets = cu_seqlens.tolist()
+    check_cu_seqlens_values(offsets, T)
+    return offsets

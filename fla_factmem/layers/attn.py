@@ -10,8 +10,7 @@ from fla.ops.utils.index import prepare_position_ids
 
 from fla_factmem.layers.utils import check_padding_mask
 from fla_factmem.modules import RMSNorm, RotaryEmbedding
-from fla_factmem.ops.factorization_memory.validation import host_offsets
-from fla_factmem.utils import warn_once
+from fla_factmem.utils import host_offsets, warn_once
 
 
 def attention_allowed(q_len: int, k_len: int, window_size: int | None, device) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from fla.modules import ShortConvolution as FLAShortConvolution
 
-from fla_factmem.ops.factorization_memory.validation import host_offsets
+from fla_factmem.utils import host_offsets
 
 
 class ShortConvolution(FLAShortConvolution):

@@ -7,14 +7,14 @@ from typing import NamedTuple
 
 import torch
 
-from fla_factmem.ops.factorization_memory.validation import host_offsets
+from fla_factmem.utils import host_offsets
 
 DENSE_TRITON_MAX_M = 256  # the decode kernel holds all M rows of a state block; the backward's softmax whole rows
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32: the precision of accumulation and states."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if has_float64(*tensors) else torch.float32
 
 
 def affinity(logits: torch.Tensor, topk: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -2,13 +2,11 @@
 
 Everything here reads tensor metadata only (shapes, dtypes, devices), so no check
 forces a GPU sync. The values of ``cu_seqlens`` are checked by
-:func:`check_cu_seqlens_values` wherever an implementation already holds them on
-the host.
+:func:`fla_factmem.utils.host_offsets` where an implementation reads them on the host.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -115,23 +113,6 @@ def check_inplace_state(initial_state: torch.Tensor | None, needs_grad: bool) ->
         )
     if needs_grad:
         raise ValueError("`inplace_final_state=True` works without autograd only (decoding under torch.no_grad())")
-
-
-def check_cu_seqlens_values(offsets: Sequence[int], T: int) -> None:
-    """Checks host-side ``cu_seqlens`` values: they run from 0 to T and never decrease."""
-    if offsets[0] != 0 or offsets[-1] != T:
-        raise ValueError(f"`cu_seqlens` must start at 0 and end at T = {T}; got {offsets[0]} ... {offsets[-1]}")
-    if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
-        raise ValueError(f"`cu_seqlens` must be non-decreasing; got {list(offsets)}")
-
-
-def host_offsets(cu_seqlens: torch.Tensor | None, T: int) -> list[int] | None:
-    """The checked host copy of ``cu_seqlens`` for the PyTorch paths (a device sync for CUDA tensors)."""
-    if cu_seqlens is None:
-        return None
-    offsets = cu_seqlens.tolist()
-    check_cu_seqlens_values(offsets, T)
-    return offsets
 
 
 def check_chunk_size(chunk_size: int) -> None:
