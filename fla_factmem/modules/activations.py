@@ -13,7 +13,7 @@ import triton.language as tl
 
 from fla_factmem.modules.rows import rows_at_one_stride
 from fla_factmem.ops.compiled_launch import CompiledLauncher
-from fla_factmem.utils import on_device_of
+from fla_factmem.utils import cdiv, next_power_of_2, on_device_of
 
 # elements per program: a decode step's rows fit in one program
 BLOCK_ELEMENTS = 4096
@@ -46,11 +46,11 @@ def biased_sigmoid_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     C = x.shape[-1]
     rows = rows_at_one_stride(x)
     n_rows = rows.shape[0]
-    BC = triton.next_power_of_2(C)
-    BR = min(triton.next_power_of_2(n_rows), max(1, BLOCK_ELEMENTS // BC))
+    BC = next_power_of_2(C)
+    BR = min(next_power_of_2(n_rows), max(1, BLOCK_ELEMENTS // BC))
     with on_device_of(x):
         BIASED_SIGMOID.launch(
-            (triton.cdiv(n_rows, BR),), rows, bias.contiguous(), y, n_rows, rows.stride(0), C=C, BR=BR, BC=BC,
+            (cdiv(n_rows, BR),), rows, bias.contiguous(), y, n_rows, rows.stride(0), C=C, BR=BR, BC=BC,
             num_warps=4,
         )  # fmt: skip
     return y

@@ -12,7 +12,7 @@ from fla.modules import RMSNorm as FLARMSNorm
 
 from fla_factmem.modules.rows import rows_at_one_stride
 from fla_factmem.ops.compiled_launch import CompiledLauncher
-from fla_factmem.utils import needs_autograd, on_device_of
+from fla_factmem.utils import needs_autograd, next_power_of_2, on_device_of
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -95,7 +95,7 @@ def rms_norm_gated_fwd(
         raise ValueError(f"rms_norm_gated_fwd: rows of {D} elements exceed 64 KB")
     x_rows, g_rows = rows_at_one_stride(x), rows_at_one_stride(g)
     weight = None if weight is None else weight.contiguous()
-    BD = triton.next_power_of_2(D)
+    BD = next_power_of_2(D)
     with on_device_of(x):
         RMS_NORM_GATED_FWD.launch(
             (x_rows.shape[0],), x_rows, g_rows, weight, y, x_rows.stride(0), g_rows.stride(0), eps, D=D, BD=BD,

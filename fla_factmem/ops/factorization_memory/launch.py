@@ -32,6 +32,7 @@ from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import (
 )
 from fla_factmem.ops.factorization_memory.routing import DENSE_TRITON_MAX_M, SparseRouting
 from fla_factmem.ops.factorization_memory.routing_kernels import sparse_routing_bwd_kernel, sparse_routing_kernel
+from fla_factmem.utils import cdiv, next_power_of_2
 
 # BT: tokens per chunk. 32 measured faster than 64 on an H100 (benchmarks/ops/NOTES.md): the
 # [BT, BT] tiles of the intra-chunk pairs stay small, at twice the chunk states' traffic.
@@ -42,18 +43,6 @@ LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py
 def num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
     """N: the batch's rows, or the sequences packed along T."""
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of 2 >= n (n >= 1). ``triton.next_power_of_2`` and ``triton.cdiv`` are
-    constexpr functions, which cost 1.5 us a call on the host (Triton 3.6, the CI machine's CPU),
-    against 0.04 us here; a decode step makes four such calls."""
-    return 1 << (n - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for positive ints (see ``next_power_of_2``)."""
-    return -(-a // b)
 
 
 def dqk_block_v(V: int) -> int:

@@ -8,8 +8,9 @@ import triton
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory, naive_factorization_memory
 from fla_factmem.ops.factorization_memory.chunk import ChunkFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
-from fla_factmem.ops.factorization_memory.launch import cdiv, chunk_fwd, fused_recurrent_fwd, next_power_of_2
+from fla_factmem.ops.factorization_memory.launch import chunk_fwd, fused_recurrent_fwd
 from fla_factmem.ops.factorization_memory.routing import run_on_weights
+from fla_factmem.utils import cdiv, next_power_of_2
 from tests.utils import GRAD_NAMES, assert_close, assert_matches, make_inputs, run_with_grads
 
 
