@@ -43,7 +43,8 @@ def check_cu_seqlens_values(offsets: Sequence[int], T: int) -> None:
 
 
 def host_offsets(cu_seqlens: torch.Tensor | None, T: int) -> list[int] | None:
-    """The checked host copy of ``cu_seqlens`` for the PyTorch paths (a device sync for CUDA tensors)."""
+    """The checked host copy of ``cu_seqlens`` ``[N + 1]`` (offsets from 0 to T) as a list, for
+    the PyTorch paths and the layers' per-sequence loops (a device sync for CUDA tensors)."""
     if cu_seqlens is None:
         return None
     offsets = cu_seqlens.tolist()

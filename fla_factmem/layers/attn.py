@@ -104,9 +104,9 @@ class Attention(nn.Module):
             # the attention mixer takes this layer only where flash-attn is missing
             warn_once(
                 "sdpa-attention",
-                "flash-attn is not installed: attention layers run on PyTorch SDPA (fla_factmem.layers.Attention), "
-                "one call per packed sequence (the offsets read on the host) and with a dense [T, T] mask for "
-                "sliding windows and padding; slower than FLA's Attention on flash-attn",
+                "fla_factmem.layers.Attention runs attention on PyTorch SDPA: one call per packed sequence (the "
+                "offsets read on the host) and a dense [T, T] mask for sliding windows and padding; FLA's "
+                "Attention on flash-attn is faster (the attention mixer takes it where flash-attn is installed)",
             )
         batch_size, q_len, _ = hidden_states.shape
         q = rearrange(self.q_proj(hidden_states), "... (h d) -> ... h d", d=self.head_dim)

@@ -15,8 +15,9 @@ in GLA), divided by 1 - theta_t. That division loses every digit as theta -> 1, 
 token that can have theta > 1/2 (sum_j theta_t[j] = eta_t <= 1; ``logsumexp_kernel`` finds
 it) is computed directly instead, from its own row of h and dh. The chain rule through
 theta = eta * alpha, phi = mu * alpha and the softmax gives the gradients on logits, eta and mu;
-there, the one row per token with alpha > 3/4 (``is_top_row``) gets minus the sum of the
-others' gradients on the logits, as computed directly it is a difference of nearly equal numbers.
+there, a token's row with alpha > 3/4, if it has one (``is_top_row``), gets minus the sum of
+the others' gradients on the logits, as computed directly it is a difference of nearly equal
+numbers.
 
 Three kernels, so that none holds more than a few [BT, BT] tiles:
 1. ``chunk_bwd_dominant_kernel``: <D_t[j], h_{t-1}[j]> for the dominant rows (most chunks
@@ -48,7 +49,7 @@ def is_top_row(alpha):
     The softmax backward gives that row's gradient on the logits as minus the sum of the others'
     (the gradient sums to 0). Computed directly, alpha (dalpha - sum_j alpha_j dalpha_j) is a
     difference of nearly equal numbers as alpha -> 1 (near one-hot routing): in float32 it came
-    out 2% off at alpha = 1 - 1.2e-4, where the others are within 1e-5 of it. An error e in the
+    out 2% off at alpha = 1 - 1.2e-4, where the other rows' gradients were within 1e-5. An error e in the
     sum costs the direct value alpha e and the others' sum (1 - alpha) e, so any threshold above
     1/2 gains. 3/4, not 1/2, leaves a margin for rounding: two rows of one token never both pass,
     so neither path needs a search for the largest. ``dominant`` rows (theta > 1/2, the forward's

@@ -47,7 +47,8 @@ def fused_recurrent_factorization_memory(
         output_final_state: whether to return the memory after the last token.
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
         inplace_final_state: write the final state into ``initial_state`` (float32,
-            contiguous, no autograd) and return that tensor as the final state.
+            contiguous, no autograd), which is then the final state returned with
+            ``output_final_state``.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``

@@ -461,7 +461,8 @@ def chunk_sparse_bwd(
             f"{SPARSE_TILE} events ([H, {cdiv(E, SPARSE_TILE)}, V]); "
             f"got {None if carries is None else tuple(carries.shape)}"
         )
-    backward_block_events = backward_block_events or SPARSE_BACKWARD_TILE
+    if backward_block_events is None:
+        backward_block_events = SPARSE_BACKWARD_TILE
     if SPARSE_TILE not in (backward_block_events, 2 * backward_block_events):
         raise ValueError(
             f"backward_block_events must be SPARSE_TILE ({SPARSE_TILE}) or half of it; got {backward_block_events}"
