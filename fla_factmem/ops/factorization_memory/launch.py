@@ -45,13 +45,20 @@ def num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
 
 
+def dot_block(n: int, limit: int) -> int:
+    """A block over a dimension of size n that a ``tl.dot`` contracts: n's power of 2, at most
+    ``limit``, at least 16, the smallest contraction Triton compiles for NVIDIA GPUs (at M or V
+    of 8 or less the dense kernels failed to compile for sm_90); masks cover the padding."""
+    return max(16, min(next_power_of_2(n), limit))
+
+
 def dqk_block_v(V: int) -> int:
     """Columns of V per step of the dq/dk kernel's loop: at most 64, so that its [BV, BM] tiles of
     the chunk states stay in registers. Measured on an H200 at the 340M speed models' shape
     (B=4, T=8192, H=4, V=256, M=1024, K=16, bf16): 13.8 ms per call with whole rows of V (in the
     model's profile), 6.5 ms with blocks of 64 (the op alone). The dv kernel keeps whole rows:
     blocks of V there recompute its gates per block (2.5 ms against 1.1 ms)."""
-    return min(next_power_of_2(V), 64)
+    return dot_block(V, 64)
 
 
 class ChunkLayout(NamedTuple):
@@ -209,7 +216,7 @@ def chunk_fwd(
     states, ht = chunk_states(v, logits, lse, eta, mu, h0, output_final_state, layout, cu_seqlens, N, reverse=False)
 
     # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): blocks of 16 rows, 4 warps
-    BM = min(next_power_of_2(M), block_m or 16)
+    BM = dot_block(M, block_m or 16)
     BV = min(next_power_of_2(V), 64)
     o = torch.empty_like(v)
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
@@ -538,7 +545,7 @@ def chunk_bwd(
 
     # best measured on an H100 (benchmarks/ops/NOTES.md): blocks of 64 rows with 8 warps for the
     # dq/dk kernel (4 warps for 32 rows; 8 warps there are 1.5x slower), 4 warps for dv
-    BM = min(next_power_of_2(M), block_m or 64)
+    BM = dot_block(M, block_m or 64)
     NM = cdiv(M, BM)
     # the softmax needs whole rows: with several blocks of rows, dalpha and the per-block sums
     # over rows wait in a scratch for the dv kernel

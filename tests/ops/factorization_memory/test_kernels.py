@@ -122,8 +122,17 @@ def test_kernel_edge_numerics(kernel, case):
 @pytest.mark.parametrize(
     ("B", "T", "H", "M", "V"),
     # T = 1; a partial chunk; M and V not powers of two; several chunks, several blocks of M rows;
-    # V over one block of the backward's columns (the last one partly masked)
-    [(2, 1, 2, 16, 16), (1, 37, 2, 16, 16), (1, 70, 1, 24, 20), (1, 130, 1, 80, 16), (1, 37, 1, 16, 80)],
+    # V over one block of the backward's columns (the last one partly masked); M and V below the
+    # 16 of Triton's smallest dot, in blocks of 16 (launch.dot_block)
+    [
+        (2, 1, 2, 16, 16),
+        (1, 37, 2, 16, 16),
+        (1, 70, 1, 24, 20),
+        (1, 130, 1, 80, 16),
+        (1, 37, 1, 16, 80),
+        (1, 37, 2, 4, 8),
+        (1, 9, 1, 1, 2),
+    ],
 )
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunk_kernels_gradients(B, T, H, M, V, with_state):
@@ -159,6 +168,7 @@ def test_chunk_kernels_gradients_edge_numerics(case, M):
 
 CUDA_SHAPES = [
     (2, 1000, 4, 64, 64),
+    (2, 300, 2, 4, 8),
     (1, 2049, 2, 256, 64),
     (2, 300, 2, 16, 32),
     (1, 500, 2, 100, 128),
