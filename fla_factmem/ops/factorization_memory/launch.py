@@ -47,14 +47,15 @@ def num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
 
 def dot_block(n: int, limit: int) -> int:
     """A block over a dimension of size n that a ``tl.dot`` contracts: n's power of 2, at most
-    ``limit``, at least 16, the smallest contraction Triton compiles for NVIDIA GPUs (at M or V
-    of 8 or less the dense kernels failed to compile for sm_90); masks cover the padding."""
+    ``limit``, but at least 16 whatever ``limit``: Triton 3.6 compiles no smaller contraction of
+    32-bit operands for NVIDIA GPUs (at M or V of 8 or less the dense kernels failed to compile
+    for sm_90). Masks cover the padding."""
     return max(16, min(next_power_of_2(n), limit))
 
 
 def dqk_block_v(V: int) -> int:
-    """Columns of V per step of the dq/dk kernel's loop: at most 64, so that its [BV, BM] tiles of
-    the chunk states stay in registers. Measured on an H200 at the 340M speed models' shape
+    """Columns of V per step of the dq/dk kernel's loop (``dot_block``: 16 to 64): at most 64, so
+    that its [BV, BM] tiles of the chunk states stay in registers. Measured on an H200 at the 340M speed models' shape
     (B=4, T=8192, H=4, V=256, M=1024, K=16, bf16): 13.8 ms per call with whole rows of V (in the
     model's profile), 6.5 ms with blocks of 64 (the op alone). The dv kernel keeps whole rows:
     blocks of V there recompute its gates per block (2.5 ms against 1.1 ms)."""
