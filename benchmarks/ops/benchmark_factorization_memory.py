@@ -179,7 +179,7 @@ def decode_step(B, H, M, V, topk):
     }
 
 
-def decode_cases(B, H, M, V, topk=None, steps=1):
+def decode_cases(B, H, M, V, topk, steps):
     """``{name: ([fn of each of ``steps`` decode steps], bytes a step must move)}``, from
     ``decode_step``: each step on fresh inputs (so a sparse step picks its own rows) and a
     state of its own."""
@@ -358,7 +358,7 @@ def main():
                 f"{one_ms * 1e3:7.1f})  eager {w_ms * 1e3:7.1f} us  {decode[-1]['GBps']:7.0f} GB/s",
                 flush=True,
             )
-        del cases  # DECODE_GRAPH_STEPS states of each op: some 26 GB at M = 4096, graph pools included
+        del cases, fns  # DECODE_GRAPH_STEPS states of each op: some 27 GB at M = 4096, graph pools included
         torch.cuda.empty_cache()
 
     for table, table_rows in (("training", rows), ("sparse", sparse), ("decode", decode)):
