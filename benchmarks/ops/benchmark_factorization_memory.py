@@ -99,7 +99,7 @@ def time_case(fn):
 def graph_time(fns):
     """Median ms per call of ``fns`` (decode steps, each on inputs and a state of its own)
     captured one after the other in one CUDA graph, per replay divided by their number. With
-    one step this is the replay of a one-step graph, whose launch (some 3 to 5 us on an H200)
+    one step this is the replay of a one-step graph, whose launch (3 to 6 us on an H200)
     is then part of the time; with several, as in a model's decode graph, the kernels follow
     each other. do_bench clears the L2 cache before each replay, and no step reads what
     another wrote, so the states come from memory as in a model."""
@@ -262,6 +262,32 @@ def sparse_case(B, T, H, M, V, topk):
     except Exception as e:  # a kernel refused or miscompiled by the installed Triton
         nan = float("nan")
         return nan, nan, nan, nan, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+
+
+def plot_decode(plt, decode: list[dict], gpu: str, path: str) -> None:
+    """Bars of the decode table's graph and eager times per (M, K) and op, log scale, to ``path``."""
+    cases = list(dict.fromkeys((d["M"], d["K"]) for d in decode))
+    ops = list(dict.fromkeys(d["op"] for d in decode))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(ops)
+    for ax, key, title in zip(
+        axes, ("graph_us", "eager_wall_us"), (f"CUDA graph of {DECODE_GRAPH_STEPS} steps, per step", "eager wall")
+    ):
+        for i, op in enumerate(ops):
+            xs, ys = [], []
+            for j, case in enumerate(cases):
+                d = next((d for d in decode if (d["M"], d["K"]) == case and d["op"] == op), None)
+                if d is not None:
+                    xs.append(j + (i - (len(ops) - 1) / 2) * width)
+                    ys.append(d[key])
+            ax.bar(xs, ys, width, label=op)
+        labels = [f"M={M} dense" if K == M else f"M={M} K={K}" for M, K in cases]
+        ax.set_xticks(range(len(cases)), labels, fontsize=8)
+        ax.set(title=f"decode, B=64 H=8 V=64: {title}", ylabel="us", yscale="log")
+        ax.legend(fontsize=7)
+    fig.suptitle(gpu)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main():
@@ -436,6 +462,8 @@ def main():
             fig.suptitle(gpu)
             fig.tight_layout()
             fig.savefig(os.path.join(args.out, "sparse.png"), dpi=120)
+        if decode:
+            plot_decode(plt, decode, gpu, os.path.join(args.out, "decode.png"))
     except ImportError:
         print("matplotlib missing: no PNG written")
 
