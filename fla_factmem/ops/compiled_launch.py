@@ -2,10 +2,10 @@
 
 A decode step is one short kernel (6.5 to 24 us on an H200 in a graph of 16 steps), and the
 dispatch of Triton 3.6's JIT in front of it (binding the arguments, their specialisation and
-cache key, the heuristics) costs more
-host time than the launch itself: on the H200 machine, 21.7 us a call through ``kernel[grid](...)``
-against 6.6 us through the compiled kernel's ``run`` (benchmarks/ops/NOTES.md). With the decode
-kernel at 7 us, that host time is most of an eager step's wall time."""
+cache key, the heuristics) costs more host time than the launch itself: on the H200 machine,
+21.7 us a call through ``kernel[grid](...)`` against 6.6 us through the compiled kernel's
+``run`` (benchmarks/ops/NOTES.md). With the decode kernel at 7 us, that host time is most of an
+eager step's wall time."""
 
 from __future__ import annotations
 
