@@ -278,8 +278,9 @@ def sparse_routing(logits: torch.Tensor, topk: int) -> SparseRouting:
 class SparseEvents(NamedTuple):
     """Each token's K picks as events along the memory's rows (``sparse_events``). ``rows`` and
     ``alpha``: the routing's picks ``[B, T, H, K]`` (int32, float32) as they came, for the
-    routing backward. Per head, sorted by ``keys`` (sequence * M + row, int32) and stably in
-    token order within a row, all ``[H, E]`` with E = B T K: ``keys``, ``picks`` (each event's
+    routing backward. Per head, sorted by key (sequence * M + row) and stably in token order
+    within a row, all ``[H, E]`` with E = B T K: ``keys`` (int32: the key shifted left by 2,
+    bit 0 set where the event starts its row's run, bit 1 where it ends it), ``picks`` (each event's
     flat index into ``[B, T, H, K]``, int32), ``theta`` and ``phi`` (float32).
     ``block_bounds`` ``[H, NB + 1]`` int32: where each program's block of whole rows starts
     among the events. About 24 bytes per pick in all: what the sparse backward keeps besides
@@ -343,8 +344,11 @@ def sparse_events(
     # one sort for all heads, each head's keys above the previous head's (N + 1 sequences each,
     # for the tokens past the last offset), in token order within a key
     head_keys = (N + 1) * M
-    if head_keys >= 2**31:
-        raise ValueError(f"the sparse kernels key rows by sequence * M + row in int32; got {N} sequences of M = {M}")
+    if head_keys > 2**29:
+        raise ValueError(
+            f"the sparse kernels key rows by sequence * M + row in 29 bits of an int32 (the rest are flags); "
+            f"got {N} sequences of M = {M}"
+        )
     # the sort's radix passes cover every bit of the keys' dtype: 16-bit keys (from -2^15) where
     # all heads' fit take half the passes of 32-bit ones (100 against 151 us at (1024, 16), H200)
     if H * head_keys <= 2**16:
@@ -363,7 +367,13 @@ def sparse_events(
         rows, token_sequence, keys, H * E, T, head_keys, lowest_key, H=H, K=K, M=M, BE=BE, num_warps=4,
     )  # fmt: skip
     sorted_keys, order = torch.sort(keys.view(-1), stable=True)
-    events = [torch.empty(H, E, dtype=dtype, device=rows.device) for dtype in (torch.int32,) * 2 + (torch.float32,) * 2]
+    # the scan kernels read whole tiles of events unmasked, up to two forward tiles past either
+    # end of a head's events: another head's events, or the padding here, in lanes they mask
+    pad = 2 * SPARSE_TILE
+    events = [
+        torch.empty(H * E + 2 * pad, dtype=dtype, device=rows.device)[pad : pad + H * E].view(H, E)
+        for dtype in (torch.int32,) * 2 + (torch.float32,) * 2
+    ]
     NB = cdiv(E, SPARSE_EVENTS_PER_PROGRAM)
     block_bounds = torch.empty(H, NB + 1, dtype=torch.int32, device=rows.device)
     SPARSE_EVENTS.launch(

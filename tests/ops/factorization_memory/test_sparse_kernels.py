@@ -229,7 +229,12 @@ def check_sparse_events(B, T, H, M, K, offsets, device):
     picks = (tokens[:, None, None] * H + torch.arange(H, device=device)[:, None]) * K + torch.arange(K, device=device)
     ref_keys, order = torch.sort(keys, stable=True)
     ref_picks = picks.permute(1, 0, 2).reshape(H, -1).gather(1, order)
-    assert torch.equal(events.keys.long(), ref_keys) and torch.equal(events.picks.long(), ref_picks)
+    # each key shifted left by 2 over its run's start (bit 0) and end (bit 1) flags
+    pad = torch.full((H, 1), -1, device=device)
+    first = ref_keys != torch.cat([pad, ref_keys[:, :-1]], 1)
+    last = ref_keys != torch.cat([ref_keys[:, 1:], pad], 1)
+    assert torch.equal(events.keys.long(), ref_keys * 4 + first.long() + 2 * last.long())
+    assert torch.equal(events.picks.long(), ref_picks)
     alpha = routing.alpha.reshape(-1)[ref_picks]
     assert torch.equal(events.theta, eta.float().reshape(-1)[ref_picks // K] * alpha)
     assert torch.equal(events.phi, mu.float().reshape(-1)[ref_picks // K] * alpha)
