@@ -182,7 +182,7 @@ def backward_tile(
     p0_v = tl.full(o_v.shape, p0, tl.int32)
     has_carry = m_v & (p0_v % CP == 0) & (p0_v > lo // CP * CP)
     carry = tl.load(carries + (p0 // CP) * V + o_v, mask=has_carry, other=0.0)
-    d_next = tl.where(m_p & ~last, 1.0 - tl.load(theta + p0 + o_i + 1), 1.0)
+    d_next = tl.where(m_p & ~last, 1.0 - tl.load(theta + p0 + o_i + 1), 0.0)
     return m_p, key, first, last, pick, theta_p, phi_p, v_p, do_p, carry, d_next
 
 
@@ -223,8 +223,10 @@ def chunk_sparse_fwd_kernel(
     STORE_CARRIES: tl.constexpr,
 ):
     """v: [tokens, H, V]. keys, picks, theta, phi: [H, E], E = tokens * K, the events of each
-    head sorted by key (sequence * M + row, int32), stably in token order: each one's pick as a
-    flat index of [tokens, H, K] (int32) and its theta and phi (float32).
+    head sorted by key (sequence * M + row), stably in token order: the key shifted left by 2
+    over its run's start and end flags (int32), each one's pick as a flat index of [tokens, H, K]
+    (int32) and its theta and phi (float32); all four readable ``launch.EVENT_PADDING`` elements
+    before and after (the tiles are read unmasked).
     block_bounds: [H, NB + 1] int32, where each program's block of keys starts among the events.
     h0, ht: [N, H, M, V] float32, optional; ht must hold h0 (or zeros) on entry: only the rows
     some token picks are written.

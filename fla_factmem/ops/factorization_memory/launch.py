@@ -32,7 +32,7 @@ from fla_factmem.ops.factorization_memory.fused_recurrent_kernels import (
 )
 from fla_factmem.ops.factorization_memory.routing import DENSE_TRITON_MAX_M, SparseRouting
 from fla_factmem.ops.factorization_memory.routing_kernels import sparse_routing_bwd_kernel, sparse_routing_kernel
-from fla_factmem.utils import cdiv, next_power_of_2
+from fla_factmem.utils import cdiv, next_power_of_2, warn_once
 
 # BT: tokens per chunk. 32 measured faster than 64 on an H100 (benchmarks/ops/NOTES.md): the
 # [BT, BT] tiles of the intra-chunk pairs stay small, at twice the chunk states' traffic.
@@ -306,6 +306,9 @@ SPARSE_TILE = 8
 # V = 256, T = 8192 (H200; a carry every 4 events: 480 us and 1.81 ms, and 64 MB more at
 # (1024, 16)). The forward is faster at tiles of 8 (173 against 193 us). benchmarks/ops/NOTES.md, session 10
 SPARSE_BACKWARD_TILE = 4
+# The scans read whole tiles of events without a mask, up to two forward tiles past either end of
+# a head's events: the event arrays lie this many elements inside their buffers at both ends
+EVENT_PADDING = 2 * SPARSE_TILE
 # Columns per program: the backward's 64 (118 registers at tiles of 4; 128 columns took 2.11
 # against 1.82 ms at V = 256); the forward's up to 128 (151 registers at tiles of 8): 651 -> 530
 # us at the model's V = 256, 648 -> 527 at V = 128 (B=4, T=8192, H=8), equal at B=1, T=2048
@@ -367,13 +370,7 @@ def sparse_events(
         rows, token_sequence, keys, H * E, T, head_keys, lowest_key, H=H, K=K, M=M, BE=BE, num_warps=4,
     )  # fmt: skip
     sorted_keys, order = torch.sort(keys.view(-1), stable=True)
-    # the scan kernels read whole tiles of events unmasked, up to two forward tiles past either
-    # end of a head's events: another head's events, or the padding here, in lanes they mask
-    pad = 2 * SPARSE_TILE
-    events = [
-        torch.empty(H * E + 2 * pad, dtype=dtype, device=rows.device)[pad : pad + H * E].view(H, E)
-        for dtype in (torch.int32,) * 2 + (torch.float32,) * 2
-    ]
+    events = [padded_event_array(H, E, dtype, rows.device) for dtype in (torch.int32,) * 2 + (torch.float32,) * 2]
     NB = cdiv(E, SPARSE_EVENTS_PER_PROGRAM)
     block_bounds = torch.empty(H, NB + 1, dtype=torch.int32, device=rows.device)
     SPARSE_EVENTS.launch(
@@ -382,6 +379,36 @@ def sparse_events(
         head_keys, lowest_key, N * M, NB, E.bit_length(), H=H, K=K, S=SPARSE_EVENTS_PER_PROGRAM, BE=BE, num_warps=4,
     )  # fmt: skip
     return SparseEvents(rows, alpha, *events, block_bounds)
+
+
+def padded_event_array(H: int, E: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised ``[H, E]`` event array that lies ``EVENT_PADDING`` elements inside its buffer
+    at both ends: the scans' unmasked reads past a head's events land on another head's events or
+    on the padding, in lanes they mask."""
+    buffer = torch.empty(H * E + 2 * EVENT_PADDING, dtype=dtype, device=device)
+    return buffer[EVENT_PADDING : EVENT_PADDING + H * E].view(H, E)
+
+
+def has_event_padding(x: torch.Tensor) -> bool:
+    """Whether the scans may read ``EVENT_PADDING`` elements before and after contiguous ``x``."""
+    end = (x.storage_offset() + x.numel() + EVENT_PADDING) * x.element_size()
+    return x.is_contiguous() and x.storage_offset() >= EVENT_PADDING and x.untyped_storage().nbytes() >= end
+
+
+def with_event_padding(events: SparseEvents) -> SparseEvents:
+    """``events`` whose keys, picks, theta and phi have the padding the scans read into: copies
+    where something dropped it (a saved-tensor hook that moved them, such as
+    ``torch.autograd.graph.save_on_cpu``), which says so once."""
+    arrays = (events.keys, events.picks, events.theta, events.phi)
+    if all(map(has_event_padding, arrays)):
+        return events
+    warn_once(
+        "sparse_events_padding",
+        "fla_factmem: the sparse backward copies its saved events into padded buffers (a saved-tensor "
+        "hook or a copy dropped the padding the scan kernels read into); this costs a copy per call.",
+    )
+    padded = [padded_event_array(*x.shape, x.dtype, x.device).copy_(x) for x in arrays]
+    return events._replace(keys=padded[0], picks=padded[1], theta=padded[2], phi=padded[3])
 
 
 def sparse_block_v(V: int, limit: int = SPARSE_BLOCK_V) -> int:
@@ -473,6 +500,7 @@ def chunk_sparse_bwd(
     B, T, H, V = v.shape
     K = events.rows.shape[-1]
     E = events.keys.shape[1]
+    events = with_event_padding(events)
     if carries is None or carries.shape[1] != cdiv(E, SPARSE_TILE):
         raise ValueError(
             f"chunk_sparse_bwd needs the carries of chunk_sparse_fwd(..., store_carries=True) with tiles of "

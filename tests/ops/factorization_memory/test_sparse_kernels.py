@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+from fla_factmem import utils
 from fla_factmem.ops import (
     chunk_factorization_memory,
     fused_recurrent_factorization_memory,
@@ -292,6 +293,52 @@ def test_sparse_backward_reads_only_stored_carries(events_per_program, backward_
     ]  # fmt: skip
     for name, a, b in zip(("dv", "dlogits", "deta", "dmu", "dh0"), *grads):
         assert torch.equal(a, b), f"{name}: the backward read a carry the forward did not store"
+
+
+def fill_event_padding(events, fill_float, fill_int):
+    """Writes ``fill_*`` into the ``launch.EVENT_PADDING`` elements before and after each event array."""
+    pad = launch.EVENT_PADDING
+    for x in (events.keys, events.picks, events.theta, events.phi):
+        start, end = x.storage_offset(), x.storage_offset() + x.numel()
+        buffer = torch.as_strided(x, (end + pad,), (1,), 0)
+        fill = fill_float if x.is_floating_point() else fill_int
+        buffer[start - pad : start].fill_(fill)
+        buffer[end:].fill_(fill)
+    return events
+
+
+@pytest.mark.parametrize("events_per_program", [1, 40])
+def test_sparse_scans_ignore_what_lies_around_the_events(events_per_program, monkeypatch):
+    """The scans read whole tiles of events unmasked, up to two forward tiles past a head's first
+    and last events (into the other head's events and the buffers' padding): NaN and -1 there
+    change nothing, forward or backward, with T K not a multiple of a tile."""
+    monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
+    inputs = make_inputs(1, 11, 2, 24, 16, logit_scale=2.0, with_state=True)
+    clean = run_with_grads(triton_sparse_chunk, inputs, 3)
+    events_of = launch.sparse_events
+    monkeypatch.setattr(launch, "sparse_events", lambda *a: fill_event_padding(events_of(*a), float("nan"), -1))
+    poisoned_run = run_with_grads(triton_sparse_chunk, inputs, 3, dout=clean[3], dht=clean[4])
+    for name, a, b in zip(
+        ("o", "final state", *GRAD_NAMES), [*poisoned_run[:2], *poisoned_run[2]], [*clean[:2], *clean[2]]
+    ):
+        assert torch.equal(a, b), f"{name} read the events' padding or another head's events"
+
+
+def test_sparse_backward_pads_events_that_lost_their_padding(monkeypatch):
+    """Events whose arrays lost the padding the scans read into (copied by a saved-tensor hook)
+    are copied into padded buffers, once said: the same gradients."""
+    monkeypatch.setattr(utils, "_warned", set())
+    v, logits, eta, mu, h0 = detached_inputs(1, 30, 2, 24, 16)
+    _, _, events, carries = chunk_sparse_fwd(v, eta, mu, sparse_routing(logits, 3), 24, h0, False, None)
+    copied = events._replace(**{name: getattr(events, name).clone() for name in ("keys", "picks", "theta", "phi")})
+    assert not launch.has_event_padding(copied.keys)
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+    backward = functools.partial(launch.chunk_sparse_bwd, v, eta, mu, 24, logits.dtype)
+    expected = backward(events, carries, h0, do, dht, None, True)
+    with pytest.warns(UserWarning, match="copies its saved events into padded buffers"):
+        got = backward(copied, carries, h0, do, dht, None, True)
+    for name, a, b in zip(GRAD_NAMES, got, expected):
+        assert torch.equal(a, b), name
 
 
 def test_sparse_backward_launch_errors():
