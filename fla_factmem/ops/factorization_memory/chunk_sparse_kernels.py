@@ -15,25 +15,25 @@ block bounds, and the memory entering each of the forward's tiles of events (bel
 BP values per head.
 
 Each program takes one block of consecutive (sequence, row) keys, whose events are one range of
-the sorted list, and walks it in tiles of BP events. Within a tile the recurrence is an
-associative scan of (d, theta v) pairs along the events, cut at the first event of every row
-(d = 0 there, with d times the initial state's row folded into theta v) and at the tile's first
-event, which folds in the same way what the previous tile left in its row (the carry).
+the sorted list, and walks it in tiles of BP events.
 
-1. ``chunk_sparse_fwd_kernel``: h_e for every event; phi_e h_e goes to the event's slot
-   [token, head, pick] of a buffer in v's dtype that ``sum_over_picks_kernel`` sums, in
-   float32, into o, and the last event of each row writes the final state's row. With a
-   backward to come, it also stores the carry entering each tile.
+1. ``chunk_sparse_fwd_kernel``: within a tile the recurrence is an associative scan of (d,
+   theta v) pairs along the events, cut at the first event of every row (d = 0 there, with d
+   times the initial state's row folded into theta v) and at the tile's first event, which
+   folds in the same way what the previous tile left in its row (the carry). It gives h_e for
+   every event; phi_e h_e goes to the event's slot [token, head, pick] of a buffer in v's dtype
+   that ``sum_over_picks_kernel`` sums, in float32, into o, and the last event of each row
+   writes the final state's row. With a backward to come, it also stores the carry entering
+   each tile.
 2. ``chunk_sparse_bwd_kernel``: the gradient on the memory runs the other way along each row,
 
-       g_e = phi_e do_t + d_{e+1} g_{e+1}   (the gradient on the final state after the last),
+       g_e = phi_e do_t + d_{e+1} g_{e+1}   (the gradient on the final state after the last).
 
-   a reverse scan of the same kind. Walking the tiles in reverse (the launch's backward tiles
-   are half the forward's; a tile without a stored carry gets it from the tile before), with
-   h_e recomputed from each tile's carry, each event gives dv_t its theta_e g_e (summed over the
-   picks like o), dtheta_e = <g_e, v_t - h_{e-1}>, dphi_e = <do_t, h_e>, and the
-   first event of each row the initial state's gradient d_e g_e. ``routing_kernels.py`` turns
-   dtheta and dphi into gradients on the logits, eta and mu.
+   Walking the tiles in reverse, one event at a time, with h_e recomputed from each tile's
+   carry, each event gives dv_t its theta_e g_e (summed over the picks like o), dtheta_e =
+   <g_e, v_t - h_{e-1}>, dphi_e = <do_t, h_e>, and the first event of each row the initial
+   state's gradient d_e g_e. ``routing_kernels.py`` turns dtheta and dphi into gradients on the
+   logits, eta and mu.
 
 Decays are products of factors in [0, 1] (theta = 1 is an exact 0 that cuts the row's
 history); nothing is ever divided by one, and no exponent appears (SPEC section 3).
@@ -58,15 +58,6 @@ BACKWARD_SWITCHES = {
 def linear_recurrence(a_first, b_first, a_second, b_second):
     """Two steps x -> a x + b composed, the first applied first."""
     return a_first * a_second, a_second * b_first + b_second
-
-
-@triton.jit
-def reverse_linear_scan(a, b):
-    """x_e = a_e x_{e+1} + b_e along axis 0 of [BP, BV] tiles, from the last row back: a forward
-    scan of the rows flipped. Triton 3.6 lowers ``associative_scan(..., reverse=True)`` along an
-    axis that each thread holds whole with 320 lane shuffles at [8, 64] in one warp, the flips
-    and the forward scan with none (sm_90)."""
-    return tl.flip(tl.associative_scan((tl.flip(a, 0), tl.flip(b, 0)), 0, linear_recurrence)[1], 0)
 
 
 @triton.jit
@@ -151,42 +142,6 @@ def memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i):
 
 
 @triton.jit
-def backward_tile(
-    keys,
-    picks,
-    theta,
-    phi,
-    v,
-    do,
-    carries,
-    p0,
-    lo,
-    hi,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    CP: tl.constexpr,
-    o_i,
-    o_v,
-    m_v,
-):
-    """What the backward loads for the tile of events at p0 + o_i (``tile_events``), then do at
-    the events' tokens [BP, BV], the stored carry entering the tile [BV] where the forward
-    stored one (p0 a multiple of CP past the block's first forward tile; zeros elsewhere, and at
-    the block's first tile, which starts a row) and each event's d_next [BP]: 1 - theta of the
-    next event where that is on the same row, else 0 (unused there)."""
-    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
-        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
-    )
-    do_p = at_tokens(do, pick, m_p, K, V, o_v, m_v)
-    # a [BV] mask, as the interpreter takes no scalar in a mask
-    p0_v = tl.full(o_v.shape, p0, tl.int32)
-    has_carry = m_v & (p0_v % CP == 0) & (p0_v > lo // CP * CP)
-    carry = tl.load(carries + (p0 // CP) * V + o_v, mask=has_carry, other=0.0)
-    d_next = tl.where(m_p & ~last, 1.0 - tl.load(theta + p0 + o_i + 1), 0.0)
-    return m_p, key, first, last, pick, theta_p, phi_p, v_p, do_p, carry, d_next
-
-
-@triton.jit
 def block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h):
     """Block i_b of head i_h: where its events start and end among the head's sorted events,
     [lo, hi), and the pointers to the head's keys, picks, theta and phi."""
@@ -267,6 +222,32 @@ def chunk_sparse_fwd_kernel(
         m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
 
 
+@triton.jit
+def event_at(keys, picks, theta, phi, p, lo, hi):
+    """Event p of a head (a scalar position, readable: the arrays are padded): whether it lies in
+    [lo, hi), its key, whether it starts and ends its row's run, its pick, theta and phi; pick,
+    theta and phi are 0 outside [lo, hi)."""
+    valid = (p >= lo) & (p < hi)
+    packed = tl.load(keys + p)
+    pick = tl.where(valid, tl.load(picks + p), 0)
+    theta_e = tl.where(valid, tl.load(theta + p), 0.0)
+    phi_e = tl.where(valid, tl.load(phi + p), 0.0)
+    return valid, packed >> 2, valid & ((packed & 1) != 0), valid & ((packed & 2) != 0), pick, theta_e, phi_e
+
+
+@triton.jit
+def state_row(state, key, i_h, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, o_v):
+    """Pointers [BV] to columns o_v of row ``key`` (a scalar, sequence * M + row) of a [N, H, M, V] state."""
+    return state + ((key // M).to(tl.int64) * H + i_h) * M * V + (key % M) * V + o_v
+
+
+@triton.jit
+def where_also(mask, condition):
+    """mask where the scalar condition holds, else False: ``mask & condition``, which the
+    interpreter refuses for a scalar condition."""
+    return tl.where(condition, mask, False)
+
+
 @triton.heuristics(BACKWARD_SWITCHES)
 @triton.jit
 def chunk_sparse_bwd_kernel(
@@ -292,80 +273,74 @@ def chunk_sparse_bwd_kernel(
     K: tl.constexpr,
     V: tl.constexpr,
     BP: tl.constexpr,
-    CP: tl.constexpr,
     BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
 ):
-    """As ``chunk_sparse_fwd_kernel``, backward, in tiles of BP events, from the carries the
-    forward stored with tiles of CP events (CP = BP, or 2 BP: a tile between two stored carries
-    gets its carry from the tile before it, which the loop loads next anyway; NTILES = cdiv(E,
-    CP)). do: [tokens, H, V]; dht: [N, H, M, V] float32, optional. dh0 (optional):
-    [N, H, M, V] float32 holding dht (or zeros) on entry: only the picked rows are written.
-    dv_contributions: [tokens, H, K, V] in v's dtype, theta g at each event, for dv = their sum
-    over K. dtheta, dphi: [NV, tokens, H, K] float32, each block of columns' part of the
-    gradients on the picks' theta and phi (with NV = 1, the gradients)."""
+    """As ``chunk_sparse_fwd_kernel``, backward: the same blocks and tiles of BP events, whose
+    carries the forward stored (NTILES = cdiv(E, BP)), walked from the last tile back. do:
+    [tokens, H, V]; dht: [N, H, M, V] float32, optional. dh0 (optional): [N, H, M, V] float32
+    holding dht (or zeros) on entry: only the picked rows are written. dv_contributions:
+    [tokens, H, K, V] in v's dtype, theta g at each event, for dv = their sum over K. dtheta,
+    dphi: [NV, tokens, H, K] float32, each block of columns' part of the gradients on the picks'
+    theta and phi (with NV = 1, the gradients).
+
+    A tile's events are taken one at a time, each a scalar event and a [BV] row: first forward
+    from the tile's carry (h before and after each event, kept in a tuple of registers), then
+    back, where the gradient on the memory runs along the row as ``grad`` (d_{e+1} g_{e+1}) and
+    restarts at each row's last event. Against scans over [BP, BV] tiles this drops the shifts
+    between events and the per-element event masks: 1757 -> 1444 us at the 340M model's shape
+    (B=4, T=8192, H=4, V=256, (1024, 16)) and 464 -> 382 us at B=4, T=4096, H=8, V=64 (H200,
+    benchmarks/ops/NOTES.md, session 17)."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lo, hi, keys, picks, theta, phi = block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h)
     carries += i_h.to(tl.int64) * NTILES * V
     n_picks = E * H
-    o_i = tl.arange(0, BP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    n_tiles = tl.cdiv(hi - lo // BP * BP, BP)
+    first_tile = lo // BP * BP
+    n_tiles = tl.cdiv(hi - first_tile, BP)
+    # dtheta and dphi are stored as one-element tensors: the interpreter takes no scalar mask
+    o_1, zero_1 = tl.arange(0, 1), tl.zeros([1], dtype=tl.float32)
 
-    grad_carry = tl.zeros([BV], dtype=tl.float32)
-    p0 = lo // BP * BP + (n_tiles - 1) * BP
-    tl.static_assert((CP == BP) | (CP == 2 * BP), "carries every tile or every other tile")
-    m_p, key, first, last, pick, theta_p, phi_p, v_p, do_p, carry, d_next = backward_tile(
-        keys, picks, theta, phi, v, do, carries, p0, lo, hi, K, V, CP, o_i, o_v, m_v
-    )
-    for _ in range(n_tiles):
-        # the previous tile's loads, issued before this tile's scans (none depends on them): all
-        # a tile loads but the initial state's and dht's rows
-        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n, do_n, carry_n, d_next_n = backward_tile(
-            keys, picks, theta, phi, v, do, carries, p0 - BP, lo, hi, K, V, CP, o_i, o_v, m_v
-        )
-        if CP != BP:
-            # no stored carry here: where the previous tile (loaded above) leaves its last row.
-            # Half the carries of tiles of BP; before the first tile of a block it is unused
-            if p0 % CP != 0:
-                init_n = initial_rows(h0, key_n, first_n, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
-                h_n = memory_at_events(theta_n, v_n, m_n, first_n, init_n, carry_n, o_i)[0]
-                carry = tile_row(h_n, o_i, BP - 1)
-        init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
-        h, entered = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)
-        # the memory before each event: the previous event's, or the one entered at a start. A
-        # one-hot sum over the tile's rows, which each thread holds whole: tl.gather moved the
-        # tile to another layout and back through shared memory, and Triton 3.6 scanned h twice
-        # for it (sm_90); with the loads above and the flipped scan, 666 -> 649 us at (1024, 16),
-        # H200 (each alone was slower: benchmarks/ops/NOTES.md, session 9). O(BP^2 BV) a tile
-        before = tl.sum(tl.where(((o_i[:, None] - 1) == o_i[None, :])[:, :, None], h[None, :, :], 0.0), 1)
-        before = tl.where((first | (o_i == 0))[:, None], entered, before)
-
-        # the gradient on h_e, from the row's later events (d_next: the next event's decay,
-        # where it is on the same row); the tile's last event continues from grad_carry
-        ends = last | (o_i == BP - 1) | ~m_p
-        do_f = do_p.to(tl.float32)
-        b = phi_p[:, None] * do_f + tl.where(ends & ~last & m_p, d_next, 0.0)[:, None] * grad_carry[None, :]
-        if USE_FINAL_STATE_GRADIENT:
-            b += tl.load(row_of_state(dht, key, i_h, H, M, V, o_v), mask=last[:, None] & m_v[None, :], other=0.0)
-        a = tl.broadcast_to(tl.where(ends, 0.0, d_next)[:, None], b.shape)
-        g = reverse_linear_scan(a, b)
-        grad_carry = tile_row(g, o_i, tl.maximum(lo - p0, 0))
-
-        m_pv = m_p[:, None] & m_v[None, :]
-        dv_terms = (theta_p[:, None] * g).to(dv_contributions.dtype.element_ty)
-        tl.store(dv_contributions + pick[:, None] * V + o_v[None, :], dv_terms, mask=m_pv)
-        tl.store(dtheta + i_v * n_picks + pick, tl.sum(g * (v_p - before), 1), mask=m_p)
-        tl.store(dphi + i_v * n_picks + pick, tl.sum(do_f * h, 1), mask=m_p)
-        if STORE_INITIAL_STATE_GRADIENT:
-            dh0_p = (1.0 - theta_p)[:, None] * g
-            tl.store(row_of_state(dh0, key, i_h, H, M, V, o_v), dh0_p, mask=first[:, None] & m_v[None, :])
-        p0 -= BP
-        m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
-        do_p, carry, d_next = do_n, carry_n, d_next_n
+    grad = tl.zeros([BV], dtype=tl.float32)
+    for t in range(n_tiles):
+        p0 = first_tile + (n_tiles - 1 - t) * BP
+        # the block's first tile starts a row at lo: the events before it, outside [lo, hi), have
+        # theta 0 and leave h as it is until then
+        h = tl.load(carries + (p0 // BP) * V + o_v, mask=where_also(m_v, p0 > first_tile), other=0.0)
+        events = ()
+        for e in tl.static_range(BP):
+            valid, key, first, last, pick, theta_e, phi_e = event_at(keys, picks, theta, phi, p0 + e, lo, hi)
+            m_e = where_also(m_v, valid)
+            at_token = (pick // K).to(tl.int64) * V + o_v
+            v_e = tl.load(v + at_token, mask=m_e, other=0.0).to(tl.float32)
+            do_e = tl.load(do + at_token, mask=m_e, other=0.0).to(tl.float32)
+            if USE_INITIAL_STATE:
+                init = tl.load(state_row(h0, key, i_h, H, M, V, o_v), mask=where_also(m_v, first), other=0.0)
+                h = tl.where(first, init, h)
+            else:
+                h = tl.where(first, 0.0, h)
+            before = h
+            h = (1.0 - theta_e) * h + theta_e * v_e
+            events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e, do_e, before, h),)
+        for e in tl.static_range(BP - 1, -1, -1):
+            valid, key, first, last, pick, theta_e, phi_e, v_e, do_e, before, h = events[e]
+            if USE_FINAL_STATE_GRADIENT:
+                dht_row = tl.load(state_row(dht, key, i_h, H, M, V, o_v), mask=where_also(m_v, last), other=0.0)
+                grad = tl.where(last, dht_row, grad)
+            else:
+                grad = tl.where(last, 0.0, grad)
+            g = phi_e * do_e + grad
+            dv_terms = (theta_e * g).to(dv_contributions.dtype.element_ty)
+            tl.store(dv_contributions + pick.to(tl.int64) * V + o_v, dv_terms, mask=where_also(m_v, valid))
+            at_pick = i_v * n_picks + pick + o_1
+            tl.store(dtheta + at_pick, tl.sum(g * (v_e - before), 0) + zero_1, mask=where_also(o_1 == 0, valid))
+            tl.store(dphi + at_pick, tl.sum(do_e * h, 0) + zero_1, mask=where_also(o_1 == 0, valid))
+            grad = (1.0 - theta_e) * g
+            if STORE_INITIAL_STATE_GRADIENT:
+                tl.store(state_row(dh0, key, i_h, H, M, V, o_v), grad, mask=where_also(m_v, first))
 
 
 @triton.heuristics({"IS_VARLEN": lambda args: args["token_sequence"] is not None})

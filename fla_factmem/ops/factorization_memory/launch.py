@@ -300,19 +300,13 @@ class SparseEvents(NamedTuple):
 # blocks of about 256 events (2.33 ms forward+backward then, against 2.9 to 3.9 with 2 or 4 warps
 # on tiles of 16 or 32 events: the tiles' scans hold some 15 registers per element).
 SPARSE_TILE = 8
-# The backward walks tiles of 4 events (118 registers for sm_90, so 17 one-warp programs an SM
-# against 8 at tiles of 8 with 243: the kernel is bound by latency), from the forward's carries
-# every 8 events: 642 -> 471 us at (1024, 16), and 2.47 -> 1.80 ms at the 340M model's H = 4,
-# V = 256, T = 8192 (H200; a carry every 4 events: 480 us and 1.81 ms, and 64 MB more at
-# (1024, 16)). The forward is faster at tiles of 8 (173 against 193 us). benchmarks/ops/NOTES.md, session 10
-SPARSE_BACKWARD_TILE = 4
 # The scans read whole tiles of events without a mask, up to two forward tiles past either end of
 # a head's events: the event arrays lie this many elements inside their buffers at both ends
 EVENT_PADDING = 2 * SPARSE_TILE
-# Columns per program: the backward's 64 (118 registers at tiles of 4; 128 columns took 2.11
-# against 1.82 ms at V = 256); the forward's up to 128 (151 registers at tiles of 8): 651 -> 530
-# us at the model's V = 256, 648 -> 527 at V = 128 (B=4, T=8192, H=8), equal at B=1, T=2048
-# (H200, benchmarks/ops/NOTES.md, session 11)
+# Columns per program: the backward's 64 (1444 us at the 340M model's V = 256, against 1665 at 128
+# and 2734 at 32 columns, H200, session 17); the forward's up to 128 (151 registers at tiles of
+# 8): 651 -> 530 us at the model's V = 256, 648 -> 527 at V = 128 (B=4, T=8192, H=8), equal at
+# B=1, T=2048 (H200, session 11; benchmarks/ops/NOTES.md)
 SPARSE_BLOCK_V = 64
 SPARSE_FORWARD_BLOCK_V = 128
 SPARSE_WARPS = 1
@@ -338,8 +332,7 @@ def sparse_events(
     Block j of a head holds the whole rows that start between the rows holding events j S and
     (j + 1) S, S = ``SPARSE_EVENTS_PER_PROGRAM``: S events and the rest of the row it ends in,
     or one row of more than S events (a program walks a row's events in order, so a row picked
-    by every token costs T / SPARSE_TILE steps of one program forward, T / SPARSE_BACKWARD_TILE
-    backward)."""
+    by every token costs T / SPARSE_TILE steps of one program each way)."""
     rows, alpha = (x.contiguous() for x in routing)
     B, T, H, K = rows.shape
     N = num_sequences(B, cu_seqlens)
@@ -487,12 +480,10 @@ def chunk_sparse_bwd(
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     needs_dh0: bool,
-    backward_block_events: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sparse backward from the forward's inputs (``initial_state`` among them), ``events`` and
-    ``carries`` (``chunk_sparse_fwd``'s, one per tile of ``SPARSE_TILE`` events), in tiles of
-    ``backward_block_events`` (``SPARSE_TILE`` or half of it; ``SPARSE_BACKWARD_TILE`` if None):
-    ``(dv, dlogits, deta, dmu, dh0)`` in the layouts and dtypes of the inputs (dlogits
+    ``carries`` (``chunk_sparse_fwd``'s, one per tile of ``SPARSE_TILE`` events), over the same
+    tiles: ``(dv, dlogits, deta, dmu, dh0)`` in the layouts and dtypes of the inputs (dlogits
     ``[B, T, H, M]`` in ``logits_dtype``; dh0 float32, None unless ``needs_dh0``). Like the
     forward it reads and writes only the picked rows, of the gradient on the memory too (the
     others pass from dht to dh0 as they are); dlogits is 0 outside each token's picks. It
@@ -506,12 +497,6 @@ def chunk_sparse_bwd(
             f"chunk_sparse_bwd needs the carries of chunk_sparse_fwd(..., store_carries=True) with tiles of "
             f"{SPARSE_TILE} events ([H, {cdiv(E, SPARSE_TILE)}, V]); "
             f"got {None if carries is None else tuple(carries.shape)}"
-        )
-    if backward_block_events is None:
-        backward_block_events = SPARSE_BACKWARD_TILE
-    if SPARSE_TILE not in (backward_block_events, 2 * backward_block_events):
-        raise ValueError(
-            f"backward_block_events must be SPARSE_TILE ({SPARSE_TILE}) or half of it; got {backward_block_events}"
         )
     N = num_sequences(B, cu_seqlens)
     v, eta, mu, do = (x.contiguous() for x in (v, eta, mu, do))
@@ -528,7 +513,7 @@ def chunk_sparse_bwd(
         (NB, H, NV),
         v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, carries, do, dht, dh0,
         dv_contributions, pick_dtheta, pick_dphi, E, NB, carries.shape[1],
-        H=H, M=M, K=K, V=V, BP=backward_block_events, CP=SPARSE_TILE, BV=BV, num_warps=SPARSE_WARPS,
+        H=H, M=M, K=K, V=V, BP=SPARSE_TILE, BV=BV, num_warps=SPARSE_WARPS,
     )  # fmt: skip
     dv = sum_over_picks(dv_contributions, v.dtype, v.shape)
     if NV > 1:

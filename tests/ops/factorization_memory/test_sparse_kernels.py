@@ -243,22 +243,13 @@ def check_sparse_events(B, T, H, M, K, offsets, device):
     assert torch.equal(events.block_bounds.long(), torch.searchsorted(ref_keys, at))
 
 
-@pytest.mark.parametrize(
-    ("events_per_program", "backward_tile"),
-    # every block size at the launch's backward tile; at the forward's tile (a stored carry at
-    # every backward tile) all but blocks of one event, the slowest case under the interpreter
-    [(1, launch.SPARSE_TILE // 2), (40, launch.SPARSE_TILE // 2),
-     (launch.SPARSE_EVENTS_PER_PROGRAM, launch.SPARSE_TILE // 2),
-     (40, launch.SPARSE_TILE), (launch.SPARSE_EVENTS_PER_PROGRAM, launch.SPARSE_TILE)],
-)  # fmt: skip
-def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, backward_tile, monkeypatch):
+@pytest.mark.parametrize("events_per_program", [1, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
+def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, monkeypatch):
     """Routing concentrated on a few rows (each picked by nearly every token: runs of events far
     longer than a tile) and other rows picked now and then, in blocks of one row per program up
     to blocks that hold a whole sequence: the memory carried from tile to tile, forward and
-    backward (with a stored carry at every backward tile, or at every other one), and the
-    blocks' bounds."""
+    backward, and the blocks' bounds."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
-    monkeypatch.setattr(launch, "SPARSE_BACKWARD_TILE", backward_tile)
     offsets = torch.tensor([0, 70, 71, 130], dtype=torch.int32)
     v, logits, eta, mu, h0 = make_inputs(1, 130, 2, 24, 16, N=3)
     with torch.no_grad():
@@ -267,14 +258,11 @@ def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, backwar
                    cu_seqlens=offsets)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("events_per_program", "backward_tile"),
-    [(1, launch.SPARSE_TILE // 2), (3, launch.SPARSE_TILE // 2), (3, launch.SPARSE_TILE)],
-)
-def test_sparse_backward_reads_only_stored_carries(events_per_program, backward_tile, monkeypatch):
+@pytest.mark.parametrize("events_per_program", [1, 3])
+def test_sparse_backward_reads_only_stored_carries(events_per_program, monkeypatch):
     """The carry slots the forward leaves unwritten (each block's first tile; torch.empty on the
     GPU) set to NaN change nothing: the backward loads only the carries the forward stored, at
-    blocks whose first event lies anywhere in a tile of 4 or 8."""
+    blocks whose first event lies anywhere in a tile."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
     v, logits, eta, mu, h0 = detached_inputs(1, 60, 2, 24, 16)
     logits[..., :2] += 6.0  # rows 0-1 picked by nearly every token: runs over many tiles
@@ -288,7 +276,7 @@ def test_sparse_backward_reads_only_stored_carries(events_per_program, backward_
     do, dht = torch.randn_like(v), torch.randn_like(h0)
     grads = [
         launch.chunk_sparse_bwd(v, eta, mu, 24, logits.dtype, events, torch.where(stored[..., None], carries, fill),
-                                h0, do, dht, None, True, backward_block_events=backward_tile)
+                                h0, do, dht, None, True)
         for fill in (0.0, float("nan"))
     ]  # fmt: skip
     for name, a, b in zip(("dv", "dlogits", "deta", "dmu", "dh0"), *grads):
@@ -342,15 +330,15 @@ def test_sparse_backward_pads_events_that_lost_their_padding(monkeypatch):
 
 
 def test_sparse_backward_launch_errors():
-    """The backward needs the forward's carries, and tiles that its stored carries line up with."""
+    """The backward needs the forward's carries, one per tile of events."""
     v, logits, eta, mu, _ = make_inputs(1, 20, 2, 24, 16)
     routing = sparse_routing(logits, 4)
     _, _, events, carries = chunk_sparse_fwd(v, eta, mu, routing, 24, None, False, None)
     backward = functools.partial(launch.chunk_sparse_bwd, v, eta, mu, 24, logits.dtype, events)
     with pytest.raises(ValueError, match="needs the carries"):
         backward(None, None, torch.randn_like(v), None, None, False)
-    with pytest.raises(ValueError, match="backward_block_events must be SPARSE_TILE .* or half of it"):
-        backward(carries, None, torch.randn_like(v), None, None, False, backward_block_events=2)
+    with pytest.raises(ValueError, match="needs the carries"):
+        backward(carries[:, :-1], None, torch.randn_like(v), None, None, False)
 
 
 @pytest.mark.parametrize(
