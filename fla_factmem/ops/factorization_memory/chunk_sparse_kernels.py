@@ -69,7 +69,7 @@ def tile_row(x, o_i, i):
 
 @triton.jit
 def at_tokens(x, pick, m_p, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
-    """x's [BP, BV] columns o_v (x: v or do, [tokens, H, V], in its dtype) at the tokens of the
+    """x's [BP, BV] columns o_v (x: v, [tokens, H, V], in its dtype) at the tokens of the
     picks ``pick`` [BP] (flat indices of [tokens, H, K]), where m_p."""
     return tl.load(
         x + (pick // K).to(tl.int64)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0
@@ -80,13 +80,13 @@ def at_tokens(x, pick, m_p, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
 def tile_events(keys, picks, theta, phi, x, o_p, lo, hi, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
     """The events at sorted positions o_p [BP] of one head, those in [lo, hi) valid:
     whether each is valid, its key, whether it starts or ends its row's run, its pick's flat
-    index in [tokens, H, K], theta and phi, and x's [BP, BV] columns o_v at its token (x: v or do,
+    index in [tokens, H, K], theta and phi, and x's [BP, BV] columns o_v at its token (x: v,
     [tokens, H, V]). Every load but x's is contiguous: the host sorted the picks' weights too.
     ``keys`` holds each key shifted left by 2 with the run's start and end flags in bits 0 and 1
     (``sparse_events_kernel``); a block holds whole runs, so they are the block's too. The event
     arrays are read without a mask and the invalid events masked after (their buffers extend two
-    forward tiles past either end: ``launch.sparse_events``): masked loads cost a predicate and a
-    select per element, 7% of the forward's instructions a tile and 2% of the backward's (sm_90)."""
+    tiles past either end: ``launch.sparse_events``): masked loads cost a predicate and a select
+    per element, 7% of the forward's instructions a tile (sm_90, offline)."""
     m_p = (o_p >= lo) & (o_p < hi)
     packed = tl.load(keys + o_p)
     first = m_p & ((packed & 1) != 0)

@@ -300,8 +300,10 @@ class SparseEvents(NamedTuple):
 # blocks of about 256 events (2.33 ms forward+backward then, against 2.9 to 3.9 with 2 or 4 warps
 # on tiles of 16 or 32 events: the tiles' scans hold some 15 registers per element).
 SPARSE_TILE = 8
-# The scans read whole tiles of events without a mask, up to two forward tiles past either end of
-# a head's events: the event arrays lie this many elements inside their buffers at both ends
+# The kernels read whole tiles of events without a mask, up to two tiles past the end of a head's
+# events (the forward loads a tile ahead): the event arrays lie this many elements inside their
+# buffers, at both ends (none reads before a head's first event since session 17's backward; the
+# padding in front is kept, as harmless as it is cheap)
 EVENT_PADDING = 2 * SPARSE_TILE
 # Columns per program: the backward's 64 (1444 us at the 340M model's V = 256, against 1665 at 128
 # and 2734 at 32 columns, H200, session 17); the forward's up to 128 (151 registers at tiles of

@@ -267,11 +267,11 @@ def test_sparse_backward_reads_only_stored_carries(events_per_program, monkeypat
     v, logits, eta, mu, h0 = detached_inputs(1, 60, 2, 24, 16)
     logits[..., :2] += 6.0  # rows 0-1 picked by nearly every token: runs over many tiles
     _, _, events, carries = chunk_sparse_fwd(v, eta, mu, sparse_routing(logits, 3), 24, h0, False, None)
-    CP = launch.SPARSE_TILE
+    BP = launch.SPARSE_TILE
     stored = torch.zeros(carries.shape[:2], dtype=torch.bool)
     for head, bounds in enumerate(events.block_bounds.tolist()):
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            stored[head, lo // CP + 1 : -(-hi // CP)] = True  # the forward's tiles after the block's first
+            stored[head, lo // BP + 1 : -(-hi // BP)] = True  # the forward's tiles after the block's first
     assert (~stored).sum() > stored.shape[0], "the test needs blocks past the first that start inside a tile"
     do, dht = torch.randn_like(v), torch.randn_like(h0)
     grads = [
@@ -297,9 +297,9 @@ def fill_event_padding(events, fill_float, fill_int):
 
 @pytest.mark.parametrize("events_per_program", [1, 40])
 def test_sparse_scans_ignore_what_lies_around_the_events(events_per_program, monkeypatch):
-    """The scans read whole tiles of events unmasked, up to two forward tiles past a head's first
-    and last events (into the other head's events and the buffers' padding): NaN and -1 there
-    change nothing, forward or backward, with T K not a multiple of a tile."""
+    """The kernels read whole tiles of events unmasked, up to two tiles past a head's last event
+    (into the next head's events and the buffers' padding): NaN and -1 around the events change
+    nothing, forward or backward, with T K not a multiple of a tile."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
     inputs = make_inputs(1, 11, 2, 24, 16, logit_scale=2.0, with_state=True)
     clean = run_with_grads(triton_sparse_chunk, inputs, 3)
