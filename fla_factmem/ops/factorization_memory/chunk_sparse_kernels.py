@@ -77,25 +77,31 @@ def at_tokens(x, pick, m_p, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
 
 
 @triton.jit
+def event_at(keys, picks, theta, phi, p, lo, hi):
+    """Events at sorted positions p of a head (a scalar, or a tensor of positions; readable: the
+    arrays are padded): whether each lies in [lo, hi), its key, whether it starts and ends its
+    row's run, its pick, theta and phi; pick, theta and phi are 0 outside [lo, hi). ``keys``
+    holds each key shifted left by 2 with the run's start and end flags in bits 0 and 1
+    (``sparse_events_kernel``); a block holds whole runs, so they are the block's too."""
+    valid = (p >= lo) & (p < hi)
+    packed = tl.load(keys + p)
+    pick = tl.where(valid, tl.load(picks + p), 0)
+    theta_e = tl.where(valid, tl.load(theta + p), 0.0)
+    phi_e = tl.where(valid, tl.load(phi + p), 0.0)
+    return valid, packed >> 2, valid & ((packed & 1) != 0), valid & ((packed & 2) != 0), pick, theta_e, phi_e
+
+
+@triton.jit
 def tile_events(keys, picks, theta, phi, x, o_p, lo, hi, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
-    """The events at sorted positions o_p [BP] of one head, those in [lo, hi) valid:
-    whether each is valid, its key, whether it starts or ends its row's run, its pick's flat
-    index in [tokens, H, K], theta and phi, and x's [BP, BV] columns o_v at its token (x: v,
+    """``event_at`` for the events at sorted positions o_p [BP] of one head, those in [lo, hi)
+    valid (the pick as int64), and x's [BP, BV] columns o_v at each event's token (x: v,
     [tokens, H, V]). Every load but x's is contiguous: the host sorted the picks' weights too.
-    ``keys`` holds each key shifted left by 2 with the run's start and end flags in bits 0 and 1
-    (``sparse_events_kernel``); a block holds whole runs, so they are the block's too. The event
-    arrays are read without a mask and the invalid events masked after (their buffers extend two
-    tiles past either end: ``launch.sparse_events``): masked loads cost a predicate and a select
-    per element, 7% of the forward's instructions a tile (sm_90, offline)."""
-    m_p = (o_p >= lo) & (o_p < hi)
-    packed = tl.load(keys + o_p)
-    first = m_p & ((packed & 1) != 0)
-    last = m_p & ((packed & 2) != 0)
-    pick = tl.where(m_p, tl.load(picks + o_p), 0)
-    theta_p = tl.where(m_p, tl.load(theta + o_p), 0.0)
-    phi_p = tl.where(m_p, tl.load(phi + o_p), 0.0)
+    The event arrays are read without a mask and the invalid events masked after (their buffers
+    extend two tiles past either end: ``launch.sparse_events``): masked loads cost a predicate
+    and a select per element, 7% of the forward's instructions a tile (sm_90, offline)."""
+    m_p, key, first, last, pick, theta_p, phi_p = event_at(keys, picks, theta, phi, o_p, lo, hi)
     x_p = at_tokens(x, pick, m_p, K, V, o_v, m_v).to(tl.float32)
-    return m_p, packed >> 2, first, last, pick.to(tl.int64), theta_p, phi_p, x_p
+    return m_p, key, first, last, pick.to(tl.int64), theta_p, phi_p, x_p
 
 
 @triton.jit
@@ -220,19 +226,6 @@ def chunk_sparse_fwd_kernel(
         carry = tile_row(h, o_i, tl.minimum(hi - p0, BP) - 1)
         p0 += BP
         m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
-
-
-@triton.jit
-def event_at(keys, picks, theta, phi, p, lo, hi):
-    """Event p of a head (a scalar position, readable: the arrays are padded): whether it lies in
-    [lo, hi), its key, whether it starts and ends its row's run, its pick, theta and phi; pick,
-    theta and phi are 0 outside [lo, hi)."""
-    valid = (p >= lo) & (p < hi)
-    packed = tl.load(keys + p)
-    pick = tl.where(valid, tl.load(picks + p), 0)
-    theta_e = tl.where(valid, tl.load(theta + p), 0.0)
-    phi_e = tl.where(valid, tl.load(phi + p), 0.0)
-    return valid, packed >> 2, valid & ((packed & 1) != 0), valid & ((packed & 2) != 0), pick, theta_e, phi_e
 
 
 @triton.jit
