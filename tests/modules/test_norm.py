@@ -1,6 +1,7 @@
-"""``rms_norm_gated_fwd``, the gated norm's inference kernel: through the interpreter on the CPU
-against the module's PyTorch math, on gates (and inputs) at a stride; on the GPU against FLA's
-kernel, and the module's choice between the two."""
+"""The gated norm's kernels, ``rms_norm_gated_fwd`` (inference) and ``rms_norm_gated`` (forward
+and backward): through the interpreter on the CPU against the module's PyTorch math under
+autograd, on gates (and inputs) at a stride; on the GPU against FLA's function, and the module's
+choice between them."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from fla.modules.norm.fused_norm_gate import rms_norm_gated
 
 from fla_factmem.modules import FusedRMSNormGated
 from fla_factmem.modules import norm as norm_module
-from fla_factmem.modules.norm import rms_norm_gated_fwd
+from fla_factmem.modules.norm import GATED_NORM_BWD_ROWS, rms_norm_gated_fwd
+from fla_factmem.modules.norm import rms_norm_gated as our_rms_norm_gated
 from tests.utils import assert_close
 
 # bf16: the interpreter truncates float32 to bfloat16 where the GPU rounds to nearest
@@ -58,6 +60,39 @@ def test_rms_norm_gated_kernel(B, T, D, layout, activation, affine, dtype):
     assert_close("y", y, norm.forward_torch(x, g), TOLERANCES[dtype])
 
 
+def gated_norm_with_grads(norm_fn, x, g, weight, dy):
+    """norm_fn(x, g, weight)'s output and the gradients on x, g and the weight (None without one)."""
+    x, g = x.detach().requires_grad_(), g.detach().requires_grad_()
+    weight = None if weight is None else weight.detach().requires_grad_()
+    y = norm_fn(x, g, weight)
+    grads = torch.autograd.grad(y, [t for t in (x, g, weight) if t is not None], dy)
+    return (y, *grads)
+
+
+# more rows than one program of the backward takes, and not a multiple of them; not D = 1, where
+# dx = rstd dn (1 - xhat^2) is eps over x^2 after a cancellation that no float32 order evaluates
+# to 1e-6
+BACKWARD_CASES = [c for c in CASES if c[2] > 1] + [(3, GATED_NORM_BWD_ROWS + 5, 48, "contiguous", "swish", True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("B", "T", "D", "layout", "activation", "affine"), BACKWARD_CASES)
+def test_rms_norm_gated_backward_kernel(B, T, D, layout, activation, affine, dtype):
+    x, g = norm_inputs(B, T, D, dtype, "cpu", layout)
+    norm = make_norm(D, activation, affine, "cpu")
+    dy = torch.randn(B, T, D).to(dtype)
+    ours = gated_norm_with_grads(lambda *a: our_rms_norm_gated(*a, norm.eps, activation), x, g, norm.weight, dy)
+
+    def reference(x, g, weight):
+        gate = torch.nn.functional.silu(g.float()) if activation != "sigmoid" else torch.sigmoid(g.float())
+        return norm_module.rms_norm_torch(x, weight, norm.eps) * gate
+
+    ref = gated_norm_with_grads(reference, x.float(), g.float(), norm.weight, dy.float())
+    assert ours[1].dtype == ours[2].dtype == dtype and ours[1].shape == x.shape and ours[2].shape == g.shape
+    for name, a, b in zip(("y", "dx", "dg", "dw"), ours, ref):
+        assert_close(name, a, b, TOLERANCES[dtype])
+
+
 def test_rms_norm_gated_kernel_takes_a_strided_weight_and_checks_its_arguments():
     x, g = norm_inputs(2, 3, 8, torch.float32, "cpu", "slice")
     weight = torch.randn(16)[::2]
@@ -94,9 +129,35 @@ def test_cuda_rms_norm_gated_matches_fla(B, T, D, layout, activation, affine, dt
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("B", "T", "D", "layout", "activation", "affine"),
+    [
+        (4, 2048, 1024, "contiguous", "swish", True),
+        (2, 300, 256, "slice", "sigmoid", True),
+        (3, 77, 100, "every_other", "swish", False),
+    ],
+)
+def test_cuda_rms_norm_gated_backward_matches_fla(B, T, D, layout, activation, affine, dtype):
+    """Forward and backward against FLA's function: the same float32 arithmetic, summed in
+    another order (dw over other groups of rows)."""
+    x, g = norm_inputs(B, T, D, dtype, "cuda", layout)
+    norm = make_norm(D, activation, affine, "cuda")
+    dy = torch.randn(B, T, D, device="cuda").to(dtype)
+    ours = gated_norm_with_grads(lambda *a: our_rms_norm_gated(*a, norm.eps, activation), x, g, norm.weight, dy)
+    fla = gated_norm_with_grads(
+        lambda x, g, w: rms_norm_gated(x.contiguous(), g.contiguous(), w, None, activation, eps=norm.eps),
+        x, g, norm.weight, dy,
+    )  # fmt: skip
+    for name, a, b in zip(("y", "dx", "dg", "dw"), ours, fla):
+        assert_close(name, a, b, {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype])
+
+
+@pytest.mark.cuda
 def test_cuda_gated_norm_takes_our_kernel_exactly_without_autograd(monkeypatch):
-    """Our kernel under no_grad and inference_mode, and with gradients enabled when nothing needs
-    one; FLA's function with a residual, prenorm or a gradient to track."""
+    """Our inference kernel under no_grad and inference_mode, and with gradients enabled when
+    nothing needs one; our autograd function with a gradient to track; FLA's function with a
+    residual or prenorm."""
     calls = []
 
     def spy(*args):
@@ -119,5 +180,5 @@ def test_cuda_gated_norm_takes_our_kernel_exactly_without_autograd(monkeypatch):
     with torch.inference_mode():
         assert takes_ours(lambda: norm(x, g))[0]
     assert takes_ours(lambda: frozen(x, g))[0]
-    ours, y = takes_ours(lambda: norm(x, g))  # the weight needs a gradient
-    assert not ours and y.grad_fn is not None
+    ours, y = takes_ours(lambda: norm(x, g))  # the weight needs a gradient: our autograd function
+    assert not ours and type(y.grad_fn).__name__ == "RMSNormGatedFunctionBackward"
