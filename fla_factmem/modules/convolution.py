@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 from fla.modules import ShortConvolution as FLAShortConvolution
 from fla.ops.utils.index import prepare_position_ids
+from torch.autograd.function import once_differentiable
 
 from fla_factmem.ops.compiled_launch import CompiledLauncher
 from fla_factmem.utils import cdiv, host_offsets, next_power_of_2, on_device_of
@@ -150,6 +151,7 @@ class ShortConvolutionFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, positions = ctx.saved_tensors
         D, W, BD, grid = _conv_launch(x, weight)
@@ -198,9 +200,15 @@ def short_convolution(
         raise ValueError(f"short_convolution: activation {activation!r}, not silu, swish or None")
     positions = None
     if cu_seqlens is not None:
-        if x.shape[0] != 1:
-            raise ValueError(f"short_convolution: packed sequences take B = 1; got x {tuple(x.shape)}")
+        if x.shape[0] != 1 or cu_seqlens.device != x.device:
+            raise ValueError(
+                f"short_convolution: packed sequences take B = 1 and cu_seqlens on x's device; got x "
+                f"{tuple(x.shape)} on {x.device}, cu_seqlens on {cu_seqlens.device}"
+            )
         positions = prepare_position_ids(cu_seqlens).to(torch.int32)
+        if positions.numel() != x.shape[1]:
+            raise ValueError(f"short_convolution: cu_seqlens spans {positions.numel()} tokens; x has {x.shape[1]}")
+    bias = None if bias is None else bias.contiguous()
     return ShortConvolutionFunction.apply(
         x.contiguous(), weight.contiguous(), bias, positions, x.shape[1], activation is not None
     )
@@ -209,8 +217,8 @@ def short_convolution(
 class ShortConvolution(FLAShortConvolution):
     """Depthwise causal convolution over time with an optional SiLU, and FLA's cache layout.
 
-    On CUDA tensors, calls without a cache in or out, a residual or a mask (training) take
-    ``short_convolution``; the others FLA's kernels.
+    On CUDA tensors, calls of ``[B, T, D]`` inputs without a cache in or out, a residual, a mask
+    or FLA's further options (training) take ``short_convolution``; the others FLA's kernels.
 
     Args of ``forward``:
         x: ``[B, T, D]`` (B = 1 with ``cu_seqlens``).
@@ -226,7 +234,9 @@ class ShortConvolution(FLAShortConvolution):
 
     def forward(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None, **kwargs):
         if x.is_cuda:
-            if cache is None and not output_final_state and residual is None and mask is None:
+            # FLA's own options (its CUDA backend, context parallelism, its layouts) stay with FLA
+            plain = residual is None and mask is None and x.dim() == 3 and self.backend == "triton"
+            if plain and cache is None and not output_final_state and all(v is None for v in kwargs.values()):
                 weight = self.weight.squeeze(1)
                 return short_convolution(x, weight, self.bias, self.activation, cu_seqlens), None
             return super().forward(x, residual, mask, cache, output_final_state, cu_seqlens, **kwargs)

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 from fla.modules import FusedRMSNormGated as FLAFusedRMSNormGated
 from fla.modules import RMSNorm as FLARMSNorm
+from torch.autograd.function import once_differentiable
 
 from fla_factmem.modules.rows import rows_at_one_stride
 from fla_factmem.ops.compiled_launch import CompiledLauncher
@@ -191,6 +192,7 @@ def rms_norm_gated_bwd(
     ``(dx, dg, dw)``: dx and dg contiguous in x's and g's shapes and dtypes, dw ``[D]`` in the
     weight's dtype (None without a weight)."""
     _check_gated_norm("rms_norm_gated_bwd", x, g, weight, activation)
+    weight = None if weight is None else weight.contiguous()
     D = x.shape[-1]
     n_rows = rstd.numel()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -217,12 +219,14 @@ class RMSNormGatedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g, weight, eps, activation):
+        weight = None if weight is None else weight.contiguous()  # the backward reads it at unit steps
         y, rstd = _gated_norm_forward(x, g, weight, eps, activation, store_rstd=True)
         ctx.save_for_backward(x, g, weight, rstd)
         ctx.activation = activation
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, g, weight, rstd = ctx.saved_tensors
         dx, dg, dw = rms_norm_gated_bwd(dy, x, g, weight, rstd, ctx.activation)

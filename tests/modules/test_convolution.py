@@ -10,7 +10,7 @@ from fla_factmem.modules import convolution as convolution_module
 from fla_factmem.modules.convolution import CONV_BT, short_convolution
 from tests.utils import assert_close
 
-TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
 def with_grads(fn, x, weight, bias, dy):
@@ -36,11 +36,12 @@ CASES = [
     (1, 1, 16, 4, True, "silu"),
     (3, CONV_BT + 7, 100, 4, True, None),
     (1, [5, 0, 1, CONV_BT + 3], 8, 3, False, "swish"),
+    (1, [0, 4, CONV_BT + 2, 0], 100, 4, True, "silu"),
     (2, 6, 8, 1, True, "silu"),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("B", "lengths", "D", "W", "bias", "activation"), CASES)
 def test_short_convolution_kernels(B, lengths, D, W, bias, activation, dtype):
     packed = isinstance(lengths, list)
@@ -66,6 +67,23 @@ def test_short_convolution_checks_its_arguments():
         short_convolution(x, weight, None, "relu")
     with pytest.raises(ValueError, match="B = 1"):
         short_convolution(x, weight, cu_seqlens=torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match="spans 4 tokens"):
+        short_convolution(x[:1], weight, cu_seqlens=torch.tensor([0, 1, 4]))
+
+
+def test_short_convolution_of_no_tokens():
+    x = torch.randn(2, 0, 8)
+    weight, bias = torch.randn(8, 4, requires_grad=True), torch.randn(8, requires_grad=True)
+    y = short_convolution(x, weight, bias)
+    assert y.shape == (2, 0, 8)
+    dw, db = torch.autograd.grad(y.sum(), (weight, bias))
+    assert not dw.any() and not db.any()
+
+
+def test_short_convolution_takes_a_strided_bias():
+    x, weight, bias = torch.randn(2, 5, 8), torch.randn(8, 4), torch.randn(16)[::2]
+    y = short_convolution(x, weight, bias)
+    assert_close("y", y, short_convolution(x, weight, bias.contiguous()), 0)
 
 
 @pytest.mark.cuda
