@@ -35,6 +35,19 @@ def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float) -> N
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
+def offsets_of(lengths, device="cpu") -> torch.Tensor:
+    """``cu_seqlens`` [len(lengths) + 1] of sequences of these lengths packed along T."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+
+
+def output_and_grads(fn, tensors, dout):
+    """``fn(*tensors)`` on detached copies that require grad (None stays None), and the gradients
+    of its output, for ``dout``, on each tensor that is not None: ``(y, *grads)``."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
+    y = fn(*leaves)
+    return (y, *torch.autograd.grad(y, [t for t in leaves if t is not None], dout))
+
+
 def run_with_grads(fn, inputs, topk, dout=None, dht=None, **kwargs):
     """Runs ``fn`` on (v, logits, eta, mu, h0), backpropagates ``dout`` (and ``dht`` into the final
     state) and returns the output, the final state and the gradients of every input."""

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 from fla.modules import ShortConvolution as FLAShortConvolution
 from fla.ops.utils.index import prepare_position_ids
+from fla.utils import tensor_cache
 from torch.autograd.function import once_differentiable
 
 from fla_factmem.ops.compiled_launch import CompiledLauncher
@@ -171,6 +172,14 @@ class ShortConvolutionFunction(torch.autograd.Function):
         return dx, dw[:, :W].to(weight.dtype), db, None, None, None
 
 
+@tensor_cache
+def sequence_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its sequence, ``[T]`` int32, for the sequences of ``cu_seqlens``
+    ``[N + 1]``: FLA's ``prepare_position_ids`` cast once per ``cu_seqlens`` tensor, not in every
+    layer's call."""
+    return prepare_position_ids(cu_seqlens).to(torch.int32)
+
+
 def short_convolution(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -205,7 +214,7 @@ def short_convolution(
                 f"short_convolution: packed sequences take B = 1 and cu_seqlens on x's device; got x "
                 f"{tuple(x.shape)} on {x.device}, cu_seqlens on {cu_seqlens.device}"
             )
-        positions = prepare_position_ids(cu_seqlens).to(torch.int32)
+        positions = sequence_positions(cu_seqlens)
         if positions.numel() != x.shape[1]:
             raise ValueError(f"short_convolution: cu_seqlens spans {positions.numel()} tokens; x has {x.shape[1]}")
     bias = None if bias is None else bias.contiguous()

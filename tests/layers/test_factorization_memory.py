@@ -8,7 +8,7 @@ from fla.models.cache_utils import Cache
 
 from fla_factmem.layers import FactorizationMemory
 from fla_factmem.ops import naive_factorization_memory
-from tests.utils import assert_close
+from tests.utils import assert_close, offsets_of
 
 D, H, V, M = 32, 2, 8, 6
 
@@ -110,7 +110,7 @@ def test_cu_seqlens_equals_per_sequence_runs():
     layer = make_layer()
     lengths = [5, 1, 66, 9]
     xs = [torch.randn(1, n, D) for n in lengths]
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    cu_seqlens = offsets_of(lengths)
     y, _, _ = layer(torch.cat(xs, 1), cu_seqlens=cu_seqlens)
     for i, xi in enumerate(xs):
         assert_close(f"y[{i}]", y[:, cu_seqlens[i] : cu_seqlens[i + 1]], layer(xi)[0], 1e-5)

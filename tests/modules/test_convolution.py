@@ -8,16 +8,9 @@ import torch
 from fla_factmem.modules import ShortConvolution
 from fla_factmem.modules import convolution as convolution_module
 from fla_factmem.modules.convolution import CONV_BT, short_convolution
-from tests.utils import assert_close
+from tests.utils import assert_close, offsets_of, output_and_grads
 
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-
-
-def with_grads(fn, x, weight, bias, dy):
-    """fn(x, weight, bias)'s output and the gradients on x, the weight and the bias (if any)."""
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
-    y = fn(*leaves, *([None] if bias is None else []))
-    return (y, *torch.autograd.grad(y, leaves, dy))
 
 
 def module_reference(conv, cu_seqlens):
@@ -46,13 +39,13 @@ CASES = [
 def test_short_convolution_kernels(B, lengths, D, W, bias, activation, dtype):
     packed = isinstance(lengths, list)
     T = sum(lengths) if packed else lengths
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if packed else None
+    cu_seqlens = offsets_of(lengths) if packed else None
     conv = ShortConvolution(D, W, bias=bias, activation=activation)
     x, dy = torch.randn(B, T, D).to(dtype), torch.randn(B, T, D).to(dtype)
     weight = torch.randn(D, W)
     b = torch.randn(D) if bias else None
-    ours = with_grads(lambda *a: short_convolution(*a, activation, cu_seqlens), x, weight, b, dy)
-    ref = with_grads(module_reference(conv, cu_seqlens), x.float(), weight, b, dy.float())
+    ours = output_and_grads(lambda *a: short_convolution(*a, activation, cu_seqlens), (x, weight, b), dy)
+    ref = output_and_grads(module_reference(conv, cu_seqlens), (x.float(), weight, b), dy.float())
     assert ours[0].dtype == dtype
     for name, a, r in zip(("y", "dx", "dw", "db"), ours, ref):
         assert_close(name, a, r, TOLERANCES[dtype])
@@ -94,14 +87,14 @@ def test_cuda_short_convolution_matches_fla(B, lengths, bias, dtype):
 
     packed = isinstance(lengths, list)
     T = sum(lengths) if packed else lengths
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda") if packed else None
+    cu_seqlens = offsets_of(lengths, "cuda") if packed else None
     D, W = 1024, 4
     x, dy = (torch.randn(B, T, D, device="cuda").to(dtype) for _ in range(2))
     weight = torch.randn(D, W, device="cuda")
     b = torch.randn(D, device="cuda") if bias else None
-    ours = with_grads(lambda *a: short_convolution(*a, "silu", cu_seqlens), x, weight, b, dy)
-    fla = with_grads(
-        lambda x, w, b: causal_conv1d(x, w, b, activation="silu", cu_seqlens=cu_seqlens)[0], x, weight, b, dy
+    ours = output_and_grads(lambda *a: short_convolution(*a, "silu", cu_seqlens), (x, weight, b), dy)
+    fla = output_and_grads(
+        lambda x, w, b: causal_conv1d(x, w, b, activation="silu", cu_seqlens=cu_seqlens)[0], (x, weight, b), dy
     )
     for name, a, r in zip(("y", "dx", "dw", "db"), ours, fla):
         assert_close(name, a, r, TOLERANCES[dtype])

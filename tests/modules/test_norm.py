@@ -11,7 +11,7 @@ from fla_factmem.modules import FusedRMSNormGated
 from fla_factmem.modules import norm as norm_module
 from fla_factmem.modules.norm import GATED_NORM_BWD_ROWS, rms_norm_gated_fwd
 from fla_factmem.modules.norm import rms_norm_gated as our_rms_norm_gated
-from tests.utils import assert_close
+from tests.utils import assert_close, output_and_grads
 
 # bf16: the interpreter truncates float32 to bfloat16 where the GPU rounds to nearest
 TOLERANCES = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
@@ -60,15 +60,6 @@ def test_rms_norm_gated_kernel(B, T, D, layout, activation, affine, dtype):
     assert_close("y", y, norm.forward_torch(x, g), TOLERANCES[dtype])
 
 
-def gated_norm_with_grads(norm_fn, x, g, weight, dy):
-    """norm_fn(x, g, weight)'s output and the gradients on x, g and the weight (None without one)."""
-    x, g = x.detach().requires_grad_(), g.detach().requires_grad_()
-    weight = None if weight is None else weight.detach().requires_grad_()
-    y = norm_fn(x, g, weight)
-    grads = torch.autograd.grad(y, [t for t in (x, g, weight) if t is not None], dy)
-    return (y, *grads)
-
-
 # more rows than one program of the backward takes, and not a multiple of them; not D = 1, where
 # dx = rstd dn (1 - xhat^2) is eps over x^2 after a cancellation that no float32 order evaluates
 # to 1e-6
@@ -84,13 +75,13 @@ def test_rms_norm_gated_backward_kernel(B, T, D, layout, activation, affine, dty
     weight = norm.weight
     if affine and layout == "slice":  # a weight at a stride, as the forward takes it
         weight = torch.nn.Parameter(torch.randn(2 * D)[::2])
-    ours = gated_norm_with_grads(lambda *a: our_rms_norm_gated(*a, norm.eps, activation), x, g, weight, dy)
+    ours = output_and_grads(lambda *a: our_rms_norm_gated(*a, norm.eps, activation), (x, g, weight), dy)
 
     def reference(x, g, weight):
         gate = torch.nn.functional.silu(g.float()) if activation != "sigmoid" else torch.sigmoid(g.float())
         return norm_module.rms_norm_torch(x, weight, norm.eps) * gate
 
-    ref = gated_norm_with_grads(reference, x.float(), g.float(), weight, dy.float())
+    ref = output_and_grads(reference, (x.float(), g.float(), weight), dy.float())
     assert ours[1].dtype == ours[2].dtype == dtype and ours[1].shape == x.shape and ours[2].shape == g.shape
     for name, a, b in zip(("y", "dx", "dg", "dw"), ours, ref):
         assert_close(name, a, b, TOLERANCES[dtype])
@@ -147,10 +138,10 @@ def test_cuda_rms_norm_gated_backward_matches_fla(B, T, D, layout, activation, a
     x, g = norm_inputs(B, T, D, dtype, "cuda", layout)
     norm = make_norm(D, activation, affine, "cuda")
     dy = torch.randn(B, T, D, device="cuda").to(dtype)
-    ours = gated_norm_with_grads(lambda *a: our_rms_norm_gated(*a, norm.eps, activation), x, g, norm.weight, dy)
-    fla = gated_norm_with_grads(
+    ours = output_and_grads(lambda *a: our_rms_norm_gated(*a, norm.eps, activation), (x, g, norm.weight), dy)
+    fla = output_and_grads(
         lambda x, g, w: rms_norm_gated(x.contiguous(), g.contiguous(), w, None, activation, eps=norm.eps),
-        x, g, norm.weight, dy,
+        (x, g, norm.weight), dy,
     )  # fmt: skip
     for name, a, b in zip(("y", "dx", "dg", "dw"), ours, fla):
         assert_close(name, a, b, {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype])

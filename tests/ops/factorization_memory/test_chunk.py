@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fla_factmem.ops import chunk_factorization_memory, naive_factorization_memory
-from tests.utils import assert_close, assert_matches, make_inputs, run_with_grads
+from tests.utils import assert_close, assert_matches, make_inputs, offsets_of, run_with_grads
 
 FWD_TOL, BWD_TOL = 1e-5, 1e-4
 
@@ -43,7 +43,7 @@ def test_topk_m_equals_dense():
 @pytest.mark.parametrize("topk", [None, 3])
 def test_varlen_equals_separate_runs(fn, topk):
     lengths = [5, 0, 40, 1, 19]
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    offsets = offsets_of(lengths)
     T, H, M, V = sum(lengths), 2, 8, 4
     v, logits, eta, mu, h0 = make_inputs(1, T, H, M, V, N=len(lengths))
     o, ht, grads, dout, dht = run_with_grads(fn, (v, logits, eta, mu, h0), topk, cu_seqlens=offsets)
