@@ -15,22 +15,21 @@ block bounds, and the memory entering each of the forward's tiles of events (bel
 BP values per head.
 
 Each program takes one block of consecutive (sequence, row) keys, whose events are one range of
-the sorted list, and walks it in tiles of BP events.
+the sorted list, over a block of up to 256 columns in one warp, and walks it in tiles of BP
+events aligned among the head's events: it issues the tile's loads first (they do not depend on
+the memory), then takes the events one at a time, each a scalar event and a [BV] row.
 
-1. ``chunk_sparse_fwd_kernel``: within a tile the recurrence is an associative scan of (d,
-   theta v) pairs along the events, cut at the first event of every row (d = 0 there, with d
-   times the initial state's row folded into theta v) and at the tile's first event, which
-   folds in the same way what the previous tile left in its row (the carry). It gives h_e for
-   every event; phi_e h_e goes to the event's slot [token, head, pick] of a buffer in v's dtype
-   that ``sum_over_picks_kernel`` sums, in float32, into o, and the last event of each row
-   writes the final state's row. With a backward to come, it also stores the carry entering
-   each tile.
+1. ``chunk_sparse_fwd_kernel``: along each row h_e from h_{e-1} (or the initial state's row at
+   the row's first event); phi_e h_e goes to the event's slot [token, head, pick] of a buffer in
+   v's dtype that ``sum_over_picks_kernel`` sums, in float32, into o, and the last event of each
+   row writes the final state's row. With a backward to come, it also stores the memory entering
+   each tile (the carry).
 2. ``chunk_sparse_bwd_kernel``: the gradient on the memory runs the other way along each row,
 
        g_e = phi_e do_t + d_{e+1} g_{e+1}   (the gradient on the final state after the last).
 
-   Walking the tiles in reverse, one event at a time, with h_e recomputed from each tile's
-   carry, each event gives dv_t its theta_e g_e (summed over the picks like o), dtheta_e =
+   Walking the tiles in reverse, with each tile's h_e recomputed from its carry and kept in
+   registers, each event gives dv_t its theta_e g_e (summed over the picks like o), dtheta_e =
    <g_e, v_t - h_{e-1}>, dphi_e = <do_t, h_e>, and the first event of each row the initial
    state's gradient d_e g_e. ``routing_kernels.py`` turns dtheta and dphi into gradients on the
    logits, eta and mu.
@@ -55,34 +54,12 @@ BACKWARD_SWITCHES = {
 
 
 @triton.jit
-def linear_recurrence(a_first, b_first, a_second, b_second):
-    """Two steps x -> a x + b composed, the first applied first."""
-    return a_first * a_second, a_second * b_first + b_second
-
-
-@triton.jit
-def tile_row(x, o_i, i):
-    """Row i [BV] of a [BP, BV] tile (o_i = arange(BP)): a one-hot sum over the rows, which each
-    thread holds whole."""
-    return tl.sum(tl.where((o_i == i)[:, None], x, 0.0), 0)
-
-
-@triton.jit
-def at_tokens(x, pick, m_p, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
-    """x's [BP, BV] columns o_v (x: v, [tokens, H, V], in its dtype) at the tokens of the
-    picks ``pick`` [BP] (flat indices of [tokens, H, K]), where m_p."""
-    return tl.load(
-        x + (pick // K).to(tl.int64)[:, None] * V + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0
-    )
-
-
-@triton.jit
 def event_at(keys, picks, theta, phi, p, lo, hi):
-    """Events at sorted positions p of a head (a scalar, or a tensor of positions; readable: the
-    arrays are padded): whether each lies in [lo, hi), its key, whether it starts and ends its
-    row's run, its pick, theta and phi; pick, theta and phi are 0 outside [lo, hi). ``keys``
-    holds each key shifted left by 2 with the run's start and end flags in bits 0 and 1
-    (``sparse_events_kernel``); a block holds whole runs, so they are the block's too."""
+    """The event at sorted position p of a head (readable: the arrays are padded): whether it
+    lies in [lo, hi), its key, whether it starts and ends its row's run, its pick, theta and phi;
+    pick, theta and phi are 0 outside [lo, hi). ``keys`` holds each key shifted left by 2 with
+    the run's start and end flags in bits 0 and 1 (``sparse_events_kernel``); a block holds
+    whole runs, so they are the block's too."""
     valid = (p >= lo) & (p < hi)
     packed = tl.load(keys + p)
     pick = tl.where(valid, tl.load(picks + p), 0)
@@ -92,59 +69,34 @@ def event_at(keys, picks, theta, phi, p, lo, hi):
 
 
 @triton.jit
-def tile_events(keys, picks, theta, phi, x, o_p, lo, hi, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
-    """``event_at`` for the events at sorted positions o_p [BP] of one head, those in [lo, hi)
-    valid (the pick as int64), and x's [BP, BV] columns o_v at each event's token (x: v,
-    [tokens, H, V]). Every load but x's is contiguous: the host sorted the picks' weights too.
-    The event arrays are read without a mask and the invalid events masked after (their buffers
-    extend two tiles past either end: ``launch.sparse_events``): masked loads cost a predicate
-    and a select per element, 7% of the forward's instructions a tile (sm_90, offline)."""
-    m_p, key, first, last, pick, theta_p, phi_p = event_at(keys, picks, theta, phi, o_p, lo, hi)
-    x_p = at_tokens(x, pick, m_p, K, V, o_v, m_v).to(tl.float32)
-    return m_p, key, first, last, pick.to(tl.int64), theta_p, phi_p, x_p
+def where_also(mask, condition):
+    """mask where the scalar condition holds, else False: ``mask & condition``, which the
+    interpreter refuses for a scalar condition."""
+    return tl.where(condition, mask, False)
 
 
 @triton.jit
-def row_of_state(state, key, i_h, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, o_v):
-    """Pointers [BP, BV] to columns o_v of the rows ``key`` (= sequence * M + row) of a [N, H, M, V] state."""
-    seq, row = key // M, key % M
-    return state + ((seq.to(tl.int64) * H + i_h) * M + row)[:, None] * V + o_v[None, :]
+def at_token(x, pick, valid, K: tl.constexpr, V: tl.constexpr, o_v, m_v):
+    """x's columns o_v [BV] (x: [tokens, H, V], in its dtype) at the token of ``pick`` (a flat
+    index of [tokens, H, K]), zeros unless valid."""
+    return tl.load(x + (pick // K).to(tl.int64) * V + o_v, mask=where_also(m_v, valid), other=0.0)
 
 
 @triton.jit
-def initial_rows(
-    h0,
-    key,
-    first,
-    i_h,
-    H: tl.constexpr,
-    M: tl.constexpr,
-    V: tl.constexpr,
-    o_v,
-    m_v,
-    BP: tl.constexpr,
-    BV: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr,
+def state_row(state, key, i_h, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, o_v):
+    """Pointers [BV] to columns o_v of row ``key`` (sequence * M + row) of a [N, H, M, V] state."""
+    return state + ((key // M).to(tl.int64) * H + i_h) * M * V + (key % M) * V + o_v
+
+
+@triton.jit
+def state_row_where(
+    x, state, key, condition, i_h, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, o_v, m_v, HAS_STATE: tl.constexpr
 ):
-    """[BP, BV]: the initial state's row at each row's first event, zeros elsewhere (and everywhere without h0)."""
-    if USE_INITIAL_STATE:
-        return tl.load(row_of_state(h0, key, i_h, H, M, V, o_v), mask=first[:, None] & m_v[None, :], other=0.0)
-    return tl.zeros([BP, BV], dtype=tl.float32)
-
-
-@triton.jit
-def memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i):
-    """h_e [BP, BV] after each event of a tile, from its row's recurrence entered at each row's
-    first event from ``init`` [BP, BV] (the initial state's row there) and at the tile's first
-    event, if it continues a row, from ``carry`` [BV] (where the previous tile left that row).
-    Returns h and the memory entered at each start."""
-    d = 1.0 - theta_p
-    starts = first | (o_i == 0) | ~m_p
-    entered = tl.where(first[:, None], init, carry[None, :])
-    b = theta_p[:, None] * v_p + tl.where(starts & m_p, d, 0.0)[:, None] * entered
-    a = tl.broadcast_to(tl.where(starts, 0.0, d)[:, None], b.shape)
-    h = tl.associative_scan((a, b), 0, linear_recurrence)[1]
-    return h, entered
+    """x [BV], or where the scalar condition holds, row ``key`` of ``state`` (zeros unless HAS_STATE)."""
+    if HAS_STATE:
+        row = tl.load(state_row(state, key, i_h, H, M, V, o_v), mask=where_also(m_v, condition), other=0.0)
+        return tl.where(condition, row, x)
+    return tl.where(condition, 0.0, x)
 
 
 @triton.jit
@@ -200,45 +152,29 @@ def chunk_sparse_fwd_kernel(
     lo, hi, keys, picks, theta, phi = block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h)
     if STORE_CARRIES:
         carries += i_h.to(tl.int64) * NTILES * V
-    o_i = tl.arange(0, BP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
 
-    carry = tl.zeros([BV], dtype=tl.float32)
+    h = tl.zeros([BV], dtype=tl.float32)
     p0 = lo // BP * BP
-    m_p, key, first, last, pick, theta_p, phi_p, v_p = tile_events(
-        keys, picks, theta, phi, v, p0 + o_i, lo, hi, K, V, o_v, m_v
-    )
     for i in range(tl.cdiv(hi - p0, BP)):
-        # the next tile's loads do not depend on this one's memory: issued before its scan
-        m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n = tile_events(
-            keys, picks, theta, phi, v, p0 + BP + o_i, lo, hi, K, V, o_v, m_v
-        )
         if STORE_CARRIES:
             if i > 0:
-                tl.store(carries + (p0 // BP) * V + o_v, carry, mask=m_v)
-        init = initial_rows(h0, key, first, i_h, H, M, V, o_v, m_v, BP, BV, USE_INITIAL_STATE)
-        h = memory_at_events(theta_p, v_p, m_p, first, init, carry, o_i)[0]
-        terms = (phi_p[:, None] * h).to(contributions.dtype.element_ty)
-        tl.store(contributions + pick[:, None] * V + o_v[None, :], terms, mask=m_p[:, None] & m_v[None, :])
-        if STORE_FINAL_STATE:
-            tl.store(row_of_state(ht, key, i_h, H, M, V, o_v), h, mask=last[:, None] & m_v[None, :])
-        carry = tile_row(h, o_i, tl.minimum(hi - p0, BP) - 1)
+                tl.store(carries + (p0 // BP) * V + o_v, h, mask=m_v)
+        events = ()
+        for e in tl.static_range(BP):
+            valid, key, first, last, pick, theta_e, phi_e = event_at(keys, picks, theta, phi, p0 + e, lo, hi)
+            v_e = at_token(v, pick, valid, K, V, o_v, m_v)
+            events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e),)
+        for e in tl.static_range(BP):
+            valid, key, first, last, pick, theta_e, phi_e, v_e = events[e]
+            h = state_row_where(h, h0, key, first, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
+            h = (1.0 - theta_e) * h + theta_e * v_e.to(tl.float32)
+            terms = (phi_e * h).to(contributions.dtype.element_ty)
+            tl.store(contributions + pick.to(tl.int64) * V + o_v, terms, mask=where_also(m_v, valid))
+            if STORE_FINAL_STATE:
+                tl.store(state_row(ht, key, i_h, H, M, V, o_v), h, mask=where_also(m_v, last))
         p0 += BP
-        m_p, key, first, last, pick, theta_p, phi_p, v_p = m_n, key_n, first_n, last_n, pick_n, theta_n, phi_n, v_n
-
-
-@triton.jit
-def state_row(state, key, i_h, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, o_v):
-    """Pointers [BV] to columns o_v of row ``key`` (a scalar, sequence * M + row) of a [N, H, M, V] state."""
-    return state + ((key // M).to(tl.int64) * H + i_h) * M * V + (key % M) * V + o_v
-
-
-@triton.jit
-def where_also(mask, condition):
-    """mask where the scalar condition holds, else False: ``mask & condition``, which the
-    interpreter refuses for a scalar condition."""
-    return tl.where(condition, mask, False)
 
 
 @triton.heuristics(BACKWARD_SWITCHES)
@@ -279,13 +215,13 @@ def chunk_sparse_bwd_kernel(
     dphi: [NV, tokens, H, K] float32, each block of columns' part of the gradients on the picks'
     theta and phi (with NV = 1, the gradients).
 
-    A tile's events are taken one at a time, each a scalar event and a [BV] row: first forward
-    from the tile's carry (h before and after each event, kept in a tuple of registers), then
-    back, where the gradient on the memory runs along the row as ``grad`` (d_{e+1} g_{e+1}) and
-    restarts at each row's last event. Against scans over [BP, BV] tiles this drops the shifts
-    between events and the per-element event masks: 1757 -> 1444 us at the 340M model's shape
-    (B=4, T=8192, H=4, V=256, (1024, 16)) and 464 -> 382 us at B=4, T=4096, H=8, V=64 (H200,
-    benchmarks/ops/NOTES.md, session 17)."""
+    A tile's loads come first; then forward from the tile's carry, keeping h after each event
+    (a tuple of [BV] registers), then back, where the gradient on the memory runs along the row
+    as ``grad`` (d_{e+1} g_{e+1}) and restarts at each row's last event. With all V = 256
+    columns in one warp (8 a thread) the events' scalar work is done once per row of V, not
+    once per block of 64 columns: 1456 -> 957 us at the 340M model's shape (B=4, T=8192, H=4,
+    V=256, (1024, 16); 255 registers, no spills), 384 -> 372 us at B=4, T=4096, H=8, V=64
+    (H200, benchmarks/ops/NOTES.md, session 20)."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lo, hi, keys, picks, theta, phi = block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h)
     carries += i_h.to(tl.int64) * NTILES * V
@@ -301,36 +237,37 @@ def chunk_sparse_bwd_kernel(
     for t in range(n_tiles):
         p0 = first_tile + (n_tiles - 1 - t) * BP
         # the block's first tile starts a row at lo: the events before it, outside [lo, hi), have
-        # theta 0 and leave h as it is until then
-        h = tl.load(carries + (p0 // BP) * V + o_v, mask=where_also(m_v, p0 > first_tile), other=0.0)
+        # theta 0 and leave the memory as it is until then
+        carry = tl.load(carries + (p0 // BP) * V + o_v, mask=where_also(m_v, p0 > first_tile), other=0.0)
         events = ()
         for e in tl.static_range(BP):
             valid, key, first, last, pick, theta_e, phi_e = event_at(keys, picks, theta, phi, p0 + e, lo, hi)
-            m_e = where_also(m_v, valid)
-            at_token = (pick // K).to(tl.int64) * V + o_v
-            v_e = tl.load(v + at_token, mask=m_e, other=0.0).to(tl.float32)
-            do_e = tl.load(do + at_token, mask=m_e, other=0.0).to(tl.float32)
-            if USE_INITIAL_STATE:
-                init = tl.load(state_row(h0, key, i_h, H, M, V, o_v), mask=where_also(m_v, first), other=0.0)
-                h = tl.where(first, init, h)
-            else:
-                h = tl.where(first, 0.0, h)
-            before = h
-            h = (1.0 - theta_e) * h + theta_e * v_e
-            events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e, do_e, before, h),)
+            v_e = at_token(v, pick, valid, K, V, o_v, m_v)
+            do_e = at_token(do, pick, valid, K, V, o_v, m_v)
+            events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e, do_e),)
+        h = carry
+        after = ()
+        for e in tl.static_range(BP):
+            valid, key, first, last, pick, theta_e, phi_e, v_e, do_e = events[e]
+            h = state_row_where(h, h0, key, first, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
+            h = (1.0 - theta_e) * h + theta_e * v_e.to(tl.float32)
+            after = after + (h,)
         for e in tl.static_range(BP - 1, -1, -1):
-            valid, key, first, last, pick, theta_e, phi_e, v_e, do_e, before, h = events[e]
-            if USE_FINAL_STATE_GRADIENT:
-                dht_row = tl.load(state_row(dht, key, i_h, H, M, V, o_v), mask=where_also(m_v, last), other=0.0)
-                grad = tl.where(last, dht_row, grad)
+            valid, key, first, last, pick, theta_e, phi_e, v_e, do_e = events[e]
+            if e > 0:
+                before = after[e - 1]
             else:
-                grad = tl.where(last, 0.0, grad)
+                before = carry
+            before = state_row_where(before, h0, key, first, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
+            grad = state_row_where(grad, dht, key, last, i_h, H, M, V, o_v, m_v, USE_FINAL_STATE_GRADIENT)
+            do_e = do_e.to(tl.float32)
             g = phi_e * do_e + grad
             dv_terms = (theta_e * g).to(dv_contributions.dtype.element_ty)
             tl.store(dv_contributions + pick.to(tl.int64) * V + o_v, dv_terms, mask=where_also(m_v, valid))
             at_pick = i_v * n_picks + pick + o_1
-            tl.store(dtheta + at_pick, tl.sum(g * (v_e - before), 0) + zero_1, mask=where_also(o_1 == 0, valid))
-            tl.store(dphi + at_pick, tl.sum(do_e * h, 0) + zero_1, mask=where_also(o_1 == 0, valid))
+            dtheta_e = tl.sum(g * (v_e.to(tl.float32) - before), 0)
+            tl.store(dtheta + at_pick, dtheta_e + zero_1, mask=where_also(o_1 == 0, valid))
+            tl.store(dphi + at_pick, tl.sum(do_e * after[e], 0) + zero_1, mask=where_also(o_1 == 0, valid))
             grad = (1.0 - theta_e) * g
             if STORE_INITIAL_STATE_GRADIENT:
                 tl.store(state_row(dh0, key, i_h, H, M, V, o_v), grad, mask=where_also(m_v, first))

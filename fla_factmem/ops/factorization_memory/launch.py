@@ -295,22 +295,19 @@ class SparseEvents(NamedTuple):
     block_bounds: torch.Tensor
 
 
-# Launch of the sparse kernels, best measured on an H200 at (M, K) = (1024, 16), B=4, T=4096, H=8,
-# V=64, bf16 (benchmarks/ops/NOTES.md, session 7): tiles of 8 events by 64 columns in one warp,
-# blocks of about 256 events (2.33 ms forward+backward then, against 2.9 to 3.9 with 2 or 4 warps
-# on tiles of 16 or 32 events: the tiles' scans hold some 15 registers per element).
+# Launch of the sparse kernels: tiles of 8 events in one warp, blocks of about 256 events (2.33
+# ms forward+backward at (M, K) = (1024, 16), B=4, T=4096, H=8, V=64, bf16, H200, against 2.9 to
+# 3.9 with 2 or 4 warps on tiles of 16 or 32 events; benchmarks/ops/NOTES.md, session 7).
 SPARSE_TILE = 8
 # The kernels read whole tiles of events without a mask, up to two tiles past the end of a head's
-# events (the forward loads a tile ahead): the event arrays lie this many elements inside their
-# buffers, at both ends (none reads before a head's first event since session 17's backward; the
-# padding in front is kept, as harmless as it is cheap)
+# events: the event arrays lie this many elements inside their buffers, at both ends
 EVENT_PADDING = 2 * SPARSE_TILE
-# Columns per program: the backward's 64 (1444 us at the 340M model's V = 256, against 1665 at 128
-# and 2734 at 32 columns, H200, session 17); the forward's up to 128 (151 registers at tiles of
-# 8): 651 -> 530 us at the model's V = 256, 648 -> 527 at V = 128 (B=4, T=8192, H=8), equal at
-# B=1, T=2048 (H200, session 11; benchmarks/ops/NOTES.md)
-SPARSE_BLOCK_V = 64
-SPARSE_FORWARD_BLOCK_V = 128
+# Columns per program: all of V up to 256, 8 a thread, so that the events' scalar work (keys,
+# picks, addresses, masks) is done once per row. At the 340M model's V = 256 (B=4, T=8192, H=4,
+# (1024, 16), bf16, H200, session 20) the forward went 555 -> 494 us and the backward 1456 -> 957
+# from 128 and 64 columns, and the model's training step 210.2 -> 195.2 ms in turns; at 4 tiles
+# of 4 events (carries twice as many) the backward took 885 and the forward 618.
+SPARSE_BLOCK_V = 256
 SPARSE_WARPS = 1
 SPARSE_EVENTS_PER_PROGRAM = 256
 
@@ -406,9 +403,9 @@ def with_event_padding(events: SparseEvents) -> SparseEvents:
     return events._replace(keys=padded[0], picks=padded[1], theta=padded[2], phi=padded[3])
 
 
-def sparse_block_v(V: int, limit: int = SPARSE_BLOCK_V) -> int:
-    """Columns per program of the sparse kernels: V's power of 2, at most ``limit``."""
-    return min(next_power_of_2(V), limit)
+def sparse_block_v(V: int) -> int:
+    """Columns per program of the sparse kernels: V's power of 2, at most ``SPARSE_BLOCK_V``."""
+    return min(next_power_of_2(V), SPARSE_BLOCK_V)
 
 
 def sum_over_picks(x: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
@@ -457,7 +454,7 @@ def chunk_sparse_fwd(
     contributions = torch.empty(B * T, H, K, V, dtype=v.dtype, device=v.device)
     NTILES = cdiv(E, SPARSE_TILE)
     carries = torch.empty(H, NTILES, V, dtype=torch.float32, device=v.device) if store_carries else None
-    BV = sparse_block_v(V, SPARSE_FORWARD_BLOCK_V)
+    BV = sparse_block_v(V)
     NB = events.block_bounds.shape[1] - 1
     SPARSE_FWD.launch(
         (NB, H, cdiv(V, BV)),
