@@ -295,18 +295,21 @@ class SparseEvents(NamedTuple):
     block_bounds: torch.Tensor
 
 
-# Launch of the sparse kernels: tiles of 8 events in one warp, blocks of about 256 events (2.33
-# ms forward+backward at (M, K) = (1024, 16), B=4, T=4096, H=8, V=64, bf16, H200, against 2.9 to
-# 3.9 with 2 or 4 warps on tiles of 16 or 32 events; benchmarks/ops/NOTES.md, session 7).
+# Launch of the sparse kernels: tiles of 8 events in one warp, blocks of about 256 events. At the
+# 340M model's shape (B=4, T=8192, H=4, V=256, (1024, 16), bf16, H200, session 20) the op took
+# 2.358 ms of kernels a forward+backward with tiles of 8 and 2.410 with tiles of 4 (carries twice
+# as many; backward 885 against 957 us, forward 618 against 494); blocks of 256 events since
+# session 7 (benchmarks/ops/NOTES.md).
 SPARSE_TILE = 8
-# The kernels read whole tiles of events without a mask, up to two tiles past the end of a head's
-# events: the event arrays lie this many elements inside their buffers, at both ends
+# The kernels read whole tiles of events without a mask, aligned among a head's events: up to
+# SPARSE_TILE - 1 elements past its last event, none before its first. The event arrays lie this
+# many elements inside their buffers, at both ends (from when a forward read a tile ahead: more
+# than the kernels need now, harmless and cheap)
 EVENT_PADDING = 2 * SPARSE_TILE
 # Columns per program: all of V up to 256, 8 a thread, so that the events' scalar work (keys,
 # picks, addresses, masks) is done once per row. At the 340M model's V = 256 (B=4, T=8192, H=4,
 # (1024, 16), bf16, H200, session 20) the forward went 555 -> 494 us and the backward 1456 -> 957
-# from 128 and 64 columns, and the model's training step 210.2 -> 195.2 ms in turns; at 4 tiles
-# of 4 events (carries twice as many) the backward took 885 and the forward 618.
+# from 128 and 64 columns, and the model's training step 210.2 -> 195.2 ms in turns.
 SPARSE_BLOCK_V = 256
 SPARSE_WARPS = 1
 SPARSE_EVENTS_PER_PROGRAM = 256

@@ -161,11 +161,12 @@ def test_sparse_chunk_gradients(B, T, M, V, topk, with_state):
     assert_matches(triton_sparse_chunk, naive_factorization_memory, inputs, topk, 1e-5, 1e-4)
 
 
-def test_sparse_chunk_gradients_over_blocks_of_columns(monkeypatch):
+@pytest.mark.parametrize("with_state", [False, True])
+def test_sparse_chunk_gradients_over_blocks_of_columns(with_state, monkeypatch):
     """V over more than one program's block of columns (here 3 of 32, the last partly masked; on
     the GPU V > 256): each block's parts of dtheta and dphi summed."""
     monkeypatch.setattr(launch, "SPARSE_BLOCK_V", 32)
-    inputs = make_inputs(1, 37, 2, 40, 80, logit_scale=2.0, with_state=True)
+    inputs = make_inputs(1, 37, 2, 40, 80, logit_scale=2.0, with_state=with_state)
     assert_matches(triton_sparse_chunk, naive_factorization_memory, inputs, 4, 1e-5, 1e-4)
 
 
@@ -304,7 +305,7 @@ def fill_event_padding(events, fill_float, fill_int):
 
 @pytest.mark.parametrize("events_per_program", [1, 40])
 def test_sparse_scans_ignore_what_lies_around_the_events(events_per_program, monkeypatch):
-    """The kernels read whole tiles of events unmasked, up to two tiles past a head's last event
+    """The kernels read whole tiles of events unmasked, up to a tile past a head's last event
     (into the next head's events and the buffers' padding): NaN and -1 around the events change
     nothing, forward or backward, with T K not a multiple of a tile."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
@@ -517,9 +518,9 @@ def test_cuda_sparse_decode_varlen():
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     ("B", "T", "M", "topk", "V"),
-    # V = 256: the width of the 340M speed benchmarks' heads
+    # V = 256: the width of the 340M speed benchmarks' heads; V = 320: two blocks of columns
     [(2, 1000, 1024, 16, 64), (1, 700, 4096, 16, 64), (1, 300, 4096, 64, 64), (1, 257, 1024, 256, 64),
-     (2, 100, 256, 1, 64), (1, 300, 1024, 16, 256)],
+     (2, 100, 256, 1, 64), (1, 300, 1024, 16, 256), (1, 200, 256, 16, 320)],
 )  # fmt: skip
 @pytest.mark.parametrize(("dtype", "fwd_tol", "bwd_tol"), GRAD_TOLERANCES)
 def test_cuda_sparse_chunk_backward(B, T, M, topk, V, dtype, fwd_tol, bwd_tol):
