@@ -100,6 +100,17 @@ def state_row_where(
 
 
 @triton.jit
+def memory_after(
+    h, h0, key, first, theta_e, v_e, i_h, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, o_v, m_v,
+    USE_INITIAL_STATE: tl.constexpr,
+):  # fmt: skip
+    """The row's memory [BV] after an event, (1 - theta_e) h + theta_e v_e, from h [BV] before it,
+    or where the event starts its row (``first``) from the initial state's row ``key``."""
+    h = state_row_where(h, h0, key, first, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
+    return (1.0 - theta_e) * h + theta_e * v_e.to(tl.float32)
+
+
+@triton.jit
 def block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h):
     """Block i_b of head i_h: where its events start and end among the head's sorted events,
     [lo, hi), and the pointers to the head's keys, picks, theta and phi."""
@@ -168,8 +179,7 @@ def chunk_sparse_fwd_kernel(
             events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e),)
         for e in tl.static_range(BP):
             valid, key, first, last, pick, theta_e, phi_e, v_e = events[e]
-            h = state_row_where(h, h0, key, first, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
-            h = (1.0 - theta_e) * h + theta_e * v_e.to(tl.float32)
+            h = memory_after(h, h0, key, first, theta_e, v_e, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
             terms = (phi_e * h).to(contributions.dtype.element_ty)
             tl.store(contributions + pick.to(tl.int64) * V + o_v, terms, mask=where_also(m_v, valid))
             if STORE_FINAL_STATE:
@@ -249,8 +259,7 @@ def chunk_sparse_bwd_kernel(
         after = ()
         for e in tl.static_range(BP):
             valid, key, first, last, pick, theta_e, phi_e, v_e, do_e = events[e]
-            h = state_row_where(h, h0, key, first, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
-            h = (1.0 - theta_e) * h + theta_e * v_e.to(tl.float32)
+            h = memory_after(h, h0, key, first, theta_e, v_e, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
             after = after + (h,)
         for e in tl.static_range(BP - 1, -1, -1):
             valid, key, first, last, pick, theta_e, phi_e, v_e, do_e = events[e]
