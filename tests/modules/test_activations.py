@@ -45,7 +45,9 @@ def test_biased_sigmoid_kernel(B, T, C, layout, dtype):
     bias = torch.randn(2 * C)[::2]  # a strided bias too
     y = biased_sigmoid_fwd(x, bias)
     assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
-    assert_close("y", y, reference(x, bias), TOLERANCES[dtype])
+    # against float32 from the same rounded inputs: a bf16 reference rounds once more, and with
+    # the interpreter's truncation the two differ by up to 1.2e-2 (1.06e-2 seen over 300 rows)
+    assert_close("y", y, reference(x.float(), bias.to(dtype).float()), TOLERANCES[dtype])
 
 
 # not bfloat16 here: the interpreter's truncated y puts dx up to 1.1e-2 off (rounded, on the GPU, it is tested)

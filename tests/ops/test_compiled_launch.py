@@ -82,8 +82,10 @@ def test_sparse_op_launches_resolve_every_parameter(monkeypatch):
     v, logits, eta, mu, h0 = make_inputs(1, 20, 2, 32, 16)
     o, ht = triton_sparse_chunk(v, logits, eta, mu, 4, h0, True)
     (o.sum() + ht.sum()).backward()
-    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_KEYS, launch.SPARSE_EVENTS, launch.SPARSE_FWD,
-                 launch.SUM_OVER_PICKS, launch.SPARSE_BWD, launch.SUM_OVER_PICKS, launch.SPARSE_ROUTING_BWD]  # fmt: skip
+    # each scan twice: its split rows' pieces (SUMMARY), then the scan
+    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_KEYS, launch.SPARSE_EVENTS, launch.SPARSE_FWD, launch.SPARSE_FWD,
+                 launch.SUM_OVER_PICKS, launch.SPARSE_BWD, launch.SPARSE_BWD, launch.SUM_OVER_PICKS,
+                 launch.SPARSE_ROUTING_BWD]  # fmt: skip
     assert [kernel for kernel, _, _ in calls] == [launcher.kernel for launcher in launchers]
     for kernel, args, constexprs in calls:
         twin = CompiledLauncher(jit_twin(kernel))

@@ -19,6 +19,14 @@ the sorted list, over a block of up to 256 columns in one warp, and walks it in 
 events aligned among the head's events: it issues the tile's loads first (they do not depend on
 the memory), then takes the events one at a time, each a scalar event and a [BV] row.
 
+A row picked far more often than most (a trained router's hot rows: up to 14 times the mean
+in the 340M model's deeper layers) is split between blocks at tiles, so that no program walks
+much more than 2 S events (``sparse_events_kernel``), besides a walk over the summaries of its
+row's pieces before it (one [BV] load each). Along a split row the memory is affine in
+what enters each piece, with a scalar decay: a first launch (SUMMARY) writes each piece's part
+from a zero memory and its decay, and the scan's launch chains the pieces before a block (the
+backward: the gradient's pieces after it) into what enters it.
+
 1. ``chunk_sparse_fwd_kernel``: along each row h_e from h_{e-1} (or the initial state's row at
    the row's first event); phi_e h_e goes to the event's slot [token, head, pick] of a buffer in
    v's dtype that ``sum_over_picks_kernel`` sums, in float32, into o, and the last event of each
@@ -58,8 +66,8 @@ def event_at(keys, picks, theta, phi, p, lo, hi):
     """The event at sorted position p of a head (readable: the arrays are padded): whether it
     lies in [lo, hi), its key, whether it starts and ends its row's run, its pick, theta and phi;
     pick, theta and phi are 0 outside [lo, hi). ``keys`` holds each key shifted left by 2 with
-    the run's start and end flags in bits 0 and 1 (``sparse_events_kernel``); a block holds
-    whole runs, so they are the block's too."""
+    the run's start and end flags in bits 0 and 1 (``sparse_events_kernel``): the row's, whose
+    run may begin or go on outside the block where the row is split."""
     valid = (p >= lo) & (p < hi)
     packed = tl.load(keys + p)
     pick = tl.where(valid, tl.load(picks + p), 0)
@@ -111,13 +119,34 @@ def memory_after(
 
 
 @triton.jit
+def chained_state(states, decays, i, step, NB, V: tl.constexpr, o_v, m_v):
+    """The memory (or its gradient) that enters a block from the pieces of its row in the blocks
+    i, i + step, ... (step -1: the blocks before, the forward; +1: after, the backward): their
+    ``states`` [NB, V] summed, each times the ``decays`` [NB] of the pieces between, up to the
+    first piece whose decay is 0 (where the row starts, or ends)."""
+    total = tl.zeros(o_v.shape, dtype=tl.float32)
+    decay = tl.full([], 1.0, tl.float32)
+    while (decay != 0.0) & (i >= 0) & (i < NB):
+        total += decay * tl.load(states + i * V + o_v, mask=m_v, other=0.0)
+        decay *= tl.load(decays + i)
+        i += step
+    return total
+
+
+@triton.jit
 def block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h):
     """Block i_b of head i_h: where its events start and end among the head's sorted events,
-    [lo, hi), and the pointers to the head's keys, picks, theta and phi."""
+    [lo, hi); whether its first row began in an earlier block and whether its last row goes on
+    in a later one (a split row, ``sparse_events_kernel``); and the pointers to the head's keys,
+    picks, theta and phi."""
     lo = tl.load(block_bounds + i_h * (NB + 1) + i_b)
     hi = tl.load(block_bounds + i_h * (NB + 1) + i_b + 1)
     base = i_h.to(tl.int64) * E
-    return lo, hi, keys + base, picks + base, theta + base, phi + base
+    keys += base
+    # the flags of the events at lo and hi - 1 (readable: padded), only where the block has events
+    began_before = (hi > lo) & ((tl.load(keys + lo) & 1) == 0)
+    goes_on = (hi > lo) & ((tl.load(keys + hi - 1) & 2) == 0)
+    return lo, hi, began_before, goes_on, keys, picks + base, theta + base, phi + base
 
 
 @triton.heuristics(FORWARD_SWITCHES)
@@ -133,6 +162,8 @@ def chunk_sparse_fwd_kernel(
     ht,
     contributions,
     carries,
+    piece_states,
+    piece_decays,
     E,
     NB,
     NTILES,
@@ -142,6 +173,7 @@ def chunk_sparse_fwd_kernel(
     V: tl.constexpr,
     BP: tl.constexpr,
     BV: tl.constexpr,
+    SUMMARY: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
     STORE_CARRIES: tl.constexpr,
@@ -157,34 +189,136 @@ def chunk_sparse_fwd_kernel(
     contributions: [tokens, H, K, V] in v's dtype, phi h after each event, for o = their sum
     over K. carries (optional, for the backward): [H, NTILES, V] float32, NTILES = cdiv(E, BP),
     the memory entering each tile of BP events (aligned to BP among the events, so that two
-    programs never store the same tile) after the first tile of each block.
+    programs never store the same tile) after the first tile of each block, and at the first
+    tile of a block whose first row began in an earlier block.
+    piece_states [H, NB, V], piece_decays [H, NB] float32: a launch with SUMMARY, before the
+    one without, writes them for each block whose last row goes on in a later block (a split
+    row): that row's memory at the block's end from a zero memory entering the block, and the
+    product of its decays in the block (0 where the row starts in it); for an empty block, 0 and
+    1. The launch without SUMMARY starts a block whose first row began earlier from the chained
+    pieces before it.
     One program per (block of keys, head, block of BV columns)."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lo, hi, keys, picks, theta, phi = block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h)
+    lo, hi, began_before, goes_on, keys, picks, theta, phi = block_of_events(
+        block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h
+    )
     if STORE_CARRIES:
         carries += i_h.to(tl.int64) * NTILES * V
+    piece_states += i_h.to(tl.int64) * NB * V
+    piece_decays += i_h * NB
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
 
-    h = tl.zeros([BV], dtype=tl.float32)
-    p0 = lo // BP * BP
-    for i in range(tl.cdiv(hi - p0, BP)):
-        if STORE_CARRIES:
-            if i > 0:
-                tl.store(carries + (p0 // BP) * V + o_v, h, mask=m_v)
+    if SUMMARY:
+        state, decay = last_row_piece(v, keys, picks, theta, phi, h0, lo, hi, goes_on, i_h, H, M, K, V, BP, o_v, m_v,
+                                      USE_INITIAL_STATE)  # fmt: skip
+        # an empty block between the pieces of a row (blocks shorter than a tile) passes it on
+        store_piece(piece_states, piece_decays, i_b, state, decay, goes_on | (hi == lo), V, o_v, m_v)
+    else:
+        h = tl.zeros([BV], dtype=tl.float32)
+        if began_before:
+            h = chained_state(piece_states, piece_decays, i_b - 1, -1, NB, V, o_v, m_v)
+        p0 = lo // BP * BP
+        for i in range(tl.cdiv(hi - p0, BP)):
+            if STORE_CARRIES:
+                if (i > 0) | began_before:
+                    tl.store(carries + (p0 // BP) * V + o_v, h, mask=m_v)
+            events = ()
+            for e in tl.static_range(BP):
+                valid, key, first, last, pick, theta_e, phi_e = event_at(keys, picks, theta, phi, p0 + e, lo, hi)
+                v_e = at_token(v, pick, valid, K, V, o_v, m_v)
+                events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e),)
+            for e in tl.static_range(BP):
+                valid, key, first, last, pick, theta_e, phi_e, v_e = events[e]
+                h = memory_after(h, h0, key, first, theta_e, v_e, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
+                terms = (phi_e * h).to(contributions.dtype.element_ty)
+                tl.store(contributions + pick.to(tl.int64) * V + o_v, terms, mask=where_also(m_v, valid))
+                if STORE_FINAL_STATE:
+                    tl.store(state_row(ht, key, i_h, H, M, V, o_v), h, mask=where_also(m_v, last))
+            p0 += BP
+
+
+@triton.jit
+def last_row_piece(
+    v, keys, picks, theta, phi, h0, lo, hi, goes_on, i_h, H: tl.constexpr, M: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, BP: tl.constexpr, o_v, m_v, USE_INITIAL_STATE: tl.constexpr,
+):  # fmt: skip
+    """Where the block's last row goes on in the next block: that row's memory [BV] at the block's
+    end from a zero memory entering the block, sum_k (prod_{i > k} d_i) theta_k v_k over its
+    events k in the block (plus the initial state's row times all their d_i where the row starts
+    in the block), and its decay, the product of those d_i, or 0 where the row starts in the
+    block. Walks the tiles back from the block's end to the row's first event only; elsewhere
+    returns zeros and 1."""
+    state = tl.zeros(o_v.shape, dtype=tl.float32)
+    decay = tl.full([], 1.0, tl.float32)
+    found_start = tl.full([], 0, tl.int32)
+    walking = goes_on
+    p0 = (hi - 1) // BP * BP
+    while walking:
         events = ()
         for e in tl.static_range(BP):
             valid, key, first, last, pick, theta_e, phi_e = event_at(keys, picks, theta, phi, p0 + e, lo, hi)
-            v_e = at_token(v, pick, valid, K, V, o_v, m_v)
-            events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e),)
+            events = events + ((valid, key, first, theta_e, at_token(v, pick, valid, K, V, o_v, m_v)),)
+        for e in tl.static_range(BP - 1, -1, -1):
+            valid, key, first, theta_e, v_e = events[e]
+            in_row = valid & (found_start == 0)  # not the rows before it
+            state += tl.where(in_row, decay * theta_e, 0.0) * v_e.to(tl.float32)
+            decay = tl.where(in_row, decay * (1.0 - theta_e), decay)
+            starts = in_row & first
+            if USE_INITIAL_STATE:
+                row = tl.load(state_row(h0, key, i_h, H, M, V, o_v), mask=where_also(m_v, starts), other=0.0)
+                state += tl.where(starts, decay, 0.0) * row
+            found_start = tl.where(starts, 1, found_start)
+        # a block whose first row began before holds no start: its walk ends at lo (aligned)
+        walking = (found_start == 0) & (p0 > lo)
+        p0 -= BP
+    return state, tl.where(found_start == 1, 0.0, decay)
+
+
+@triton.jit
+def first_row_piece(
+    do, keys, picks, theta, phi, dht, lo, hi, began_before, i_h, H: tl.constexpr, M: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BP: tl.constexpr, o_v, m_v, USE_FINAL_STATE_GRADIENT: tl.constexpr,
+):  # fmt: skip
+    """Where the block's first row began in the block before: the gradient [BV] that row passes
+    back out of the block from a zero gradient entering it after the block, sum_k (prod_{i <= k}
+    d_i) phi_k do_k over its events k in the block (plus the final state gradient's row times all
+    their d_i where the row ends in the block), and its decay, the product of those d_i, or 0
+    where the row ends in the block. Walks the tiles from lo (aligned) to the row's last event
+    only; elsewhere returns zeros and 1."""
+    state = tl.zeros(o_v.shape, dtype=tl.float32)
+    decay = tl.full([], 1.0, tl.float32)
+    found_end = tl.full([], 0, tl.int32)
+    walking = began_before
+    p0 = lo
+    while walking:
+        events = ()
         for e in tl.static_range(BP):
-            valid, key, first, last, pick, theta_e, phi_e, v_e = events[e]
-            h = memory_after(h, h0, key, first, theta_e, v_e, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
-            terms = (phi_e * h).to(contributions.dtype.element_ty)
-            tl.store(contributions + pick.to(tl.int64) * V + o_v, terms, mask=where_also(m_v, valid))
-            if STORE_FINAL_STATE:
-                tl.store(state_row(ht, key, i_h, H, M, V, o_v), h, mask=where_also(m_v, last))
+            valid, key, first, last, pick, theta_e, phi_e = event_at(keys, picks, theta, phi, p0 + e, lo, hi)
+            events = events + ((valid, key, last, theta_e, phi_e, at_token(do, pick, valid, K, V, o_v, m_v)),)
+        for e in tl.static_range(BP):
+            valid, key, last, theta_e, phi_e, do_e = events[e]
+            in_row = valid & (found_end == 0)  # not the rows after it
+            decay = tl.where(in_row, decay * (1.0 - theta_e), decay)
+            state += tl.where(in_row, decay * phi_e, 0.0) * do_e.to(tl.float32)
+            ends = in_row & last
+            if USE_FINAL_STATE_GRADIENT:
+                row = tl.load(state_row(dht, key, i_h, H, M, V, o_v), mask=where_also(m_v, ends), other=0.0)
+                state += tl.where(ends, decay, 0.0) * row
+            found_end = tl.where(ends, 1, found_end)
         p0 += BP
+        # a block whose last row goes on holds no end past its first row's: its walk ends at hi
+        walking = (found_end == 0) & (p0 < hi)
+    return state, tl.where(found_end == 1, 0.0, decay)
+
+
+@triton.jit
+def store_piece(states, decays, i_b, state, decay, condition, V: tl.constexpr, o_v, m_v):
+    """Block i_b's piece of a split row (``chained_state``), where the scalar condition holds."""
+    tl.store(states + i_b * V + o_v, state, mask=where_also(m_v, condition))
+    # a one-element store: the interpreter takes no scalar mask
+    o_1 = tl.arange(0, 1)
+    tl.store(decays + i_b + o_1, decay + tl.zeros([1], dtype=tl.float32), mask=where_also(o_1 == 0, condition))
 
 
 @triton.heuristics(BACKWARD_SWITCHES)
@@ -204,6 +338,8 @@ def chunk_sparse_bwd_kernel(
     dv_contributions,
     dtheta,
     dphi,
+    piece_states,
+    piece_decays,
     E,
     NB,
     NTILES,
@@ -213,6 +349,7 @@ def chunk_sparse_bwd_kernel(
     V: tl.constexpr,
     BP: tl.constexpr,
     BV: tl.constexpr,
+    SUMMARY: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
@@ -224,6 +361,12 @@ def chunk_sparse_bwd_kernel(
     [tokens, H, K, V] in v's dtype, theta g at each event, for dv = their sum over K. dtheta,
     dphi: [NV, tokens, H, K] float32, each block of columns' part of the gradients on the picks'
     theta and phi (with NV = 1, the gradients).
+    piece_states [H, NB, V], piece_decays [H, NB] float32: a launch with SUMMARY, before the one
+    without, writes them for each block whose first row began in the block before (a split row):
+    the gradient that row passes back out of the block from a zero gradient entering it after
+    the block, and the product of its decays in the block (0 where the row ends in it); for an
+    empty block, 0 and 1. That needs do, phi, theta and dht only. The launch without SUMMARY
+    starts a block whose last row goes on from the chained pieces after it.
 
     A tile's loads come first; then forward from the tile's carry, keeping h after each event
     (a tuple of [BV] registers), then back, where the gradient on the memory runs along the row
@@ -233,8 +376,12 @@ def chunk_sparse_bwd_kernel(
     V=256, (1024, 16); 255 registers, no spills), 384 -> 372 us at B=4, T=4096, H=8, V=64
     (H200, benchmarks/ops/NOTES.md, session 20)."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lo, hi, keys, picks, theta, phi = block_of_events(block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h)
+    lo, hi, began_before, goes_on, keys, picks, theta, phi = block_of_events(
+        block_bounds, keys, picks, theta, phi, E, NB, i_b, i_h
+    )
     carries += i_h.to(tl.int64) * NTILES * V
+    piece_states += i_h.to(tl.int64) * NB * V
+    piece_decays += i_h * NB
     n_picks = E * H
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -243,43 +390,52 @@ def chunk_sparse_bwd_kernel(
     # dtheta and dphi are stored as one-element tensors: the interpreter takes no scalar mask
     o_1, zero_1 = tl.arange(0, 1), tl.zeros([1], dtype=tl.float32)
 
-    grad = tl.zeros([BV], dtype=tl.float32)
-    for t in range(n_tiles):
-        p0 = first_tile + (n_tiles - 1 - t) * BP
-        # the block's first tile starts a row at lo: the events before it, outside [lo, hi), have
-        # theta 0 and leave the memory as it is until then
-        carry = tl.load(carries + (p0 // BP) * V + o_v, mask=where_also(m_v, p0 > first_tile), other=0.0)
-        events = ()
-        for e in tl.static_range(BP):
-            valid, key, first, last, pick, theta_e, phi_e = event_at(keys, picks, theta, phi, p0 + e, lo, hi)
-            v_e = at_token(v, pick, valid, K, V, o_v, m_v)
-            do_e = at_token(do, pick, valid, K, V, o_v, m_v)
-            events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e, do_e),)
-        h = carry
-        after = ()
-        for e in tl.static_range(BP):
-            valid, key, first, last, pick, theta_e, phi_e, v_e, do_e = events[e]
-            h = memory_after(h, h0, key, first, theta_e, v_e, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
-            after = after + (h,)
-        for e in tl.static_range(BP - 1, -1, -1):
-            valid, key, first, last, pick, theta_e, phi_e, v_e, do_e = events[e]
-            if e > 0:
-                before = after[e - 1]
-            else:
-                before = carry
-            before = state_row_where(before, h0, key, first, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
-            grad = state_row_where(grad, dht, key, last, i_h, H, M, V, o_v, m_v, USE_FINAL_STATE_GRADIENT)
-            do_e = do_e.to(tl.float32)
-            g = phi_e * do_e + grad
-            dv_terms = (theta_e * g).to(dv_contributions.dtype.element_ty)
-            tl.store(dv_contributions + pick.to(tl.int64) * V + o_v, dv_terms, mask=where_also(m_v, valid))
-            at_pick = i_v * n_picks + pick + o_1
-            dtheta_e = tl.sum(g * (v_e.to(tl.float32) - before), 0)
-            tl.store(dtheta + at_pick, dtheta_e + zero_1, mask=where_also(o_1 == 0, valid))
-            tl.store(dphi + at_pick, tl.sum(do_e * after[e], 0) + zero_1, mask=where_also(o_1 == 0, valid))
-            grad = (1.0 - theta_e) * g
-            if STORE_INITIAL_STATE_GRADIENT:
-                tl.store(state_row(dh0, key, i_h, H, M, V, o_v), grad, mask=where_also(m_v, first))
+    if SUMMARY:
+        state, decay = first_row_piece(do, keys, picks, theta, phi, dht, lo, hi, began_before, i_h, H, M, K, V, BP,
+                                       o_v, m_v, USE_FINAL_STATE_GRADIENT)  # fmt: skip
+        # an empty block between the pieces of a row (blocks shorter than a tile) passes it on
+        store_piece(piece_states, piece_decays, i_b, state, decay, began_before | (hi == lo), V, o_v, m_v)
+    else:
+        grad = tl.zeros([BV], dtype=tl.float32)
+        if goes_on:
+            grad = chained_state(piece_states, piece_decays, i_b + 1, 1, NB, V, o_v, m_v)
+        for t in range(n_tiles):
+            p0 = first_tile + (n_tiles - 1 - t) * BP
+            # the block's first tile starts a row at lo (the events before it, outside [lo, hi), have
+            # theta 0 and leave the memory as it is until then), unless its first row began before
+            carry_stored = (p0 > first_tile) | began_before
+            carry = tl.load(carries + (p0 // BP) * V + o_v, mask=where_also(m_v, carry_stored), other=0.0)
+            events = ()
+            for e in tl.static_range(BP):
+                valid, key, first, last, pick, theta_e, phi_e = event_at(keys, picks, theta, phi, p0 + e, lo, hi)
+                v_e = at_token(v, pick, valid, K, V, o_v, m_v)
+                do_e = at_token(do, pick, valid, K, V, o_v, m_v)
+                events = events + ((valid, key, first, last, pick, theta_e, phi_e, v_e, do_e),)
+            h = carry
+            after = ()
+            for e in tl.static_range(BP):
+                valid, key, first, last, pick, theta_e, phi_e, v_e, do_e = events[e]
+                h = memory_after(h, h0, key, first, theta_e, v_e, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
+                after = after + (h,)
+            for e in tl.static_range(BP - 1, -1, -1):
+                valid, key, first, last, pick, theta_e, phi_e, v_e, do_e = events[e]
+                if e > 0:
+                    before = after[e - 1]
+                else:
+                    before = carry
+                before = state_row_where(before, h0, key, first, i_h, H, M, V, o_v, m_v, USE_INITIAL_STATE)
+                grad = state_row_where(grad, dht, key, last, i_h, H, M, V, o_v, m_v, USE_FINAL_STATE_GRADIENT)
+                do_e = do_e.to(tl.float32)
+                g = phi_e * do_e + grad
+                dv_terms = (theta_e * g).to(dv_contributions.dtype.element_ty)
+                tl.store(dv_contributions + pick.to(tl.int64) * V + o_v, dv_terms, mask=where_also(m_v, valid))
+                at_pick = i_v * n_picks + pick + o_1
+                dtheta_e = tl.sum(g * (v_e.to(tl.float32) - before), 0)
+                tl.store(dtheta + at_pick, dtheta_e + zero_1, mask=where_also(o_1 == 0, valid))
+                tl.store(dphi + at_pick, tl.sum(do_e * after[e], 0) + zero_1, mask=where_also(o_1 == 0, valid))
+                grad = (1.0 - theta_e) * g
+                if STORE_INITIAL_STATE_GRADIENT:
+                    tl.store(state_row(dh0, key, i_h, H, M, V, o_v), grad, mask=where_also(m_v, first))
 
 
 @triton.heuristics({"IS_VARLEN": lambda args: args["token_sequence"] is not None})
@@ -334,6 +490,7 @@ def sparse_events_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     S: tl.constexpr,
+    BP: tl.constexpr,
     BE: tl.constexpr,
 ):
     """The picks as events, from one stable sort of all heads' keys (``sparse_keys_kernel``'s,
@@ -344,10 +501,12 @@ def sparse_events_kernel(
     it (int32), each event's pick as a flat index of [tokens, H, K] (int32), and its theta =
     eta * alpha and phi = mu * alpha (float32; eta, mu [tokens, H], alpha [tokens, H, K] float32).
     The first cdiv(H (NB + 1), BE) programs write block_bounds [H, NB + 1] int32 instead: block
-    j of a head starts where the row holding its event j S starts, and its last block ends where
-    the keys of tokens past the last sequence (key >= n_keys, outside the contract) begin, or at
-    E; each found by a binary search of at most ``search_steps`` >= log2(E + 1) steps. They
-    need only the sorted keys, so they run beside the others, one search per lane."""
+    j of a head starts where the row holding its event j S starts, unless that row also holds
+    event (j - 1) S: then at the tile of BP events that holds event j S, if it starts after the
+    row (a split row); its last block ends where the keys of tokens past the last sequence
+    (key >= n_keys, outside the contract) begin, or at E. Each start is found by a binary search
+    of at most ``search_steps`` >= log2(E + 1) steps. They need only the sorted keys, so they
+    run beside the others, one search per lane."""
     i_p = tl.program_id(0)
     n_bound_programs = tl.cdiv(H * (NB + 1), BE)
     if i_p < n_bound_programs:
@@ -370,7 +529,12 @@ def sparse_events_kernel(
             below = tl.load(sorted_keys + mid, mask=active, other=0).to(tl.int64) < target
             lo = tl.where(active & below, mid + 1, lo)
             hi = tl.where(active & ~below, mid, hi)
-        tl.store(block_bounds + o_b, (lo - head * E).to(tl.int32), mask=m_b)
+        row_start = lo - head * E
+        # a row that holds events (j - 1) S and j S is split at the tile that holds event j S, where
+        # that tile starts after the row does: no block is much longer than 2 S events
+        tile_start = j * S // BP * BP
+        split = (j > 0) & (j < NB) & (at < end_key) & (previous == at) & (tile_start > row_start)
+        tl.store(block_bounds + o_b, tl.where(split, tile_start, row_start).to(tl.int32), mask=m_b)
     else:
         o_e = (i_p - n_bound_programs).to(tl.int64) * BE + tl.arange(0, BE)
         m_e = o_e < n_events

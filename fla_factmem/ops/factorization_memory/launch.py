@@ -282,9 +282,9 @@ class SparseEvents(NamedTuple):
     within a row, all ``[H, E]`` with E = B T K: ``keys`` (int32: the key shifted left by 2,
     bit 0 set where the event starts its row's run, bit 1 where it ends it), ``picks`` (each event's
     flat index into ``[B, T, H, K]``, int32), ``theta`` and ``phi`` (float32).
-    ``block_bounds`` ``[H, NB + 1]`` int32: where each program's block of whole rows starts
-    among the events. About 24 bytes per pick in all: what the sparse backward keeps besides
-    the inputs."""
+    ``block_bounds`` ``[H, NB + 1]`` int32: where each program's block of rows starts among the
+    events (at a row's start, or at a tile inside a row that it splits). About 24 bytes per pick
+    in all: what the sparse backward keeps besides the inputs."""
 
     rows: torch.Tensor
     alpha: torch.Tensor
@@ -299,10 +299,11 @@ class SparseEvents(NamedTuple):
 # 340M model's shape (B=4, T=8192, H=4, V=256, (1024, 16), bf16, H200, session 20) the op took
 # 2.358 ms of kernels a forward+backward with tiles of 8 and 2.410 with tiles of 4 (carries twice
 # as many; backward 885 against 957 us, forward 618 against 494); blocks of 256 events since
-# session 7 (benchmarks/ops/NOTES.md).
+# session 7, rows split between blocks since session 21, when the deeper layers of that model
+# held rows of up to 1798 events (benchmarks/ops/NOTES.md).
 SPARSE_TILE = 8
 # The kernels read whole tiles of events without a mask, aligned among a head's events: up to
-# SPARSE_TILE - 1 elements past its last event, none before its first. The event arrays lie this
+# SPARSE_TILE - 1 elements past its last event, and one before its first (an empty block's flags). The event arrays lie this
 # many elements inside their buffers, at both ends (from when a forward read a tile ahead: more
 # than the kernels need now, harmless and cheap)
 EVENT_PADDING = 2 * SPARSE_TILE
@@ -331,10 +332,11 @@ def sparse_events(
 ) -> SparseEvents:
     """The picks of ``routing`` (rows, alpha ``[B, T, H, K]``) sorted into events along the
     memory's rows, with their theta and phi from ``[B, T, H]`` eta and mu (``SparseEvents``).
-    Block j of a head holds the whole rows that start between the rows holding events j S and
+    Block j of a head holds the rows that start between the rows holding events j S and
     (j + 1) S, S = ``SPARSE_EVENTS_PER_PROGRAM``: S events and the rest of the row it ends in,
-    or one row of more than S events (a program walks a row's events in order, so a row picked
-    by every token costs T / SPARSE_TILE steps of one program each way)."""
+    except that a row holding events (j - 1) S and j S is split at the tile of event j S, so
+    that no block holds much more than 2 S events, however often a row is picked (the scans
+    chain a split row's pieces, ``chunk_sparse_kernels.py``)."""
     rows, alpha = (x.contiguous() for x in routing)
     B, T, H, K = rows.shape
     N = num_sequences(B, cu_seqlens)
@@ -371,7 +373,8 @@ def sparse_events(
     SPARSE_EVENTS.launch(
         (cdiv(H * (NB + 1), BE) + cdiv(H * E, BE),),
         order, sorted_keys, eta.contiguous(), mu.contiguous(), alpha, *events, block_bounds, E, H * E,
-        head_keys, lowest_key, N * M, NB, E.bit_length(), H=H, K=K, S=SPARSE_EVENTS_PER_PROGRAM, BE=BE, num_warps=4,
+        head_keys, lowest_key, N * M, NB, E.bit_length(),
+        H=H, K=K, S=SPARSE_EVENTS_PER_PROGRAM, BP=SPARSE_TILE, BE=BE, num_warps=4,
     )  # fmt: skip
     return SparseEvents(rows, alpha, *events, block_bounds)
 
@@ -409,6 +412,15 @@ def with_event_padding(events: SparseEvents) -> SparseEvents:
 def sparse_block_v(V: int) -> int:
     """Columns per program of the sparse kernels: V's power of 2, at most ``SPARSE_BLOCK_V``."""
     return min(next_power_of_2(V), SPARSE_BLOCK_V)
+
+
+def split_row_pieces(H: int, NB: int, V: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scans' buffers for the pieces of rows split between blocks: ``[H, NB, V]`` states and
+    ``[H, NB]`` decays, float32, written (by a launch with ``SUMMARY``) only where a row is split."""
+    return (
+        torch.empty(H, NB, V, dtype=torch.float32, device=device),
+        torch.empty(H, NB, dtype=torch.float32, device=device),
+    )
 
 
 def sum_over_picks(x: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
@@ -459,12 +471,14 @@ def chunk_sparse_fwd(
     carries = torch.empty(H, NTILES, V, dtype=torch.float32, device=v.device) if store_carries else None
     BV = sparse_block_v(V)
     NB = events.block_bounds.shape[1] - 1
-    SPARSE_FWD.launch(
-        (NB, H, cdiv(V, BV)),
-        v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, ht, contributions,
-        carries, E, NB, NTILES,
-        H=H, M=M, K=K, V=V, BP=SPARSE_TILE, BV=BV, num_warps=SPARSE_WARPS,
-    )  # fmt: skip
+    pieces = split_row_pieces(H, NB, V, v.device)
+    for summary in (True, False):
+        SPARSE_FWD.launch(
+            (NB, H, cdiv(V, BV)),
+            v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, ht, contributions,
+            carries, *pieces, E, NB, NTILES,
+            H=H, M=M, K=K, V=V, BP=SPARSE_TILE, BV=BV, SUMMARY=summary, num_warps=SPARSE_WARPS,
+        )  # fmt: skip
     o = sum_over_picks(contributions, v.dtype, v.shape)
     return o, ht, events, carries
 
@@ -511,12 +525,14 @@ def chunk_sparse_bwd(
     # with one block of columns the kernel's parts are the gradients: no sum, nor a select (host time)
     pick_shape = (NV, B, T, H, K) if NV > 1 else (B, T, H, K)
     pick_dtheta, pick_dphi = (torch.empty(pick_shape, dtype=torch.float32, device=v.device) for _ in range(2))
-    SPARSE_BWD.launch(
-        (NB, H, NV),
-        v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, carries, do, dht, dh0,
-        dv_contributions, pick_dtheta, pick_dphi, E, NB, carries.shape[1],
-        H=H, M=M, K=K, V=V, BP=SPARSE_TILE, BV=BV, num_warps=SPARSE_WARPS,
-    )  # fmt: skip
+    pieces = split_row_pieces(H, NB, V, v.device)
+    for summary in (True, False):
+        SPARSE_BWD.launch(
+            (NB, H, NV),
+            v, events.keys, events.picks, events.theta, events.phi, events.block_bounds, h0, carries, do, dht, dh0,
+            dv_contributions, pick_dtheta, pick_dphi, *pieces, E, NB, carries.shape[1],
+            H=H, M=M, K=K, V=V, BP=SPARSE_TILE, BV=BV, SUMMARY=summary, num_warps=SPARSE_WARPS,
+        )  # fmt: skip
     dv = sum_over_picks(dv_contributions, v.dtype, v.shape)
     if NV > 1:
         pick_dtheta, pick_dphi = pick_dtheta.sum(0), pick_dphi.sum(0)

@@ -222,8 +222,9 @@ def test_cuda_sparse_events_and_block_bounds(B, M, offsets):
 
 def check_sparse_events(B, T, H, M, K, offsets, device):
     """The events are the picks sorted by (sequence, row), in token order within a row, with
-    their theta and phi; block j of a head starts where the row holding its event j S starts,
-    and the blocks end before the tokens past the last offset. Rows 0 and 1 are hot."""
+    their theta and phi; block j of a head starts where the row holding its event j S starts, or
+    where that row started at or before event (j - 1) S, at the tile of event j S (a split row), and
+    the blocks end before the tokens past the last offset. Rows 0 and 1 are hot."""
     _, logits, eta, mu, _ = detached_inputs(B, T, H, M, 1, with_state=False, device=device)
     logits[..., :2] += 6.0
     cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets is not None else None
@@ -248,15 +249,23 @@ def check_sparse_events(B, T, H, M, K, offsets, device):
     assert torch.equal(events.theta, eta.float().reshape(-1)[ref_picks // K] * alpha)
     assert torch.equal(events.phi, mu.float().reshape(-1)[ref_picks // K] * alpha)
     at = torch.cat([ref_keys[:, ::S].clamp(max=N * M), torch.full((H, 1), N * M, device=device)], 1)
-    assert torch.equal(events.block_bounds.long(), torch.searchsorted(ref_keys, at))
+    row_starts = torch.searchsorted(ref_keys, at)
+    # a row that holds events (j - 1) S and j S is split at the tile of event j S, if that starts after the row
+    E = ref_keys.shape[1]
+    j = torch.arange(at.shape[1], device=device)
+    tile_start = j * S // launch.SPARSE_TILE * launch.SPARSE_TILE
+    key_at, key_before = (ref_keys[:, (i * S).clamp(0, E - 1)] for i in (j, j - 1))
+    split = (j > 0) & (j * S < E) & (key_at < N * M) & (key_before == key_at) & (tile_start > row_starts)
+    assert torch.equal(events.block_bounds.long(), torch.where(split, tile_start, row_starts))
 
 
-@pytest.mark.parametrize("events_per_program", [1, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
+@pytest.mark.parametrize("events_per_program", [3, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
 def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, monkeypatch):
     """Routing concentrated on a few rows (each picked by nearly every token: runs of events far
-    longer than a tile) and other rows picked now and then, in blocks of one row per program up
-    to blocks that hold a whole sequence: the memory carried from tile to tile, forward and
-    backward, and the blocks' bounds."""
+    longer than a tile) and other rows picked now and then, in blocks shorter than a tile (the
+    hot rows split at every tile, with empty blocks between their pieces), of 40 events (split
+    rows) and of the default (whole rows): the memory carried from tile to tile and from piece
+    to piece, forward and backward, and the blocks' bounds."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
     offsets = torch.tensor([0, 70, 71, 130], dtype=torch.int32)
     v, logits, eta, mu, h0 = make_inputs(1, 130, 2, 24, 16, N=3)
@@ -266,11 +275,12 @@ def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, monkeyp
                    cu_seqlens=offsets)  # fmt: skip
 
 
-@pytest.mark.parametrize("events_per_program", [1, 3])
+@pytest.mark.parametrize("events_per_program", [3, 16])
 def test_sparse_backward_reads_only_stored_carries(events_per_program, monkeypatch):
-    """The carry slots the forward leaves unwritten (each block's first tile; torch.empty on the
-    GPU) set to NaN change nothing: the backward loads only the carries the forward stored, at
-    blocks whose first event lies anywhere in a tile."""
+    """The carry slots the forward leaves unwritten (each block's first tile, unless its first
+    row began in the block before; torch.empty on the GPU) set to NaN change nothing: the
+    backward loads only the carries the forward stored, at blocks whose first event lies
+    anywhere in a tile."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
     v, logits, eta, mu, h0 = detached_inputs(1, 60, 2, 24, 16)
     logits[..., :2] += 6.0  # rows 0-1 picked by nearly every token: runs over many tiles
@@ -279,7 +289,8 @@ def test_sparse_backward_reads_only_stored_carries(events_per_program, monkeypat
     stored = torch.zeros(carries.shape[:2], dtype=torch.bool)
     for head, bounds in enumerate(events.block_bounds.tolist()):
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            stored[head, lo // BP + 1 : -(-hi // BP)] = True  # the forward's tiles after the block's first
+            began_before = lo < hi and events.keys[head, lo] & 1 == 0
+            stored[head, lo // BP + (0 if began_before else 1) : -(-hi // BP)] = True
     assert (~stored).sum() > stored.shape[0], "the test needs blocks past the first that start inside a tile"
     do, dht = torch.randn_like(v), torch.randn_like(h0)
     grads = [
@@ -289,6 +300,24 @@ def test_sparse_backward_reads_only_stored_carries(events_per_program, monkeypat
     ]  # fmt: skip
     for name, a, b in zip(("dv", "dlogits", "deta", "dmu", "dh0"), *grads):
         assert torch.equal(a, b), f"{name}: the backward read a carry the forward did not store"
+
+
+def test_sparse_scans_read_only_the_pieces_they_wrote(monkeypatch):
+    """Split rows' piece slots that no summary wrote (torch.empty on the GPU) set to NaN change
+    nothing, forward or backward: the scans chain only written pieces, through the empty blocks
+    between them (blocks of 3 events, hot rows split at every tile)."""
+    monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", 3)
+    inputs = make_inputs(1, 40, 2, 24, 16, with_state=True)
+    with torch.no_grad():
+        inputs[1][..., :2] += 6.0  # rows 0-1 picked by nearly every token
+    clean = run_with_grads(triton_sparse_chunk, inputs, 3)
+    pieces_of = launch.split_row_pieces
+    monkeypatch.setattr(launch, "split_row_pieces", lambda *a: tuple(x.fill_(float("nan")) for x in pieces_of(*a)))
+    poisoned_run = run_with_grads(triton_sparse_chunk, inputs, 3, dout=clean[3], dht=clean[4])
+    for name, a, b in zip(
+        ("o", "final state", *GRAD_NAMES), [*poisoned_run[:2], *poisoned_run[2]], [*clean[:2], *clean[2]]
+    ):
+        assert torch.equal(a, b), f"{name} read a piece no summary wrote"
 
 
 def fill_event_padding(events, fill_float, fill_int):
@@ -303,7 +332,7 @@ def fill_event_padding(events, fill_float, fill_int):
     return events
 
 
-@pytest.mark.parametrize("events_per_program", [1, 40])
+@pytest.mark.parametrize("events_per_program", [3, 40])
 def test_sparse_scans_ignore_what_lies_around_the_events(events_per_program, monkeypatch):
     """The kernels read whole tiles of events unmasked, up to a tile past a head's last event
     (into the next head's events and the buffers' padding): NaN and -1 around the events change
