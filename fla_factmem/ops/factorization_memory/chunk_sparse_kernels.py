@@ -243,7 +243,7 @@ def last_row_piece(
     v, keys, picks, theta, phi, h0, lo, hi, goes_on, i_h, H: tl.constexpr, M: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, BP: tl.constexpr, o_v, m_v, USE_INITIAL_STATE: tl.constexpr,
 ):  # fmt: skip
-    """Where the block's last row goes on in the next block: that row's memory [BV] at the block's
+    """Where the block's last row goes on in a later block: that row's memory [BV] at the block's
     end from a zero memory entering the block, sum_k (prod_{i > k} d_i) theta_k v_k over its
     events k in the block (plus the initial state's row times all their d_i where the row starts
     in the block), and its decay, the product of those d_i, or 0 where the row starts in the

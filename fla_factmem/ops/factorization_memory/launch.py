@@ -303,9 +303,9 @@ class SparseEvents(NamedTuple):
 # held rows of up to 1798 events (benchmarks/ops/NOTES.md).
 SPARSE_TILE = 8
 # The kernels read whole tiles of events without a mask, aligned among a head's events: up to
-# SPARSE_TILE - 1 elements past its last event, and one before its first (an empty block's flags). The event arrays lie this
-# many elements inside their buffers, at both ends (from when a forward read a tile ahead: more
-# than the kernels need now, harmless and cheap)
+# SPARSE_TILE - 1 elements past its last event, and one before its first (an empty block's
+# flags). The event arrays lie this many elements inside their buffers, at both ends (from when a
+# forward read a tile ahead: more than the kernels need now, harmless and cheap)
 EVENT_PADDING = 2 * SPARSE_TILE
 # Columns per program: all of V up to 256, 8 a thread, so that the events' scalar work (keys,
 # picks, addresses, masks) is done once per row. At the 340M model's V = 256 (B=4, T=8192, H=4,

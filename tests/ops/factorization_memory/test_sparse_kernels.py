@@ -313,11 +313,15 @@ def test_sparse_scans_read_only_the_pieces_they_wrote(monkeypatch):
     clean = run_with_grads(triton_sparse_chunk, inputs, 3)
     pieces_of = launch.split_row_pieces
     monkeypatch.setattr(launch, "split_row_pieces", lambda *a: tuple(x.fill_(float("nan")) for x in pieces_of(*a)))
-    poisoned_run = run_with_grads(triton_sparse_chunk, inputs, 3, dout=clean[3], dht=clean[4])
-    for name, a, b in zip(
-        ("o", "final state", *GRAD_NAMES), [*poisoned_run[:2], *poisoned_run[2]], [*clean[:2], *clean[2]]
-    ):
-        assert torch.equal(a, b), f"{name} read a piece no summary wrote"
+    assert_rerun_identical(inputs, clean, "read a piece no summary wrote")
+
+
+def assert_rerun_identical(inputs, clean, reason):
+    """The sparse op rerun on ``inputs`` with ``clean``'s (``run_with_grads``'s, top 3) output and
+    final state gradients gives bit-identical outputs and gradients; else ``reason``."""
+    rerun = run_with_grads(triton_sparse_chunk, inputs, 3, dout=clean[3], dht=clean[4])
+    for name, a, b in zip(("o", "final state", *GRAD_NAMES), [*rerun[:2], *rerun[2]], [*clean[:2], *clean[2]]):
+        assert torch.equal(a, b), f"{name} {reason}"
 
 
 def fill_event_padding(events, fill_float, fill_int):
@@ -342,11 +346,7 @@ def test_sparse_scans_ignore_what_lies_around_the_events(events_per_program, mon
     clean = run_with_grads(triton_sparse_chunk, inputs, 3)
     events_of = launch.sparse_events
     monkeypatch.setattr(launch, "sparse_events", lambda *a: fill_event_padding(events_of(*a), float("nan"), -1))
-    poisoned_run = run_with_grads(triton_sparse_chunk, inputs, 3, dout=clean[3], dht=clean[4])
-    for name, a, b in zip(
-        ("o", "final state", *GRAD_NAMES), [*poisoned_run[:2], *poisoned_run[2]], [*clean[:2], *clean[2]]
-    ):
-        assert torch.equal(a, b), f"{name} read the events' padding or another head's events"
+    assert_rerun_identical(inputs, clean, "read the events' padding or another head's events")
 
 
 def test_sparse_backward_pads_events_that_lost_their_padding(monkeypatch):
