@@ -17,7 +17,7 @@ from fla_factmem.layers.routing_diagnostics import (
     routing_statistics,
 )
 from fla_factmem.layers.utils import check_padding_mask
-from fla_factmem.modules import FusedRMSNormGated, ShortConvolution, biased_sigmoid
+from fla_factmem.modules import FusedRMSNormGated, ShortConvolution, biased_sigmoid, split_linear
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
 from fla_factmem.ops.factorization_memory.validation import takes_state_in_place
 
@@ -170,10 +170,11 @@ class FactorizationMemory(nn.Module):
             v, z, logits, eta_mu = F.linear(hidden_states, self.in_proj.weight).split(self.split_sizes, dim=-1)
         else:
             # one GEMM per block of rows: each input comes out contiguous, and the backward adds the
-            # four gradients on x. One GEMM took 0.15 ms more per layer at that model's training
-            # shape (0.7 with rows of 6152 elements, not a multiple of 16: unaligned loads), as its
-            # split's backward concatenates the gradients (benchmarks/ops/NOTES.md)
-            v, z, logits, eta_mu = (F.linear(hidden_states, w) for w in self.in_proj.weight.split(self.split_sizes))
+            # four gradients on x in the GEMMs' epilogues (split_linear). One GEMM took 0.15 ms more
+            # per layer at that model's training shape (0.7 with rows of 6152 elements, not a
+            # multiple of 16: unaligned loads), as its split's backward concatenates the gradients
+            # (benchmarks/ops/NOTES.md)
+            v, z, logits, eta_mu = split_linear(hidden_states, self.in_proj.weight, self.split_sizes)
         conv_state = None
         if self.use_short_conv:
             conv_state = last_state["conv_state"] if last_state is not None else None

@@ -11,8 +11,17 @@ layer's rates in one kernel; so is the gated norm's forward without autograd
 
 from fla_factmem.modules.activations import biased_sigmoid
 from fla_factmem.modules.convolution import ShortConvolution
+from fla_factmem.modules.linear import split_linear
 from fla_factmem.modules.mlp import GatedMLP
 from fla_factmem.modules.norm import FusedRMSNormGated, RMSNorm
 from fla_factmem.modules.rotary import RotaryEmbedding
 
-__all__ = ["FusedRMSNormGated", "GatedMLP", "RMSNorm", "RotaryEmbedding", "ShortConvolution", "biased_sigmoid"]
+__all__ = [
+    "FusedRMSNormGated",
+    "GatedMLP",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "ShortConvolution",
+    "biased_sigmoid",
+    "split_linear",
+]

@@ -22,16 +22,16 @@ SWITCHES = {
 
 
 @triton.jit
-def tile_rows(positions, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """The rows of the program's tile, ``program_id(0)`` along T and ``program_id(2)`` along B, of
-    x [B T, D] (sequences of T, or with ``positions`` [T] int32 one packed row of them, B = 1): their
-    flat indices o_t (int64), whether they exist, and each one's position in its sequence."""
-    o_s = tl.program_id(0) * BT + tl.arange(0, BT)
+def tile_rows(positions, i_t, i_b, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The rows of tile i_t along T of row i_b of x [B T, D] (sequences of T, or with
+    ``positions`` [T] int32 one packed row of them, B = 1): their index along T, flat index
+    (int64), whether they exist, and each one's position in its sequence."""
+    o_s = i_t * BT + tl.arange(0, BT)
     m_t = o_s < T
-    o_t = tl.program_id(2).to(tl.int64) * T + o_s
+    o_t = i_b.to(tl.int64) * T + o_s
     if IS_VARLEN:
-        return o_t, m_t, tl.load(positions + o_t, mask=m_t, other=0)
-    return o_t, m_t, o_s
+        return o_s, o_t, m_t, tl.load(positions + o_t, mask=m_t, other=0)
+    return o_s, o_t, m_t, o_s
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def short_conv_fwd_kernel(
 ):  # fmt: skip
     """y [B T, D] = act(depthwise causal convolution of x [B T, D] with weight [D, W]), act SiLU
     or none, per sequence (``tile_rows``). [BT, BD] tiles."""
-    o_t, m_t, pos = tile_rows(positions, T, BT, IS_VARLEN)
+    _, o_t, m_t, pos = tile_rows(positions, tl.program_id(0), tl.program_id(2), T, BT, IS_VARLEN)
     o_d = tl.program_id(1) * BD + tl.arange(0, BD)
     m_d = o_d < D
     b_y = preactivation(x, weight, bias, o_t, pos, m_t, o_d, m_d, D, W, HAS_BIAS)[0]
@@ -69,70 +69,94 @@ def short_conv_fwd_kernel(
     tl.store(y + o_t[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
-@triton.heuristics(SWITCHES)
 @triton.jit
-def short_conv_bwd_pre_kernel(
-    x, weight, bias, positions, dy, dpre, dw_parts, T, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
-    BD: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, IS_VARLEN: tl.constexpr,
+def tile_gradient(
+    x, weight, bias, positions, dy, i_b, i_t, T, o_d, m_d, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+    SILU: tl.constexpr, HAS_BIAS: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """The gradient on the pre-activation, dpre [B T, D] float32 = dy act'(pre) (pre recomputed
-    from x), and the tile's part of the weight's gradient, dw_parts [B, tiles along T, D, W + 1]
-    float32 (the bias's in column W)."""
-    o_t, m_t, pos = tile_rows(positions, T, BT, IS_VARLEN)
-    o_d = tl.program_id(1) * BD + tl.arange(0, BD)
-    m_d = o_d < D
-    m = m_t[:, None] & m_d[None, :]
-    i_t = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+    """Tile i_t along T of row i_b (``tile_rows``'s rows): the gradient on the pre-activation,
+    dpre [BT, BD] float32 = dy act'(pre) (pre recomputed from x; zero at rows past T), the shifted
+    inputs (``preactivation``), and the rows: their index along T, flat index, mask and position."""
+    o_s, o_t, m_t, pos = tile_rows(positions, i_t, i_b, T, BT, IS_VARLEN)
     pre, taps = preactivation(x, weight, bias, o_t, pos, m_t, o_d, m_d, D, W, HAS_BIAS)
-    b_dpre = tl.load(dy + o_t[:, None] * D + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    b_dpre = tl.load(dy + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     if SILU:
         s = tl.sigmoid(pre)
         b_dpre = b_dpre * s * (1 + pre * (1 - s))
-    tl.store(dpre + o_t[:, None] * D + o_d[None, :], b_dpre, mask=m)
-    parts = dw_parts + i_t.to(tl.int64) * D * (W + 1) + o_d * (W + 1)
-    for j in tl.static_range(W):
-        tl.store(parts + j, tl.sum(b_dpre * taps[j], 0), mask=m_d)
-    if HAS_BIAS:
-        tl.store(parts + W, tl.sum(b_dpre, 0), mask=m_d)
+    return b_dpre, taps, o_s, o_t, m_t, pos
 
 
-@triton.heuristics({"IS_VARLEN": SWITCHES["IS_VARLEN"]})
+@triton.heuristics(SWITCHES)
 @triton.jit
-def short_conv_bwd_dx_kernel(
-    dpre, weight, positions, dx, T, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+def short_conv_bwd_kernel(
+    x, weight, bias, positions, dy, dx, dw_parts, ring, T, tiles_per_program, D: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """dx [B T, D] = sum_j weight[d, j] dpre[t + W - 1 - j, d] over the rows of t's sequence."""
-    o_t, m_t, pos = tile_rows(positions, T, BT, IS_VARLEN)
-    o_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    """dx [B T, D] = sum_j weight[d, j] dpre[t + W - 1 - j, d] over the rows of t's sequence, with
+    dpre = dy act'(pre) (``tile_gradient``), and the program's part of the weight's gradient,
+    dw_parts [B, programs along T, D, W + 1] float32 (the bias's in column W).
+
+    Each program walks ``tiles_per_program`` tiles of BT rows back from the end of its segment
+    of T, after the tile past it (for the W - 1 rows of dpre that its last rows' dx reads). dpre
+    goes through ``ring``, the program's [2 BT, BD] float32 slots (rows modulo 2 BT, so the
+    current tile's and the one after it), from which dx reads it shifted by rows: it stays in L2,
+    where a float32 dpre through memory between two kernels cost a round trip of 8 bytes an
+    element. The weight's gradient is summed in registers over the walk and reduced over rows
+    once at the end."""
+    i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_s = tl.num_programs(0)
+    o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    b_dx = tl.zeros([BT, BD], dtype=tl.float32)
+    o_c = tl.arange(0, BD)
+    ring += ((i_b * tl.num_programs(1) + i_d) * n_s + i_s).to(tl.int64) * (2 * BT * BD)
+    first_tile = i_s * tiles_per_program
+    first_row = first_tile * BT
+    b_dpre, _, o_s, _, _, _ = tile_gradient(x, weight, bias, positions, dy, i_b, first_tile + tiles_per_program, T,
+                                            o_d, m_d, D, W, BT, SILU, HAS_BIAS, IS_VARLEN)  # fmt: skip
+    tl.store(ring + ((o_s - first_row) % (2 * BT))[:, None] * BD + o_c[None, :], b_dpre)
+    dw = ()
+    for j in tl.static_range(W + 1):
+        dw = dw + (tl.zeros([BT, BD], dtype=tl.float32),)
+    for i in range(tiles_per_program):
+        b_dpre, taps, o_s, o_t, m_t, pos = tile_gradient(x, weight, bias, positions, dy, i_b,
+                                                         first_tile + tiles_per_program - 1 - i, T, o_d, m_d, D, W,
+                                                         BT, SILU, HAS_BIAS, IS_VARLEN)  # fmt: skip
+        summed = ()
+        for j in tl.static_range(W):
+            summed = summed + (dw[j] + b_dpre * taps[j],)
+        dw = summed + (dw[W] + b_dpre,)
+        # the slots this tile takes held the rows that the previous step's dx read: all must be read
+        tl.debug_barrier()
+        tl.store(ring + ((o_s - first_row) % (2 * BT))[:, None] * BD + o_c[None, :], b_dpre)
+        tl.debug_barrier()
+        b_dx = tl.zeros([BT, BD], dtype=tl.float32)
+        for j in tl.static_range(W):
+            ahead = W - 1 - j
+            # row t + ahead took x[t] through tap j if it lies in t's sequence, ahead rows into it
+            if IS_VARLEN:  # one packed row of T: o_s is the row along it
+                m_a = m_t & (o_s + ahead < T)
+                same = m_a & (tl.load(positions + o_t + ahead, mask=m_a, other=0) >= ahead)
+            else:
+                same = m_t & (pos + ahead < T)
+            rows = (o_s + ahead - first_row) % (2 * BT)
+            b_a = tl.load(ring + rows[:, None] * BD + o_c[None, :], mask=same[:, None], other=0.0)
+            b_dx += tl.load(weight + o_d * W + j, mask=m_d, other=0.0).to(tl.float32)[None, :] * b_a
+        tl.store(dx + o_t[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    parts = dw_parts + (i_b * n_s + i_s).to(tl.int64) * D * (W + 1) + o_d * (W + 1)
     for j in tl.static_range(W):
-        ahead = W - 1 - j
-        o_a = o_t + ahead
-        # row t + ahead took x[t] through tap j if it lies in t's sequence, ahead rows into it
-        if IS_VARLEN:  # one packed row of T: o_t is the row along it
-            m_a = m_t & (o_t + ahead < T)
-            same = m_a & (tl.load(positions + o_a, mask=m_a, other=0) >= ahead)
-        else:
-            same = m_t & (pos + ahead < T)
-        b_d = tl.load(dpre + o_a[:, None] * D + o_d[None, :], mask=same[:, None] & m_d[None, :], other=0.0)
-        b_dx += tl.load(weight + o_d * W + j, mask=m_d, other=0.0).to(tl.float32)[None, :] * b_d
-    tl.store(dx + o_t[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+        tl.store(parts + j, tl.sum(dw[j], 0), mask=m_d)
+    if HAS_BIAS:
+        tl.store(parts + W, tl.sum(dw[W], 0), mask=m_d)
 
 
 SHORT_CONV_FWD = CompiledLauncher(short_conv_fwd_kernel)
-SHORT_CONV_BWD_PRE = CompiledLauncher(short_conv_bwd_pre_kernel)
-SHORT_CONV_BWD_DX = CompiledLauncher(short_conv_bwd_dx_kernel)
-# [BT, BD] tiles of every kernel, 4 warps
-CONV_BT, CONV_BD = 64, 64
-
-
-def _conv_launch(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, tuple[int, int, int]]:
-    """D, W, the block of channels and the grid (tiles along T, blocks of channels, B)."""
-    B, T, D = x.shape
-    BD = min(CONV_BD, next_power_of_2(D))
-    return D, weight.shape[-1], BD, (cdiv(T, CONV_BT), cdiv(D, BD), B)
+SHORT_CONV_BWD = CompiledLauncher(short_conv_bwd_kernel)
+# tiles and warps, best measured at [4, 8192, 1024] bf16 on an H200 (benchmarks/NOTES.md, session
+# 22): the forward on [16, 128] tiles in 2 warps, 55.7 us (69.2 on [64, 64] in 4); the backward
+# on [16, 64] in 2, walking up to 32 tiles a program, 176 us with the weight's gradient summed
+# (305 for session 19's two kernels with a float32 dpre between them)
+FWD_BT, FWD_BD, FWD_WARPS = 16, 128, 2
+BWD_BT, BWD_BD, BWD_WARPS, BWD_TILES = 16, 64, 2, 32
 
 
 class ShortConvolutionFunction(torch.autograd.Function):
@@ -140,33 +164,39 @@ class ShortConvolutionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, positions, T, silu):
-        D, W, BD, grid = _conv_launch(x, weight)
+        B, _, D = x.shape
+        W = weight.shape[-1]
+        BD = min(FWD_BD, next_power_of_2(D))
         y = torch.empty_like(x)
         if x.numel() > 0:
             with on_device_of(x):
                 SHORT_CONV_FWD.launch(
-                    grid, x, weight, bias, positions, y, T, D=D, W=W, BT=CONV_BT, BD=BD, SILU=silu, num_warps=4
-                )
+                    (cdiv(T, FWD_BT), cdiv(D, BD), B), x, weight, bias, positions, y, T,
+                    D=D, W=W, BT=FWD_BT, BD=BD, SILU=silu, num_warps=FWD_WARPS,
+                )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, positions)
-        ctx.T, ctx.silu = T, silu
+        ctx.silu = silu
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, positions = ctx.saved_tensors
-        D, W, BD, grid = _conv_launch(x, weight)
-        dy = dy.contiguous()
-        dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        dw_parts = torch.zeros(grid[2] * grid[0], D, W + 1, dtype=torch.float32, device=x.device)
+        B, T, D = x.shape
+        W = weight.shape[-1]
+        BD = min(BWD_BD, next_power_of_2(D))
+        tiles_per_program = max(1, min(BWD_TILES, cdiv(T, BWD_BT)))
+        grid = (cdiv(T, BWD_BT * tiles_per_program), cdiv(D, BD), B)
+        # every part is written where x has elements (else there are none, or no channels)
+        dw_parts = torch.empty(B * grid[0], D, W + 1, dtype=torch.float32, device=x.device)
+        ring = torch.empty(grid[0] * grid[1] * B, 2 * BWD_BT, BD, dtype=torch.float32, device=x.device)
         dx = torch.empty_like(x)
         if x.numel() > 0:
-            common = dict(D=D, W=W, BT=CONV_BT, BD=BD, num_warps=4)
             with on_device_of(x):
-                SHORT_CONV_BWD_PRE.launch(
-                    grid, x, weight, bias, positions, dy, dpre, dw_parts, ctx.T, SILU=ctx.silu, **common
-                )
-                SHORT_CONV_BWD_DX.launch(grid, dpre, weight, positions, dx, ctx.T, **common)
+                SHORT_CONV_BWD.launch(
+                    grid, x, weight, bias, positions, dy.contiguous(), dx, dw_parts, ring, T, tiles_per_program,
+                    D=D, W=W, BT=BWD_BT, BD=BD, SILU=ctx.silu, num_warps=BWD_WARPS,
+                )  # fmt: skip
         dw = dw_parts.sum(0)
         db = None if bias is None else dw[:, W].to(bias.dtype)
         return dx, dw[:, :W].to(weight.dtype), db, None, None, None
@@ -194,13 +224,13 @@ def short_convolution(
     ``weight`` ``[D, W]``, ``bias`` ``[D]`` or None. Returns ``[B, T, D]`` in x's dtype. No cache
     in or out: that is FLA's ``causal_conv1d``.
 
-    The backward recomputes the pre-activation in its first kernel, which writes its gradient in
-    float32 and the tiles' parts of the weight's; the second adds the input's gradient over the
-    taps. FLA's recomputes the pre-activation in a forward of its own and its SiLU once per tap.
-    In the 340M model's training step (bf16, H200, in turns in one process; benchmarks/NOTES.md,
-    session 19) the step took 211.9 ms with these kernels and 214.4 with FLA's, although their
-    kernels alone are not faster: 407 against 370 us of kernels a forward+backward at [4, 8192,
-    1024] bf16, the first backward kernel 200 us of it."""
+    The backward is one kernel: it recomputes the pre-activation, passes its gradient to the
+    input's through a small ring of float32 rows per program that stays in L2, and sums the
+    weight's gradient in registers. FLA's recomputes the pre-activation in a forward of its own
+    and its SiLU once per tap. At [4, 8192, 1024] bf16 on an H200 (benchmarks/NOTES.md, session
+    22) the forward takes 55.7 us and the backward 176, and the 340M model's training step 189.5
+    ms against 192.7 with session 19's backward (two kernels with a float32 dpre between them,
+    305 us), which had taken 211.9 ms against FLA's 214.4 in that session's step."""
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"short_convolution: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if bias is not None and bias.shape != (x.shape[-1],):

@@ -7,7 +7,7 @@ import torch
 
 from fla_factmem.modules import ShortConvolution
 from fla_factmem.modules import convolution as convolution_module
-from fla_factmem.modules.convolution import CONV_BT, short_convolution
+from fla_factmem.modules.convolution import BWD_BT, short_convolution
 from tests.utils import assert_close, offsets_of, output_and_grads
 
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
@@ -23,20 +23,26 @@ def module_reference(conv, cu_seqlens):
     return run
 
 
+# the backward's programs walk 2 tiles of BWD_BT rows in these tests: segments of 2 BWD_BT rows
+TILES_PER_PROGRAM = 2
 CASES = [
     # B, lengths (packed when a list), D, W, bias, activation
     (2, 9, 12, 4, False, "silu"),
     (1, 1, 16, 4, True, "silu"),
-    (3, CONV_BT + 7, 100, 4, True, None),
-    (1, [5, 0, 1, CONV_BT + 3], 8, 3, False, "swish"),
-    (1, [0, 4, CONV_BT + 2, 0], 100, 4, True, "silu"),
+    (3, 3 * BWD_BT + 7, 100, 4, True, None),
+    (2, 4 * BWD_BT, 8, 4, False, "silu"),
+    (1, [5, 0, 1, 2 * BWD_BT + 3], 8, 3, False, "swish"),
+    (1, [0, 4, 2 * BWD_BT - 6, 0, BWD_BT], 100, 4, True, "silu"),
     (2, 6, 8, 1, True, "silu"),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("B", "lengths", "D", "W", "bias", "activation"), CASES)
-def test_short_convolution_kernels(B, lengths, D, W, bias, activation, dtype):
+def test_short_convolution_kernels(B, lengths, D, W, bias, activation, dtype, monkeypatch):
+    """Sequences shorter than a tile, across tiles and across the backward's segments (whose
+    last rows' input gradient reads the next segment's first rows), packed with empty ones."""
+    monkeypatch.setattr(convolution_module, "BWD_TILES", TILES_PER_PROGRAM)
     packed = isinstance(lengths, list)
     T = sum(lengths) if packed else lengths
     cu_seqlens = offsets_of(lengths) if packed else None

@@ -523,6 +523,14 @@ def sparse_events_kernel(
         before = tl.maximum(hi - S, lo)
         previous = tl.load(sorted_keys + before, mask=m_b & (j > 0), other=0).to(tl.int64)
         lo = tl.where((j > 0) & (previous < target), before + 1, lo)
+        # a row that holds events (j - 1) S and j S is split at the tile that holds event j S, where
+        # that tile starts after the row does: no block is much longer than 2 S events. The row
+        # starts at or before (j - 1) S, so past that the split is certain and needs no search,
+        # which would take all log2(E) steps in those lanes (hot rows)
+        tile_start = j * S // BP * BP
+        spans = (j > 0) & (j < NB) & (at < end_key) & (previous == at)
+        certain = spans & (head * E + tile_start > before)
+        hi = tl.where(certain, lo, hi)
         for _ in range(search_steps):
             active = m_b & (lo < hi)
             mid = (lo + hi) // 2
@@ -530,10 +538,7 @@ def sparse_events_kernel(
             lo = tl.where(active & below, mid + 1, lo)
             hi = tl.where(active & ~below, mid, hi)
         row_start = lo - head * E
-        # a row that holds events (j - 1) S and j S is split at the tile that holds event j S, where
-        # that tile starts after the row does: no block is much longer than 2 S events
-        tile_start = j * S // BP * BP
-        split = (j > 0) & (j < NB) & (at < end_key) & (previous == at) & (tile_start > row_start)
+        split = certain | (spans & (tile_start > row_start))
         tl.store(block_bounds + o_b, tl.where(split, tile_start, row_start).to(tl.int32), mask=m_b)
     else:
         o_e = (i_p - n_bound_programs).to(tl.int64) * BE + tl.arange(0, BE)
