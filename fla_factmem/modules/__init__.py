@@ -6,7 +6,9 @@ caches move freely between machines) and runs FLA's kernel on CUDA tensors, and 
 math in PyTorch on CPU tensors, where it is the only path. ``RotaryEmbedding`` is plain
 PyTorch with FLA's convention, taking explicit positions. ``biased_sigmoid`` is ours: the
 layer's rates in one kernel; so is the gated norm's forward without autograd
-(``norm.rms_norm_gated_fwd``), which reads its gate where it lies.
+(``norm.rms_norm_gated_fwd``), which reads its gate where it lies. ``split_linear`` is plain
+PyTorch: one linear map per block of a weight's rows, whose backward sums the blocks' gradients
+on the input in the GEMMs' epilogues.
 """
 
 from fla_factmem.modules.activations import biased_sigmoid
