@@ -259,16 +259,21 @@ def check_sparse_events(B, T, H, M, K, offsets, device):
     assert torch.equal(events.block_bounds.long(), torch.where(split, tile_start, row_starts))
 
 
-@pytest.mark.parametrize("events_per_program", [3, 40, launch.SPARSE_EVENTS_PER_PROGRAM])
-def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, monkeypatch):
+@pytest.mark.parametrize(
+    "events_per_program, lengths",
+    [(3, [30, 1, 24]), (40, [70, 1, 59]), (launch.SPARSE_EVENTS_PER_PROGRAM, [70, 1, 59])],
+)
+def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, lengths, monkeypatch):
     """Routing concentrated on a few rows (each picked by nearly every token: runs of events far
     longer than a tile) and other rows picked now and then, in blocks shorter than a tile (the
     hot rows split at every tile, with empty blocks between their pieces), of 40 events (split
     rows) and of the default (whole rows): the memory carried from tile to tile and from piece
-    to piece, forward and backward, and the blocks' bounds."""
+    to piece, forward and backward, and the blocks' bounds. Blocks of 3 events take shorter
+    sequences: the interpreter's time grows with the number of programs, and hot rows of up to 29
+    events there still span 4 tiles and some 10 blocks, with empty blocks between."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
-    offsets = torch.tensor([0, 70, 71, 130], dtype=torch.int32)
-    v, logits, eta, mu, h0 = make_inputs(1, 130, 2, 24, 16, N=3)
+    offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    v, logits, eta, mu, h0 = make_inputs(1, sum(lengths), 2, 24, 16, N=3)
     with torch.no_grad():
         logits[..., :3] += 6.0  # rows 0-2 lead almost every token's picks
     assert_matches(triton_sparse_chunk, naive_factorization_memory, (v, logits, eta, mu, h0), 5, 1e-5, 1e-4,
