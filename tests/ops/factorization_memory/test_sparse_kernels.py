@@ -19,7 +19,7 @@ from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization
 from fla_factmem.ops.factorization_memory.launch import chunk_sparse_fwd, fused_recurrent_fwd, sparse_routing
 from fla_factmem.ops.factorization_memory.routing import run_on_weights
 from tests.ops.factorization_memory.test_kernels import GRAD_TOLERANCES, assert_matches_float64, edge_case_inputs
-from tests.utils import GRAD_NAMES, assert_close, assert_matches, make_inputs, run_with_grads
+from tests.utils import GRAD_NAMES, assert_close, assert_matches, make_inputs, offsets_of, run_with_grads
 
 # a quiet NaN with a payload: any arithmetic on it yields the canonical NaN, other bits
 POISON_BITS = 0x7FA00001
@@ -272,7 +272,7 @@ def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, lengths
     sequences: the interpreter's time grows with the number of programs, and hot rows of up to 29
     events there still span 4 tiles and some 10 blocks, with empty blocks between."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
-    offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    offsets = offsets_of(lengths).to(torch.int32)
     v, logits, eta, mu, h0 = make_inputs(1, sum(lengths), 2, 24, 16, N=3)
     with torch.no_grad():
         logits[..., :3] += 6.0  # rows 0-2 lead almost every token's picks
