@@ -86,17 +86,24 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     if plt is None or not ok:
         return
+    from matplotlib.patches import Patch  # matplotlib is optional: pyplot() returned it, so it is there
+
     models = list(dict.fromkeys(r["model"] for r in rows))
     seq_lens = sorted({r["seq_len"] for r in rows})
-    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(seq_lens) * len(models) / 4, 4))
+    fig, ax = plt.subplots(figsize=(3.2 + 1.3 * len(seq_lens) * len(models) / 4, 4))
     width = 0.8 / len(models)
+    did_not_run = []  # legend entries without a bar, so that the plot says which models failed
     for i, name in enumerate(models):
         by_len = {r["seq_len"]: r["tokens_per_s"] / 1e3 for r in ok if r["model"] == name}
+        if not by_len:
+            did_not_run.append(Patch(fill=False, edgecolor="0.6", label=f"{name} (did not run)"))
+            continue
         xs = [j + i * width for j, t in enumerate(seq_lens) if t in by_len]
-        ax.bar(xs, [by_len[t] for t in seq_lens if t in by_len], width, label=name)
+        ax.bar(xs, [by_len[t] for t in seq_lens if t in by_len], width, label=name, color=f"C{i % 10}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(seq_lens))], labels=[str(t) for t in seq_lens])
     ax.set(xlabel="sequence length", ylabel="training throughput (K tokens/s)")
-    ax.legend(fontsize=7)
+    handles = ax.get_legend_handles_labels()[0] + did_not_run
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title, fontsize=8)
     save_figure(fig, path)
 
