@@ -151,8 +151,9 @@ def test_sparse_chunk_forward_never_touches_inactive_rows(cu_seqlens, device="cp
 
 @pytest.mark.parametrize(
     ("B", "T", "M", "V", "topk"),
-    # as the forward's cases, and K = 1 over runs of many tiles
-    [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (1, 40, 64, 20, 16), (1, 33, 128, 16, 32), (2, 20, 24, 16, 23),
+    # as the forward's cases (K = M / 4 on fewer tokens: 12 to 22 rows of the two heads still span
+    # two tiles), and K = 1 over runs of many tiles
+    [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (1, 40, 64, 20, 16), (1, 21, 128, 16, 32), (2, 20, 24, 16, 23),
      (1, 50, 32, 16, 1)],
 )  # fmt: skip
 @pytest.mark.parametrize("with_state", [False, True])
