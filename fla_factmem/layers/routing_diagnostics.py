@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn as nn
 
+from fla_factmem.ops.factorization_memory.routing import top_rows
+
 STAT_NAMES = ("entropy", "states_used", "max_load")
 
 
@@ -27,7 +29,7 @@ def applied_weights(alpha: torch.Tensor, topk: int | None) -> torch.Tensor:
     re-normalised and zeros elsewhere."""
     if topk is None or topk >= alpha.shape[-1]:
         return alpha
-    values, rows = alpha.topk(topk, dim=-1)
+    values, rows = top_rows(alpha, topk)
     return torch.zeros_like(alpha).scatter_(-1, rows, values / values.sum(-1, keepdim=True))
 
 
@@ -74,7 +76,7 @@ def load_balance_loss(alpha: torch.Tensor, topk: int) -> torch.Tensor:
         a float32 scalar that carries the gradient to ``alpha``.
     """
     num_memories = alpha.shape[-1]
-    rows = alpha.detach().topk(topk, dim=-1).indices
+    rows = top_rows(alpha.detach(), topk)[1]
     picked = torch.zeros_like(alpha).scatter_(-1, rows, 1.0).mean(0) / topk
     return num_memories * (picked * alpha.mean(0)).sum(-1).mean()
 

@@ -120,7 +120,8 @@ def chunk_factorization_memory(
         logits: ``[B, T, H, M]`` routing logits (already divided by the temperature).
         eta: ``[B, T, H]`` update rates in [0, 1].
         mu: ``[B, T, H]`` merge rates in [0, 1].
-        topk: ``None`` for dense routing, or K in [1, M] for the sparse variant (K = M is dense).
+        topk: ``None`` for dense routing, or K in [1, M] for the sparse variant (K = M is dense;
+            among equal logits the lower rows are picked, on every device).
         initial_state: ``[N, H, M, V]`` memory before the first token; zeros if None.
             Gradients flow into it.
         output_final_state: whether to return the memory after the last token.

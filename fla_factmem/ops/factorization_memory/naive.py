@@ -71,7 +71,8 @@ def naive_factorization_memory(
         logits: ``[B, T, H, M]`` routing logits (already divided by the temperature).
         eta: ``[B, T, H]`` update rates in [0, 1].
         mu: ``[B, T, H]`` merge rates in [0, 1].
-        topk: ``None`` for dense routing, or K in [1, M] for the sparse variant.
+        topk: ``None`` for dense routing, or K in [1, M] for the sparse variant (the K largest
+            logits of each token; among equal logits the lower rows, on every device).
         initial_state: ``[N, H, M, V]`` memory before the first token; zeros if None.
         output_final_state: whether to return the memory after the last token.
         cu_seqlens: ``[N + 1]`` int offsets of packed sequences (then B must be 1).

@@ -48,6 +48,18 @@ def test_naive_matches_float64_loop(topk, with_state):
     assert_close("final state", hT, hT_ref, 1e-6)
 
 
+@pytest.mark.parametrize("M", [4, 8, 64, 200])
+def test_naive_ties_go_to_the_lower_rows(M):
+    """Among equal logits the top K are the lower rows, as in the Triton kernels, whatever M
+    (torch.topk's own choice among ties changes with M)."""
+    logits = torch.zeros(1, 1, 1, M)
+    logits[..., M - 1] = 1.0
+    _, hT = naive_factorization_memory(
+        torch.randn(1, 1, 1, 4), logits, torch.ones(1, 1, 1), torch.ones(1, 1, 1), 3, output_final_state=True
+    )
+    assert hT[0, 0].abs().sum(-1).nonzero().flatten().tolist() == [0, 1, M - 1]
+
+
 def test_naive_float64_inputs_compute_in_float64():
     B, T, H, M, V = 1, 7, 1, 5, 4
     args = (

@@ -421,6 +421,22 @@ def test_sparse_chunk_backward_never_touches_inactive_rows(cu_seqlens, device="c
     assert_close("dh0 of active rows", dh0[chosen], ref_grads[4][chosen], 1e-4)
 
 
+@pytest.mark.parametrize("kernels", ["chunk", "decode"])
+@pytest.mark.parametrize("M", [8, 64, 200])
+def test_sparse_kernels_break_ties_as_the_definition(kernels, M):
+    """Logits of few distinct values, as bf16 ones often are: the kernels and the definition
+    pick the same rows among equal logits (the lower ones), so they write the same rows."""
+    v, logits, eta, mu, h0 = detached_inputs(1, 6, 2, M, 8)
+    logits = torch.randint(-1, 2, logits.shape).float()
+    if kernels == "chunk":
+        o, ht = sparse_chunk_kernels(v, logits, eta, mu, 4, h0, True)
+    else:
+        o, ht = fused_recurrent_fwd(v, logits, eta, mu, h0, True, None, 4)
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, 4, h0, True)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)
+
+
 @pytest.mark.parametrize(("T", "M", "topk"), [(1, 16, 1), (3, 40, 4), (6, 64, 16), (4, 128, 32), (2, 24, 23)])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_sparse_decode_matches_definition(T, M, topk, with_state):
