@@ -15,6 +15,7 @@ from fla_factmem import (
     register_mixer,
     registered_mixers,
 )
+from tests.utils import assert_close
 
 SMALL = dict(
     vocab_size=64,
@@ -174,6 +175,21 @@ def test_greedy_generate_with_cache_equals_recomputation(layer_types, topk, left
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
         expected = greedy_by_recomputation(model, ids, mask, 12)
     assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_decode_after_a_prefill_under_inference_mode(topk):
+    """A cache made under torch.inference_mode() holds inference tensors, which torch lets only
+    inference mode update in place; the decode steps after it run without it."""
+    model = FactorizationMemoryForCausalLM(small_config(topk=topk)).eval()
+    ids = torch.randint(1, 64, (2, 9))
+    with torch.inference_mode():
+        prefill = model(ids[:, :7], use_cache=True)
+    with torch.no_grad():
+        cache = prefill.past_key_values
+        steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in (7, 8)]
+        full = model(ids, use_cache=False).logits
+    assert_close("decoded logits", torch.cat(steps, 1), full[:, 7:], 1e-5)
 
 
 @pytest.mark.cuda

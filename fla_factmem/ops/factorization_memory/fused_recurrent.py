@@ -88,5 +88,9 @@ def fused_recurrent_factorization_memory(
         cu_seqlens,
     )
     if inplace_final_state:
-        final_state = initial_state.copy_(final_state)
+        # a state made under torch.inference_mode() (a prefill there) is an inference tensor, which
+        # torch lets only inference mode update in place; without autograd that is safe, and the
+        # Triton kernels write such a state in place too
+        with torch.inference_mode(initial_state.is_inference()):
+            final_state = initial_state.copy_(final_state)
     return o, final_state if output_final_state else None

@@ -493,6 +493,10 @@ def test_inplace_final_state_on_the_pytorch_path():
     o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, 4, state, True, inplace_final_state=True)
     assert ht is state
     assert torch.equal(o, o_ref) and torch.equal(ht, ht_ref)
+    with torch.inference_mode():  # a state made there, as by a prefill there, is updated outside it too
+        state = h0.clone()
+    o, ht = fused_recurrent_factorization_memory(v, logits, eta, mu, 4, state, True, inplace_final_state=True)
+    assert ht is state and torch.equal(ht, ht_ref)
 
 
 def test_inplace_final_state_errors():
