@@ -17,7 +17,7 @@ from fla_factmem.ops.factorization_memory import launch
 from fla_factmem.ops.factorization_memory.chunk import ChunkSparseFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.launch import chunk_sparse_fwd, fused_recurrent_fwd, sparse_routing
-from fla_factmem.ops.factorization_memory.routing import run_on_weights
+from fla_factmem.ops.factorization_memory.routing import run_on_weights, top_rows
 from tests.ops.factorization_memory.test_kernels import GRAD_TOLERANCES, assert_matches_float64, edge_case_inputs
 from tests.utils import GRAD_NAMES, assert_close, assert_matches, make_inputs, offsets_of, run_with_grads
 
@@ -35,11 +35,15 @@ def detached_inputs(*args, **kwargs):
     return tuple(x.detach() if x is not None else None for x in make_inputs(*args, **kwargs))
 
 
+def picked_rows(logits, topk):
+    """[B, T, H, M] bool: each token's picks, by the op's own rule (ties to the lower rows)."""
+    picks = top_rows(logits.detach().float(), topk)[1]
+    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(-1, picks, True)
+
+
 def selected_rows(logits, topk, cu_seqlens=None):
     """[N, H, M] bool: the rows that some token of each sequence selects."""
-    B, T, H, M = logits.shape
-    chosen = torch.zeros(B, T, H, M, dtype=torch.bool, device=logits.device)
-    chosen.scatter_(-1, logits.float().topk(topk, -1).indices, True)
+    chosen = picked_rows(logits, topk)
     if cu_seqlens is None:
         return chosen.any(1)
     bounds = cu_seqlens.tolist()
@@ -412,7 +416,7 @@ def test_sparse_chunk_backward_never_touches_inactive_rows(cu_seqlens, device="c
     grads = torch.autograd.grad((o, ht), inputs, (dout, dht))
     dh0 = grads[4]
     assert torch.equal(dh0.view(torch.int32)[~chosen], dht.view(torch.int32)[~chosen]), "an inactive row was touched"
-    picked = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.detach().topk(4, -1).indices, True)
+    picked = picked_rows(logits, 4)
     assert torch.equal(grads[1][~picked], torch.zeros_like(grads[1][~picked])), "dlogits outside the picks"
     dht_clean = torch.where(chosen[..., None], dht, 0.0)
     _, _, ref_grads, _, _ = run_with_grads(naive_factorization_memory, inputs, 4, dout, dht_clean, cu_seqlens=offsets)
