@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from fla.ops.utils.index import prepare_position_ids
 
-from fla_factmem.layers.utils import check_padding_mask
+from fla_factmem.layers.utils import check_cached_batch, check_padding_mask
 from fla_factmem.modules import RMSNorm, RotaryEmbedding
 from fla_factmem.utils import host_offsets, warn_once
 
@@ -94,12 +94,14 @@ class Attention(nn.Module):
             attention_mask: optional ``[B, S]`` 0/1 padding mask over the last S tokens seen
                 (S = past + T when decoding, as in ``generate``).
             past_key_values: FLA ``Cache``; keys and values go into its ``attn_state``.
-            cu_seqlens (kwarg): ``[N + 1]`` offsets of packed sequences (B = 1, empty cache).
+            cu_seqlens (kwarg): ``[N + 1]`` offsets of packed sequences (B = 1; with a cache, N = 1 and
+                the cache empty).
 
         Returns:
             ``(y [B, T, hidden_size], None, past_key_values)``.
         """
-        check_padding_mask(attention_mask)
+        batch_size, q_len, _ = hidden_states.shape
+        check_padding_mask(attention_mask, batch_size)
         if hidden_states.is_cuda:
             # the attention mixer takes this layer only where flash-attn is missing
             warn_once(
@@ -108,7 +110,6 @@ class Attention(nn.Module):
                 "offsets read on the host) and a dense [T, T] mask for sliding windows and padding; FLA's "
                 "Attention on flash-attn is faster (the attention mixer takes it where flash-attn is installed)",
             )
-        batch_size, q_len, _ = hidden_states.shape
         q = rearrange(self.q_proj(hidden_states), "... (h d) -> ... h d", d=self.head_dim)
         k = rearrange(self.k_proj(hidden_states), "... (h d) -> ... h d", d=self.head_dim)
         v = rearrange(self.v_proj(hidden_states), "... (h d) -> ... h d", d=self.head_dim)
@@ -119,6 +120,15 @@ class Attention(nn.Module):
         past_len = 0 if past_key_values is None else past_key_values.get_seq_length(self.layer_idx)
         if cu_seqlens is not None and past_len > 0:
             raise ValueError("cu_seqlens cannot be combined with a cache that already holds tokens")
+        if cu_seqlens is not None and cu_seqlens.numel() > 2 and past_key_values is not None:
+            # the cache keeps a [B, S] row of keys per sequence: packed ones would share one row,
+            # and a later step would attend across sequences
+            raise ValueError(
+                "several packed sequences (cu_seqlens) cannot fill an attention layer's cache; pass "
+                "use_cache=False, or prefill them as a padded batch with attention_mask"
+            )
+        if past_len > 0:
+            check_cached_batch(past_key_values[self.layer_idx]["attn_state"][0].shape[0], batch_size, "Attention")
         q, k = self.rotary(q, k, self._positions(batch_size, q_len, past_len, attention_mask, cu_seqlens, q.device))
 
         if past_key_values is not None:

@@ -16,7 +16,7 @@ from fla_factmem.layers.routing_diagnostics import (
     load_balance_loss,
     routing_statistics,
 )
-from fla_factmem.layers.utils import check_padding_mask
+from fla_factmem.layers.utils import check_cached_batch, check_padding_mask
 from fla_factmem.modules import FusedRMSNormGated, ShortConvolution, biased_sigmoid, split_linear
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
 from fla_factmem.ops.factorization_memory.validation import takes_state_in_place
@@ -154,8 +154,8 @@ class FactorizationMemory(nn.Module):
         Returns:
             ``(y [B, T, hidden_size], None, past_key_values)``.
         """
-        check_padding_mask(attention_mask)
         batch_size, q_len, _ = hidden_states.shape
+        check_padding_mask(attention_mask, batch_size, q_len)
         short_decode = q_len <= RECURRENT_MAX_LEN and not torch.is_grad_enabled()
         mode = "fused_recurrent" if short_decode else self.mode
 
@@ -163,6 +163,9 @@ class FactorizationMemory(nn.Module):
         hidden_states, indices, cu_seqlens = unpad_hidden_states(
             hidden_states, kwargs.get("cu_seqlens"), attention_mask, q_len
         )
+        if last_state is not None and last_state["recurrent_state"] is not None:
+            n_seqs = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
+            check_cached_batch(last_state["recurrent_state"].shape[0], n_seqs, "FactorizationMemory")
 
         if short_decode:
             # one GEMM, read in place: decoding a batch of 32 tokens at the 340M model's shape on an

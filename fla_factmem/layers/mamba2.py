@@ -69,7 +69,7 @@ class Mamba2(fla_mamba2.Mamba2):
             raise RuntimeError(f"Mamba2 runs FLA's Triton kernels and needs CUDA tensors; got {hidden_states.device}")
         if last_state is not None:  # FLA's own single-token step
             return super().forward(hidden_states, attention_mask, past_key_values, use_cache, output_attentions)
-        check_padding_mask(attention_mask)
+        check_padding_mask(attention_mask, *hidden_states.shape[:2])
         output, conv_state, ssm_state = self.chunked_forward(hidden_states, attention_mask, use_cache)
         fla_mamba2.update_layer_cache(
             self, past_key_values, recurrent_state=ssm_state, conv_state=conv_state, offset=hidden_states.shape[1]

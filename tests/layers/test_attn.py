@@ -105,3 +105,23 @@ def test_cache_continues_the_sequence(name, padded):
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="num_kv_heads"):
         Attention(hidden_size=D, num_heads=4, num_kv_heads=3)
+
+
+def test_mask_and_cache_of_another_batch_are_refused():
+    layer = make_layer("mha").eval()
+    x = torch.randn(2, 6, D)
+    with pytest.raises(ValueError, match="does not fit the input"):
+        layer(x, attention_mask=torch.ones(1, 6, dtype=torch.long))
+    with torch.no_grad():
+        cache = Cache()
+        layer(x, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="the cache holds 2 sequences but this call has 3"):
+            layer(torch.randn(3, 1, D), past_key_values=cache, use_cache=True)
+
+
+def test_packed_sequences_cannot_fill_a_cache():
+    """The cache keeps a row of keys per sequence; packed ones would share one, and decoding
+    would attend across them."""
+    layer = make_layer("mha").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot fill an attention layer's cache"):
+        layer(torch.randn(1, 10, D), cu_seqlens=torch.tensor([0, 4, 10]), past_key_values=Cache(), use_cache=True)

@@ -251,3 +251,22 @@ def test_load_balance_loss_trains_the_routing_without_changing_the_output():
     assert "load_balance_loss" not in balanced.routing_stats
     with pytest.raises(ValueError, match="sparse routing"):
         make_layer(topk=None, load_balance_coef=0.1)
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (1, 8), (3, 8)])
+def test_padding_mask_must_fit_the_input(shape):
+    """A mask of another batch size, or narrower than the input, would make FLA's unpadding pick
+    the wrong tokens without an error."""
+    with pytest.raises(ValueError, match="does not fit the input"):
+        make_layer()(torch.randn(2, 8, D), attention_mask=torch.ones(shape, dtype=torch.long))
+
+
+def test_cache_of_another_batch_is_refused():
+    """Two packed sequences leave two states: the next call must bring two sequences."""
+    layer = make_layer().eval()
+    with torch.no_grad():
+        cache = Cache()
+        layer(torch.randn(1, 10, D), cu_seqlens=offsets_of([4, 6]), past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="the cache holds 2 sequences but this call has 1"):
+            layer(torch.randn(1, 1, D), past_key_values=cache, use_cache=True)
+        assert layer(torch.randn(2, 1, D), past_key_values=cache, use_cache=True)[0].shape == (2, 1, D)

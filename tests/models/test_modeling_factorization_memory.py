@@ -15,7 +15,7 @@ from fla_factmem import (
     register_mixer,
     registered_mixers,
 )
-from tests.utils import assert_close
+from tests.utils import assert_close, offsets_of
 
 SMALL = dict(
     vocab_size=64,
@@ -190,6 +190,25 @@ def test_decode_after_a_prefill_under_inference_mode(topk):
         steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in (7, 8)]
         full = model(ids, use_cache=False).logits
     assert_close("decoded logits", torch.cat(steps, 1), full[:, 7:], 1e-5)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_packed_sequences_in_a_hybrid_model(topk):
+    """Packed sequences through a model with attention layers equal per-sequence runs, in eval mode
+    too, where a call builds a cache unless told not to: a packed call builds none unless asked,
+    and asked, the attention layers refuse it."""
+    model = FactorizationMemoryForCausalLM(small_config(topk=topk)).eval()
+    lengths = [5, 1, 9]
+    seqs = [torch.randint(1, 64, (1, n)) for n in lengths]
+    cu_seqlens = offsets_of(lengths)
+    with torch.no_grad():
+        packed = model(torch.cat(seqs, 1), cu_seqlens=cu_seqlens)
+        for i, ids in enumerate(seqs):
+            piece = packed.logits[:, cu_seqlens[i] : cu_seqlens[i + 1]]
+            assert_close(f"logits[{i}]", piece, model(ids, use_cache=False).logits, 1e-5)
+        assert packed.past_key_values is None
+        with pytest.raises(ValueError, match="cannot fill an attention layer's cache"):
+            model(torch.cat(seqs, 1), cu_seqlens=cu_seqlens, use_cache=True)
 
 
 @pytest.mark.cuda

@@ -73,7 +73,9 @@ class FactorizationMemoryPreTrainedModel(FLAPreTrainedModel):
 
 class FactorizationMemoryModel(FactorizationMemoryPreTrainedModel, FLAModel):
     """Embeddings, ``num_hidden_layers`` blocks and a final norm. ``forward(input_ids [B, T], ...)``
-    returns ``last_hidden_state`` ``[B, T, hidden_size]`` and the cache (FLA's ``Cache``)."""
+    returns ``last_hidden_state`` ``[B, T, hidden_size]`` and the cache (FLA's ``Cache``). With
+    ``cu_seqlens`` (``[N + 1]`` offsets of sequences packed along T, B = 1) it builds no cache
+    unless ``use_cache=True``, which attention layers refuse for N > 1."""
 
     def __init__(self, config: FactorizationMemoryConfig):
         super().__init__(config)
@@ -96,6 +98,10 @@ class FactorizationMemoryModel(FactorizationMemoryPreTrainedModel, FLAModel):
                 f"the mixers {self.cuda_only_mixers} run FLA's Triton kernels, which need CUDA tensors; "
                 f"got inputs on {device}. On the CPU use 'factorization_memory' and 'attention' layers."
             )
+        if kwargs.get("cu_seqlens") is not None and kwargs.get("use_cache") is None:
+            # packed sequences are for training and scoring: attention layers cannot keep a cache of
+            # them, so none is built unless asked for (then they refuse)
+            kwargs["use_cache"] = False
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
         )
