@@ -1,7 +1,7 @@
 """Triton forward kernels of dense Factorization Memory, chunk-parallel.
 
 A sequence is cut into chunks of BT tokens (``launch.CHUNK``). From the logits and the per-token
-log-sum-exp (one float per token, from ``logsumexp_kernel``) every kernel derives alpha,
+log-sum-exp (two floats per token, from ``logsumexp_kernel``) every kernel derives alpha,
 theta = eta * alpha, phi = mu * alpha and the decay d = 1 - theta on chip; none of them is ever
 written to memory.
 
@@ -110,10 +110,11 @@ def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
     of the tokens; tok holds flat (token, head) indices. Masked tokens and rows get
     alpha = 0, hence theta = phi = 0 and d = 1: they leave the memory as it is."""
     x = tl.load(logits + tok[:, None] * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :], other=float("-inf"))
-    lse_t = tl.load(lse + tok, mask=m_t, other=0.0)
+    top = tl.load(lse + 2 * tok, mask=m_t, other=0.0)
+    log_total = tl.load(lse + 2 * tok + 1, mask=m_t, other=0.0)
     eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
     mu_t = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
-    alpha = tl.exp(x.to(tl.float32) - lse_t[:, None])
+    alpha = tl.exp((x.to(tl.float32) - top[:, None]) - log_total[:, None])
     theta = eta_t[:, None] * alpha
     phi = mu_t[:, None] * alpha
     return alpha, theta, phi, 1.0 - theta, eta_t, mu_t
@@ -161,10 +162,12 @@ def intra_chunk_scores(
 
 @triton.jit
 def logsumexp_kernel(logits, eta, lse, dominant, n_rows, M: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr):
-    """For rows of a contiguous [n_rows, M] tensor: lse[r] = log sum_j exp(logits[r, j]), and
-    dominant[r] = the row j with theta = eta * alpha > 1/2, or -1. At most one row can have it
-    (sum_j theta = eta <= 1), and only there may 1 - theta come near 0: the backward treats it
-    on its own."""
+    """For rows of a contiguous [n_rows, M] tensor: lse[r] = (top, log sum_j exp(logits[r, j] - top))
+    with top the largest logit, and dominant[r] = the row j with theta = eta * alpha > 1/2, or -1.
+    At most one row can have it (sum_j theta = eta <= 1), and only there may 1 - theta come near
+    0: the backward treats it on its own. The two parts stay apart because their float32 sum
+    rounds away the second at large logits (alpha off by 4e-4 relative at logits near 1e4);
+    alpha = exp((x - top) - log_total) does not depend on the logits' offset, as softmax."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BM)
     m_r = rows < n_rows
@@ -177,7 +180,8 @@ def logsumexp_kernel(logits, eta, lse, dominant, n_rows, M: tl.constexpr, BR: tl
     total = tl.where(m_r, total, 1.0)
     eta_r = tl.load(eta + rows, mask=m_r, other=0.0).to(tl.float32)
     theta_top = eta_r / total  # theta of the largest logit
-    tl.store(lse + rows, top + tl.log(total), mask=m_r)
+    tl.store(lse + 2 * rows, top, mask=m_r)
+    tl.store(lse + 2 * rows + 1, tl.log(total), mask=m_r)
     tl.store(dominant + rows, tl.where(theta_top > 0.5, tl.argmax(x, 1), -1), mask=m_r)
 
 

@@ -88,11 +88,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def logsumexp(logits: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous ``[B, T, H, M]`` logits and ``[B, T, H]`` eta -> the float32 log-sum-exp over M
-    and the int32 dominant row (theta > 1/2, or -1), both ``[B, T, H]``."""
+    in two parts, ``[B, T, H, 2]`` (see ``logsumexp_kernel``), and the int32 dominant row
+    (theta > 1/2, or -1), ``[B, T, H]``."""
     M = logits.shape[-1]
-    lse = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    lse = torch.empty(*logits.shape[:-1], 2, dtype=torch.float32, device=logits.device)
     dominant = torch.empty(logits.shape[:-1], dtype=torch.int32, device=logits.device)
-    n_rows = lse.numel()
+    n_rows = dominant.numel()
     BR = 16
     logsumexp_kernel[(cdiv(n_rows, BR),)](logits, eta, lse, dominant, n_rows, M=M, BR=BR, BM=next_power_of_2(M))
     return lse, dominant

@@ -36,7 +36,8 @@ def float64_reference(v, logits, eta, mu, h0, cu_seqlens=None):
 def edge_case_inputs(case, B, T, H, M, V, device):
     """Inputs of SPEC section 3's edge cases: theta = 1 with one-hot routing ("overwrite"),
     eta = 0, logit differences of ~50 ("near_one_hot"), theta just below 1 ("saturating": logit
-    differences of ~20 and eta in [0.9, 1]); anything else is plain random. Leaves that require grad."""
+    differences of ~20 and eta in [0.9, 1]), all logits near 1e4 ("offset": softmax does not
+    depend on it, so neither may the kernels); anything else is plain random. Leaves that require grad."""
     v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(B, T, H, M, V, device=device))
     if case == "overwrite":
         logits = torch.nn.functional.one_hot(torch.randint(M, (B, T, H), device=device), M) * 1000.0
@@ -48,6 +49,8 @@ def edge_case_inputs(case, B, T, H, M, V, device):
     elif case == "saturating":
         logits = torch.randn(B, T, H, M, device=device) * 20
         eta = 0.9 + 0.1 * torch.rand_like(eta)
+    elif case == "offset":
+        logits = torch.randn(B, T, H, M, device=device) * 2 + 1e4
     return tuple(x.float().requires_grad_() for x in (v, logits, eta, mu, h0))
 
 
@@ -110,7 +113,7 @@ def test_dense_decode_in_place(T):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot"])
+@pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "offset"])
 def test_kernel_edge_numerics(kernel, case):
     v, logits, eta, mu, h0 = (x.detach() for x in edge_case_inputs(case, 1, 40, 2, 16, 16, "cpu"))
     o, ht = kernel(v, logits, eta, mu, h0, True, None)
@@ -157,6 +160,8 @@ def test_chunk_kernels_gradients_varlen():
         ("saturating", 16),
         ("saturating", 80),
         ("overwrite", 80),
+        ("offset", 16),
+        ("offset", 80),
     ],
 )
 def test_chunk_kernels_gradients_edge_numerics(case, M):
@@ -217,7 +222,7 @@ def test_cuda_varlen_and_states():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "saturating"])
+@pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "saturating", "offset"])
 def test_cuda_edge_numerics(case):
     inputs = edge_case_inputs(case, 1, 4096, 2, 64, 64, "cuda")
     assert_matches_float64(chunk_factorization_memory, inputs, 1e-5, 1e-4)
