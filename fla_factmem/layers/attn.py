@@ -127,12 +127,12 @@ class Attention(nn.Module):
                 "several packed sequences (cu_seqlens) cannot fill an attention layer's cache; pass "
                 "use_cache=False, or prefill them as a padded batch with attention_mask"
             )
-        if past_len > 0:
-            check_cached_batch(past_key_values[self.layer_idx]["attn_state"][0].shape[0], batch_size, "Attention")
+        cached = past_key_values[self.layer_idx]["attn_state"] if past_len > 0 else None
+        if cached is not None:
+            check_cached_batch(cached[0].shape[0], batch_size, "Attention")
         q, k = self.rotary(q, k, self._positions(batch_size, q_len, past_len, attention_mask, cu_seqlens, q.device))
 
         if past_key_values is not None:
-            cached = past_key_values[self.layer_idx]["attn_state"] if past_len > 0 else None
             past_key_values.update(
                 attn_state=(k.flatten(-2, -1), v.flatten(-2, -1)),
                 layer_idx=self.layer_idx,
