@@ -151,7 +151,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     if plt is None or not ok:
         return
     batches = sorted({r["batch_size"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches) + 2.5, 4), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for name in dict.fromkeys(r["model"] for r in rows):
             points = sorted(
@@ -170,7 +170,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         contexts = sorted({r["context"] for r in rows})
         ax.set_xticks(contexts, labels=[f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts], minor=False)
         ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
-        ax.legend(fontsize=7)
+    # one legend beside the last panel: inside, a dozen entries hid the lines
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(title, fontsize=8)
     save_figure(fig, path)
 
