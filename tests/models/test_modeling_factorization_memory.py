@@ -71,6 +71,75 @@ def test_fla_attn_convention_and_mixer_options():
         FactorizationMemoryForCausalLM(small_config(["factorization_memory", "lstm"]))
 
 
+def test_config_refuses_what_the_model_would_get_wrong():
+    with pytest.raises(ValueError, match="not divisible by num_heads 4"):
+        FactorizationMemoryConfig(**(SMALL | dict(hidden_size=30, num_heads=4)))
+    for name in ["num_heads", "hidden_size", "vocab_size"]:
+        for value in [0, None]:
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+                FactorizationMemoryConfig(**(SMALL | {name: value}))
+    with pytest.raises(ValueError, match="mixer_options names unknown mixers \\['atention'\\]"):
+        FactorizationMemoryForCausalLM(small_config(mixer_options={"atention": {"window_size": 4}}))
+    # transformers' name of the attention layer type is an alias in mixer_options too
+    model = FactorizationMemoryForCausalLM(small_config(mixer_options={"full_attention": {"window_size": 4}}))
+    assert model.model.layers[1].attn.window_size == 4
+    with pytest.raises(ValueError, match="options of 'attention' twice"):
+        small_config(mixer_options={"attention": {"window_size": 4}, "full_attention": {"num_kv_heads": 1}})
+    with pytest.raises(ValueError, match="either input_ids or inputs_embeds"):
+        model()
+
+
+def test_num_hidden_layers_changed_after_the_config(tmp_path):
+    """``from_pretrained(path, num_hidden_layers=N)`` loads the first N layers, as with FLA's models."""
+    model = FactorizationMemoryForCausalLM(small_config()).eval()
+    model.save_pretrained(tmp_path / "full")
+    truncated = FactorizationMemoryForCausalLM.from_pretrained(tmp_path / "full", num_hidden_layers=2)
+    assert len(truncated.model.layers) == 2 and truncated.config.layer_types == HYBRID[:2]
+    assert torch.equal(truncated.model.layers[1].attn.o_proj.weight, model.model.layers[1].attn.o_proj.weight)
+    truncated.save_pretrained(tmp_path / "truncated")
+    config = small_config(["factorization_memory"] * 2)
+    config.num_hidden_layers = 3
+    assert len(FactorizationMemoryForCausalLM(config).model.layers) == 3
+    assert config.layer_types == ["factorization_memory"] * 3
+    with pytest.raises(ValueError, match="give layer_types for the new depth"):
+        FactorizationMemoryForCausalLM.from_pretrained(tmp_path / "full", num_hidden_layers=4)
+    # keyword arguments of from_pretrained are set after the config is built: aliases still resolve
+    reloaded = FactorizationMemoryForCausalLM.from_pretrained(
+        tmp_path / "full", mixer_options={"full_attention": {"window_size": 4}}
+    )
+    assert reloaded.model.layers[1].attn.window_size == 4
+    # FLA's attn convention: truncation drops the layers past the new depth, and the result reloads
+    config = FactorizationMemoryConfig(**SMALL, num_hidden_layers=3, attn={"layers": [1, 2], "num_heads": 2})
+    FactorizationMemoryForCausalLM(config).save_pretrained(tmp_path / "attn")
+    truncated = FactorizationMemoryForCausalLM.from_pretrained(tmp_path / "attn", num_hidden_layers=2)
+    assert truncated.config.attn["layers"] == [1]
+    truncated.save_pretrained(tmp_path / "attn_truncated")
+    assert len(FactorizationMemoryForCausalLM.from_pretrained(tmp_path / "attn_truncated").model.layers) == 2
+    # a uniform stack from attn has options for its listed layers only: growing it is refused
+    config = FactorizationMemoryConfig(**SMALL, num_hidden_layers=2, attn={"layers": [0, 1], "num_heads": 2})
+    config.num_hidden_layers = 3
+    with pytest.raises(ValueError, match="attn is set"):
+        FactorizationMemoryForCausalLM(config)
+
+
+def test_an_assigned_criterion_replaces_the_loss():
+    """As in FLA's models, ``model.criterion`` is None (FLA's loss) or a loss module of the user's."""
+    model = FactorizationMemoryForCausalLM(small_config())
+    ids = torch.randint(1, 64, (2, 12))
+    model.criterion = nn.CrossEntropyLoss(label_smoothing=0.3)
+    out = model(ids, labels=ids)
+    wanted = nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1), label_smoothing=0.3
+    )
+    assert_close("loss", out.loss, wanted, 1e-6)
+    model.criterion = None
+    wanted = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+    assert_close("loss", model(ids, labels=ids).loss, wanted, 1e-6)
+    # FLA's loss fused with the head is a Triton kernel: on the CPU, the same loss from PyTorch
+    model.config.fuse_cross_entropy, model.config.fuse_linear_cross_entropy = False, True
+    assert_close("loss", model(ids, labels=ids).loss, wanted, 1e-6)
+
+
 def test_register_mixer_adds_a_name():
     class Identity(nn.Module):
         def __init__(self, layer_idx, scale):

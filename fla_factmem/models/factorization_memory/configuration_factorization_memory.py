@@ -9,6 +9,17 @@ from transformers.configuration_utils import PreTrainedConfig
 LAYER_TYPE_ALIASES = {"full_attention": "attention"}
 
 
+def canonical_mixer_options(mixer_options: dict[str, dict] | None) -> dict[str, dict]:
+    """A copy of ``mixer_options`` keyed by mixer names, aliases resolved (both spellings refused)."""
+    options = {}
+    for name, values in (mixer_options or {}).items():
+        canonical = LAYER_TYPE_ALIASES.get(name, name)
+        if canonical in options:
+            raise ValueError(f"mixer_options gives the options of {canonical!r} twice (also as {name!r})")
+        options[canonical] = dict(values)
+    return options
+
+
 class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
     r"""A decoder of pre-norm blocks (mixer, then a SwiGLU MLP), each mixer chosen by name.
 
@@ -75,6 +86,13 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         fuse_cross_entropy: bool = True,
         **kwargs,
     ):
+        for name, value in [("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_heads", num_heads)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(num_hidden_layers, int) or num_hidden_layers < 0:
+            raise ValueError(f"num_hidden_layers must be a non-negative integer; got {num_hidden_layers!r}")
+        if head_dim is None and hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}; give head_dim")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -88,7 +106,7 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         self.conv_size = conv_size
         self.track_routing = track_routing
         self.load_balance_coef = load_balance_coef
-        self.mixer_options = {name: dict(options) for name, options in (mixer_options or {}).items()}
+        self.mixer_options = canonical_mixer_options(mixer_options)
         self.attn = attn  # validated by FLA's AttentionConfigBase
         self.hidden_ratio = hidden_ratio
         self.intermediate_size = intermediate_size
@@ -133,6 +151,31 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
                 validator(self)
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+
+    def resolve_for_model(self) -> None:
+        """Settles what may have been set after the config was built (transformers sets
+        ``from_pretrained``'s keyword arguments as attributes): aliases in ``layer_types`` and
+        ``mixer_options``, and ``layer_types`` and ``attn`` for ``num_hidden_layers``. A shallower
+        stack keeps its first layers (``from_pretrained(path, num_hidden_layers=N)``); a deeper one
+        repeats the mixer of a uniform stack without ``attn``, and is refused otherwise, as its new
+        layers' mixers or options are unknown."""
+        self.mixer_options = canonical_mixer_options(self.mixer_options)
+        depth, types = self.num_hidden_layers, [LAYER_TYPE_ALIASES.get(name, name) for name in self.layer_types]
+        if len(types) >= depth:
+            types = types[:depth]
+            if self.attn is not None:
+                specs = [self.attn] if isinstance(self.attn, dict) else self.attn
+                kept = [spec | {"layers": [i for i in spec["layers"] if i < depth]} for spec in specs]
+                kept = [spec for spec in kept if spec["layers"]]
+                self.attn = (kept[0] if isinstance(self.attn, dict) else kept) if kept else None
+        elif len(set(types)) == 1 and self.attn is None:
+            types += types[:1] * (depth - len(types))
+        else:
+            raise ValueError(
+                f"num_hidden_layers is {depth} but layer_types names {len(types)} mixers {types}"
+                f"{' and attn is set' if self.attn is not None else ''}; give layer_types for the new depth"
+            )
+        self.layer_types = types
 
     def options_of(self, layer_idx: int) -> dict:
         """Keyword arguments for the mixer of ``layer_idx``: its ``mixer_options``, then its ``attn`` spec."""

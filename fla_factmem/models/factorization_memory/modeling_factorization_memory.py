@@ -10,7 +10,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from fla_factmem.layers import FactorizationMemory
 from fla_factmem.models.factorization_memory.configuration_factorization_memory import FactorizationMemoryConfig
-from fla_factmem.models.mixers import build_mixer, mixer_entry
+from fla_factmem.models.mixers import build_mixer, mixer_entry, registered_mixers
 from fla_factmem.modules import GatedMLP, RMSNorm
 
 
@@ -79,6 +79,10 @@ class FactorizationMemoryModel(FactorizationMemoryPreTrainedModel, FLAModel):
 
     def __init__(self, config: FactorizationMemoryConfig):
         super().__init__(config)
+        config.resolve_for_model()
+        if unknown := sorted(set(config.mixer_options) - set(registered_mixers())):
+            # a misspelt key would leave its layers on their defaults without a word
+            raise ValueError(f"mixer_options names unknown mixers {unknown}; registered: {registered_mixers()}")
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -92,11 +96,11 @@ class FactorizationMemoryModel(FactorizationMemoryPreTrainedModel, FLAModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-        device = (input_ids if input_ids is not None else inputs_embeds).device
-        if self.cuda_only_mixers and device.type != "cuda":
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if self.cuda_only_mixers and inputs is not None and inputs.device.type != "cuda":
             raise RuntimeError(
                 f"the mixers {self.cuda_only_mixers} run FLA's Triton kernels, which need CUDA tensors; "
-                f"got inputs on {device}. On the CPU use 'factorization_memory' and 'attention' layers."
+                f"got inputs on {inputs.device}. On the CPU use 'factorization_memory' and 'attention' layers."
             )
         if kwargs.get("cu_seqlens") is not None and kwargs.get("use_cache") is None:
             # packed sequences are for training and scoring: attention layers cannot keep a cache of
@@ -121,9 +125,21 @@ class FactorizationMemoryForCausalLM(
         self.model = FactorizationMemoryModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # as in FLA's models: None picks FLA's loss, a module assigned here replaces it
+        self.criterion = None
         self.post_init()
 
-    @property
-    def criterion(self) -> nn.Module | None:
-        # None lets FLA pick its fused (Triton) loss; on the CPU the same loss comes from PyTorch
-        return None if self.lm_head.weight.is_cuda else nn.CrossEntropyLoss()
+    def _compute_logits_and_loss(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.criterion is not None or hidden_states.is_cuda:
+            return super()._compute_logits_and_loss(hidden_states, *args, **kwargs)
+        # FLA's default losses (fused, or fused with the head: fuse_linear_cross_entropy) are Triton
+        # kernels: on the CPU the same loss from PyTorch, given to FLA as the criterion of this call
+        # (it makes a summing copy for num_items_in_batch); set in __dict__, as nn.Module would
+        # register it as a submodule
+        self.__dict__["criterion"] = nn.CrossEntropyLoss()
+        try:
+            return super()._compute_logits_and_loss(
+                hidden_states, *args, **(kwargs | {"fuse_linear_cross_entropy": False})
+            )
+        finally:
+            self.__dict__["criterion"] = None
