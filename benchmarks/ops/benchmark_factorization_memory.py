@@ -14,7 +14,8 @@ V=64, bf16, T in {2048, 4096, 16384}, M in {64, 128, 256}, for
 Sparse table: forward without autograd, forward+backward, and the peak memory of
 forward+backward above the inputs, B=4, H=8, V=64, bf16, T in {4096, 16384}, (M, K) in
 {(256, 4), (1024, 16), (4096, 16), (1024, 256)} beside dense M = 64 and 256 and FM through
-chunk_gla at M = 256.
+chunk_gla at M = 256, and (4096, 16) given each token's picks and their logits (``topk_indices``:
+no [B, T, H, M] logits, nor their gradient).
 Decode table: one token at B=64, H=8, V=64, fp32 state, dense at M in {64, 256} and sparse at
 (M, K) in {(1024, 16), (4096, 16)} (state updated in place), ours against fused_recurrent_gla
 with the equivalent q, k, g (an M-wide state) and, dense, against a plain copy of the state (the
@@ -191,14 +192,34 @@ def decode_cases(B, H, M, V, topk, steps):
 DECODE_CASES = [(64, None), (256, None), (1024, 16), (4096, 16)]
 # decode steps in one CUDA graph for the kernel time (graph_time)
 DECODE_GRAPH_STEPS = 16
-# (M, K) of the sparse table, beside dense M = 64 and 256 and FM through chunk_gla at M = 256
-SPARSE_CASES = [(64, None), (256, None), (256, "via_gla"), (256, 4), (1024, 16), (4096, 16), (1024, 256)]
+# (M, K, op) of the sparse table, beside dense M = 64 and 256 and FM through chunk_gla at M = 256;
+# "fm_given_picks": the op given each token's K picks and their logits, no [B, T, H, M] logits
+SPARSE_CASES = [
+    (64, None, "fm"), (256, None, "fm"), (256, None, "fm_via_gla"), (256, 4, "fm"), (1024, 16, "fm"),
+    (4096, 16, "fm"), (4096, 16, "fm_given_picks"), (1024, 256, "fm"),
+]  # fmt: skip
 
 
 def sparse_case_arg(text: str):
-    """``M`` (dense), ``M:K`` (sparse) or ``M:gla`` (FM through chunk_gla) -> an (M, K) of SPARSE_CASES."""
-    M, _, K = text.partition(":")
-    return int(M), None if not K else "via_gla" if K == "gla" else int(K)
+    """``M`` (dense), ``M:K`` (sparse), ``M:K:picks`` (sparse, given picks) or ``M:gla`` (FM through
+    chunk_gla) -> an (M, K, op) of SPARSE_CASES."""
+    M, _, rest = text.partition(":")
+    K, _, picks = rest.partition(":")
+    if K == "gla":
+        return int(M), None, "fm_via_gla"
+    return int(M), int(K) if K else None, "fm_given_picks" if picks == "picks" else "fm"
+
+
+def random_picks(B, T, H, M, K, device, slice_tokens: int = 1024) -> torch.Tensor:
+    """``[B, T, H, K]`` int32: the top K of uniform noise, K distinct rows a token, made
+    ``slice_tokens`` tokens at a time (all of ``[B, T, H, M]`` is 8.6 GB at M=4096, T=16384)."""
+    return torch.cat(
+        [
+            torch.rand(B, min(slice_tokens, T - t), H, M, device=device).topk(K).indices
+            for t in range(0, T, slice_tokens)
+        ],
+        1,
+    ).int()
 
 
 def kernel_ms(step, repeats: int = 5) -> float:
@@ -213,26 +234,30 @@ def kernel_ms(step, repeats: int = 5) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / repeats / 1e3
 
 
-def sparse_case(B, T, H, M, V, topk):
+def sparse_case(B, T, H, M, V, topk, op):
     """(forward ms without autograd, forward+backward ms, the forward+backward's kernel time in
-    ms, peak MB of forward+backward above the inputs, error or '') of our op, dense (``topk``
-    None) or sparse; ``topk="via_gla"`` is FM through chunk_gla (dense). The peak counts
+    ms, peak MB of forward+backward above the inputs, error or '') of ``op``: "fm", our op, dense
+    (``topk`` None) or sparse; "fm_given_picks", sparse, given each token's picks and their
+    logits (``[B, T, H, K]`` each); "fm_via_gla", FM through chunk_gla (dense). The peak counts
     everything the step allocates, the gradients of the inputs included (dlogits alone is
-    B T H M bf16)."""
+    B T H M bf16 but for given picks)."""
     dev, dtype = "cuda", torch.bfloat16
     v = torch.randn(B, T, H, V, device=dev, dtype=dtype).requires_grad_()
-    logits = (torch.randn(B, T, H, M, device=dev) * 2).to(dtype).requires_grad_()
+    picks = random_picks(B, T, H, M, topk, dev) if op == "fm_given_picks" else None
+    logits = (torch.randn(B, T, H, M if picks is None else topk, device=dev) * 2).to(dtype).requires_grad_()
     eta = torch.rand(B, T, H, device=dev, dtype=dtype).requires_grad_()
     mu = torch.rand(B, T, H, device=dev, dtype=dtype).requires_grad_()
     leaves = [v, logits, eta, mu]
     grad = torch.randn_like(v)
 
     def forward():
-        if topk == "via_gla":
+        if op == "fm_via_gla":
             from fla.ops.gla import chunk_gla
 
             phi, theta, g = fm_weights(logits, eta, mu)
             return chunk_gla(phi.to(dtype), theta.to(dtype), v, g, scale=1.0)[0]
+        if picks is not None:
+            return chunk_factorization_memory(v, logits, eta, mu, topk_indices=picks, num_memories=M)[0]
         return chunk_factorization_memory(v, logits, eta, mu, topk)[0]
 
     def prefill():
@@ -310,7 +335,8 @@ def main():
         nargs="+",
         type=sparse_case_arg,
         default=SPARSE_CASES,
-        help="cases of the sparse table: M (dense), M:K, or M:gla (FM through chunk_gla, whose autotuning takes minutes)",
+        help="cases of the sparse table: M (dense), M:K, M:K:picks (given the picks and their logits), or M:gla "
+        "(FM through chunk_gla, whose autotuning takes minutes)",
     )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -338,10 +364,9 @@ def main():
 
     sparse = []
     for T in () if args.no_sparse else (4096, 16384):
-        for M, K in args.sparse_cases:
-            fwd, both, kernels, peak, err = sparse_case(4, T, 8, M, 64, K)
-            op = "fm_via_gla" if K == "via_gla" else "fm"
-            K = M if K in (None, "via_gla") else K
+        for M, K, op in args.sparse_cases:
+            fwd, both, kernels, peak, err = sparse_case(4, T, 8, M, 64, K, op)
+            K = K or M
             sparse.append(
                 dict(
                     T=T,
@@ -454,7 +479,8 @@ def main():
             for ax, key, unit in zip(axes, ("fwd_bwd_ms", "fwd_bwd_peak_MB"), ("ms", "MB")):
                 for T in dict.fromkeys(r["T"] for r in sparse):
                     pts = [r for r in sparse if r["T"] == T]
-                    labels = [f"{r['op'].replace('fm_via_gla', 'via gla')} {r['M']}/{r['K']}" for r in pts]
+                    names = {"fm_via_gla": "via gla", "fm_given_picks": "picks"}
+                    labels = [f"{names.get(r['op'], r['op'])} {r['M']}/{r['K']}" for r in pts]
                     ax.plot(labels, [r[key] for r in pts], marker="o", label=f"T={T}")
                 ax.set(title=f"forward+backward {unit}, B=4 H=8 V=64 bf16", xlabel="op M/K", ylabel=unit, yscale="log")
                 ax.tick_params(axis="x", rotation=45, labelsize=7)

@@ -17,9 +17,10 @@ from fla_factmem.layers.routing_diagnostics import (
     routing_statistics,
 )
 from fla_factmem.layers.utils import check_cached_batch, check_padding_mask
-from fla_factmem.modules import FusedRMSNormGated, ShortConvolution, biased_sigmoid, split_linear
+from fla_factmem.modules import FusedRMSNormGated, ShortConvolution, biased_sigmoid, split_linear, top_k_linear
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
 from fla_factmem.ops.factorization_memory.validation import takes_state_in_place
+from fla_factmem.utils import warn_once
 
 MODES = ("chunk", "fused_recurrent")
 RECURRENT_MAX_LEN = 64  # inputs this short, without autograd (decoding), take the token-by-token kernel
@@ -70,6 +71,13 @@ class FactorizationMemory(nn.Module):
             gradient of whatever loss the output feeds (the loss value itself is unchanged and is
             reported as ``routing_stats["load_balance_loss"]``, unweighted). It is not scaled
             with the model's loss, so divide it yourself under gradient accumulation.
+        routing_slice_tokens: sparse routing (``topk`` < M) in ``chunk`` mode only: None makes the
+            routing logits of all tokens at once, ``[B, T, H, M]`` (the fastest, where they fit);
+            an int makes them for at most this many tokens at a time and keeps each token's top K
+            (``fla_factmem.modules.top_k_linear``), so that neither they nor their gradient ever
+            exist whole: at M = 4096, H = 8, they take 64 KB a token each way in bf16. The
+            routing diagnostics need all logits: with ``track_routing`` on, whole logits are made
+            (said once), and it refuses a ``load_balance_coef``.
         layer_idx: the layer's index in the model; needed with a cache.
     """
 
@@ -88,6 +96,7 @@ class FactorizationMemory(nn.Module):
         norm_eps: float = 1e-5,
         track_routing: bool = False,
         load_balance_coef: float = 0.0,
+        routing_slice_tokens: int | None = None,
         layer_idx: int | None = None,
     ):
         super().__init__()
@@ -114,11 +123,24 @@ class FactorizationMemory(nn.Module):
             raise ValueError(f"`load_balance_coef` must be >= 0; got {load_balance_coef!r}")
         if load_balance_coef > 0 and (topk is None or topk == num_memories):
             raise ValueError("`load_balance_coef` balances the sparse routing; it needs topk < num_memories")
+        if routing_slice_tokens is not None:
+            if (
+                isinstance(routing_slice_tokens, bool)
+                or not isinstance(routing_slice_tokens, int)
+                or routing_slice_tokens < 1
+            ):
+                raise ValueError(f"`routing_slice_tokens` must be None or a positive int; got {routing_slice_tokens!r}")
+            if topk is None or topk == num_memories or mode != "chunk" or load_balance_coef > 0:
+                raise ValueError(
+                    "`routing_slice_tokens` slices the sparse routing of the chunk mode: it needs topk < num_memories, "
+                    "mode='chunk' and no load_balance_coef (whose loss needs all logits)"
+                )
 
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.num_memories, self.topk, self.temperature = num_memories, topk, temperature
         self.mode, self.use_short_conv, self.conv_size = mode, use_short_conv, conv_size
         self.track_routing, self.load_balance_coef = track_routing, load_balance_coef
+        self.routing_slice_tokens = routing_slice_tokens
         self.routing_stats: dict[str, torch.Tensor] = {}
         self.layer_idx = layer_idx
         value_dim = num_heads * head_dim
@@ -167,6 +189,14 @@ class FactorizationMemory(nn.Module):
             n_seqs = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
             check_cached_batch(last_state["recurrent_state"].shape[0], n_seqs, "FactorizationMemory")
 
+        sliced_routing = self.routing_slice_tokens is not None and mode == "chunk"
+        if sliced_routing and self.track_routing:
+            warn_once(
+                "sliced_routing_tracked",
+                "fla_factmem: FactorizationMemory makes whole routing logits despite `routing_slice_tokens`, "
+                "because `track_routing` is on and its diagnostics need them.",
+            )
+            sliced_routing = False
         if short_decode:
             # one GEMM, read in place: decoding a batch of 32 tokens at the 340M model's shape on an
             # H200, the four projections took 17.7 us of kernels and this one 6.4
@@ -177,7 +207,9 @@ class FactorizationMemory(nn.Module):
             # per layer at that model's training shape (0.7 with rows of 6152 elements, not a
             # multiple of 16: unaligned loads), as its split's backward concatenates the gradients
             # (benchmarks/ops/NOTES.md)
-            v, z, logits, eta_mu = split_linear(hidden_states, self.in_proj.weight, self.split_sizes)
+            v, z, logits, eta_mu = split_linear(
+                hidden_states, self.in_proj.weight, self.split_sizes, skip=(2,) if sliced_routing else ()
+            )
         conv_state = None
         if self.use_short_conv:
             conv_state = last_state["conv_state"] if last_state is not None else None
@@ -185,9 +217,17 @@ class FactorizationMemory(nn.Module):
         else:
             v = F.silu(v)
         v = rearrange(v, "... (h d) -> ... h d", d=self.head_dim)
-        logits = rearrange(logits, "... (h m) -> ... h m", m=self.num_memories)
-        if self.temperature != 1:  # a pass over B * T * H * M logits each way, skipped at the default
-            logits = logits / self.temperature
+        given_picks = {}
+        if sliced_routing:
+            logits_weight = self.in_proj.weight.narrow(0, sum(self.split_sizes[:2]), self.split_sizes[2])
+            logits, rows = top_k_linear(
+                hidden_states, logits_weight, self.num_heads, self.topk, self.temperature, self.routing_slice_tokens
+            )
+            given_picks = dict(topk_indices=rows, num_memories=self.num_memories)
+        else:
+            logits = rearrange(logits, "... (h m) -> ... h m", m=self.num_memories)
+            if self.temperature != 1:  # a pass over B * T * H * M logits each way, skipped at the default
+                logits = logits / self.temperature
         eta_mu = biased_sigmoid(eta_mu, self.eta_mu_bias)
         eta, mu = eta_mu.unflatten(-1, (2, self.num_heads)).unbind(-2)
         aux_loss = self._routing_diagnostics(logits)
@@ -210,6 +250,7 @@ class FactorizationMemory(nn.Module):
             initial_state=initial_state,
             output_final_state=use_cache,
             cu_seqlens=cu_seqlens,
+            **given_picks,
         )
         update_layer_cache(self, past_key_values, recurrent_state=recurrent_state, conv_state=conv_state, offset=q_len)
 

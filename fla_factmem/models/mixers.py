@@ -75,6 +75,7 @@ def _factorization_memory(config, layer_idx, **options):
         norm_eps=config.norm_eps,
         track_routing=config.track_routing,
         load_balance_coef=config.load_balance_coef,
+        routing_slice_tokens=config.routing_slice_tokens,
     )
     return FactorizationMemory(**(kwargs | options), layer_idx=layer_idx)
 

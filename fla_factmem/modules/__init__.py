@@ -8,7 +8,8 @@ PyTorch with FLA's convention, taking explicit positions. ``biased_sigmoid`` is 
 layer's rates in one kernel; so is the gated norm's forward without autograd
 (``norm.rms_norm_gated_fwd``), which reads its gate where it lies. ``split_linear`` is plain
 PyTorch: one linear map per block of a weight's rows, whose backward sums the blocks' gradients
-on the input in the GEMMs' epilogues.
+on the input in the GEMMs' epilogues; ``top_k_linear`` makes the top K per head of a linear map's
+outputs a slice of tokens at a time (the sparse layer's routing, never all of its logits at once).
 """
 
 from fla_factmem.modules.activations import biased_sigmoid
@@ -17,6 +18,7 @@ from fla_factmem.modules.linear import split_linear
 from fla_factmem.modules.mlp import GatedMLP
 from fla_factmem.modules.norm import FusedRMSNormGated, RMSNorm
 from fla_factmem.modules.rotary import RotaryEmbedding
+from fla_factmem.modules.top_k_linear import top_k_linear
 
 __all__ = [
     "FusedRMSNormGated",
@@ -26,4 +28,5 @@ __all__ = [
     "ShortConvolution",
     "biased_sigmoid",
     "split_linear",
+    "top_k_linear",
 ]

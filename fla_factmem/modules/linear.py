@@ -20,10 +20,10 @@ class SplitLinearFunction(torch.autograd.Function):
     """``split_linear`` with its backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, split_sizes):
+    def forward(ctx, x, weight, split_sizes, skip):
         ctx.save_for_backward(x, weight)
         ctx.split_sizes = split_sizes
-        return tuple(F.linear(x, block) for block in weight.split(split_sizes))
+        return tuple(None if i in skip else F.linear(x, block) for i, block in enumerate(weight.split(split_sizes)))
 
     @staticmethod
     @once_differentiable
@@ -54,16 +54,20 @@ class SplitLinearFunction(torch.autograd.Function):
                 else:
                     torch.mm(g.t(), x_cast, out=rows)
             dweight = dweight.to(weight.dtype)
-        return dx, dweight, None
+        return dx, dweight, None, None
 
 
-def split_linear(x: torch.Tensor, weight: torch.Tensor, split_sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+def split_linear(
+    x: torch.Tensor, weight: torch.Tensor, split_sizes: Sequence[int], skip: Sequence[int] = ()
+) -> tuple[torch.Tensor | None, ...]:
     """``F.linear(x, block)`` for each block of ``weight``'s rows, with autograd.
 
     Args:
         x: ``[..., D]``.
         weight: ``[sum(split_sizes), D]``.
         split_sizes: the blocks' row counts, in order.
+        skip: indices of blocks not computed (None in their place; their rows of the weight's
+            gradient are 0 here, for whoever uses them otherwise to add to).
 
     Returns:
         one ``[..., split_sizes[i]]`` tensor per block, each contiguous. The backward adds the
@@ -72,4 +76,4 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, split_sizes: Sequence[in
     """
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or sum(split_sizes) != weight.shape[0]:
         raise ValueError(f"split_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, blocks {list(split_sizes)}")
-    return SplitLinearFunction.apply(x, weight, tuple(split_sizes))
+    return SplitLinearFunction.apply(x, weight, tuple(split_sizes), frozenset(skip))

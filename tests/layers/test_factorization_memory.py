@@ -162,6 +162,79 @@ def test_bad_arguments_are_refused(kwargs, message):
         FactorizationMemory(**(base | kwargs))
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(routing_slice_tokens=0),
+        dict(topk=None),
+        dict(topk=M),
+        dict(mode="fused_recurrent"),
+        dict(load_balance_coef=0.1),
+    ],
+)
+def test_bad_routing_slices_are_refused(kwargs):
+    base = dict(hidden_size=D, num_heads=H, head_dim=V, num_memories=M, topk=2, routing_slice_tokens=4)
+    with pytest.raises(ValueError, match="routing_slice_tokens"):
+        FactorizationMemory(**(base | kwargs))
+
+
+def sliced_and_whole(topk, slice_tokens, **kwargs):
+    """Two layers with the same weights, routing in slices of ``slice_tokens`` tokens and whole."""
+    sliced = make_layer(topk, routing_slice_tokens=slice_tokens, **kwargs)
+    whole = make_layer(topk, **kwargs)
+    whole.load_state_dict(sliced.state_dict())
+    return sliced, whole
+
+
+def assert_same_outputs_and_gradients(layers, x, tol, **kwargs):
+    """The layers' outputs, gradients on x and on every parameter agree."""
+    results = []
+    g = None
+    for layer in layers:
+        x_leaf = x.detach().clone().requires_grad_()
+        y = layer(x_leaf, **kwargs)[0]
+        g = torch.randn_like(y) if g is None else g
+        params = [p for _, p in sorted(layer.named_parameters())]
+        results.append((y, *torch.autograd.grad((y * g).sum(), [x_leaf, *params])))
+    names = ["y", "dx", *(name for name, _ in sorted(layers[0].named_parameters()))]
+    for name, a, b in zip(names, *results):
+        assert_close(name, a, b, tol)
+
+
+@pytest.mark.parametrize(("topk", "slice_tokens"), [(1, 1), (2, 7), (5, 100)])
+def test_sliced_routing_equals_whole_logits(topk, slice_tokens):
+    """Routing made a slice of tokens at a time (the memory op given the picks) gives the layer's
+    output and every gradient of whole logits, with packed sequences too."""
+    layers = sliced_and_whole(topk, slice_tokens)
+    assert_same_outputs_and_gradients(layers, torch.randn(2, 19, D), 1e-5)
+    assert_same_outputs_and_gradients(layers, torch.randn(1, 30, D), 1e-5, cu_seqlens=offsets_of([9, 1, 20]))
+
+
+def test_sliced_routing_prefill_continues_in_decoding():
+    """A prefill of more than 64 tokens (the chunk op, given the picks) fills the cache that
+    token-by-token decoding (whole logits of one token) continues: one pass of whole logits."""
+    sliced, whole = (layer.eval() for layer in sliced_and_whole(2, 16))
+    x = torch.randn(2, 73, D)
+    with torch.no_grad():
+        cache = Cache()
+        pieces = [sliced(x[:, :70], past_key_values=cache, use_cache=True)[0]]
+        for t in range(70, 73):
+            pieces.append(sliced(x[:, t : t + 1], past_key_values=cache, use_cache=True)[0])
+        assert_close("y", torch.cat(pieces, 1), whole(x)[0], 1e-5)
+
+
+def test_sliced_routing_with_diagnostics_makes_whole_logits(monkeypatch):
+    from fla_factmem import utils
+
+    monkeypatch.setattr(utils, "_warned", set())
+    sliced, whole = sliced_and_whole(2, 4, track_routing=True)
+    x = torch.randn(2, 9, D)
+    with pytest.warns(UserWarning, match="makes whole routing logits despite `routing_slice_tokens`"):
+        y = sliced(x)[0]
+    assert_close("y", y, whole(x)[0], 1e-5)
+    assert sliced.routing_stats.keys() == whole.routing_stats.keys() and sliced.routing_stats
+
+
 def test_three_dimensional_attention_mask_is_refused():
     with pytest.raises(ValueError, match="padding mask"):
         make_layer()(torch.randn(1, 4, D), attention_mask=torch.ones(1, 4, 4))
@@ -183,6 +256,19 @@ def test_layer_on_gpu_equals_composition(dtype, topk):
             y_short, ref_short = layer(x[:, :20])[0], compose(layer, x[:, :20])
     assert_close("y", y, ref, tol)
     assert_close("y of 20 tokens without autograd", y_short, ref_short, tol)
+
+
+@pytest.mark.cuda
+def test_sliced_routing_on_gpu_equals_whole_logits():
+    """M = 1024, K = 16 under bf16 autocast: the routing kernel picks per slice, the sparse kernels
+    take the picks, and the output and gradients are those of whole logits."""
+    layers = [
+        FactorizationMemory(hidden_size=256, num_heads=4, num_memories=1024, topk=16, routing_slice_tokens=s).cuda()
+        for s in (300, None)
+    ]
+    layers[1].load_state_dict(layers[0].state_dict())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert_same_outputs_and_gradients(layers, torch.randn(2, 1000, 256, device="cuda"), 2e-2)
 
 
 def test_routing_diagnostics_are_off_by_default_and_measure_collapse():

@@ -39,6 +39,9 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
             (read them with ``fla_factmem.layers.routing_summary(model)``); off by default.
         load_balance_coef: weight of the sparse routing's load-balancing loss (0: off); see
             ``FactorizationMemory``.
+        routing_slice_tokens: the sparse layers make their routing logits for at most this many
+            tokens at a time, never all ``[B, T, H, M]`` of them (None: all at once); see
+            ``FactorizationMemory``.
         layer_types: the mixer of every layer by name, for instance
             ``["factorization_memory", "attention", "gla", ...]`` (see ``registered_mixers()``);
             all ``factorization_memory`` by default.
@@ -68,6 +71,7 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         conv_size: int = 4,
         track_routing: bool = False,
         load_balance_coef: float = 0.0,
+        routing_slice_tokens: int | None = None,
         layer_types: list[str] | None = None,
         mixer_options: dict[str, dict] | None = None,
         attn: AttentionConfig = None,
@@ -106,6 +110,7 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         self.conv_size = conv_size
         self.track_routing = track_routing
         self.load_balance_coef = load_balance_coef
+        self.routing_slice_tokens = routing_slice_tokens
         self.mixer_options = canonical_mixer_options(mixer_options)
         self.attn = attn  # validated by FLA's AttentionConfigBase
         self.hidden_ratio = hidden_ratio

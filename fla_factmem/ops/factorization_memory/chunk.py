@@ -15,6 +15,9 @@ from fla_factmem.ops.factorization_memory.launch import (
     sparse_routing,
 )
 from fla_factmem.ops.factorization_memory.routing import (
+    given_picks_routing,
+    has_float64,
+    picks_as_dense_logits,
     run_on_weights,
     runs_dense_triton,
     runs_sparse_triton,
@@ -55,6 +58,8 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
 class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
     """Sparse (top-K) op on CUDA: Triton kernels both ways (with v's GPU current, as in the dense
     op), along the rows each token picks.
+    The picks are the top K of the ``[B, T, H, M]`` logits, or ``topk_indices`` where the caller
+    made them (then ``logits`` holds their ``[B, T, H, K]`` logits and gets a gradient of that shape).
     Saves v, eta, mu, the initial state and ``SparseEvents``: the picks ``[B, T, H, K]`` and,
     sorted along the memory's rows, their keys, flat indices, theta and phi (``[H, B T K]``
     each), about 24 bytes per pick; and the memory entering each tile of ``SPARSE_TILE`` (8)
@@ -63,14 +68,30 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
     the carries."""
 
     @staticmethod
-    def forward(ctx, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
+    def forward(
+        ctx,
+        v,
+        logits,
+        eta,
+        mu,
+        topk,
+        topk_indices,
+        M,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        store_for_backward=True,
+    ):
         with on_device_of(v):
-            routing = sparse_routing(logits, topk)
+            if topk_indices is None:
+                routing = sparse_routing(logits, topk)
+            else:
+                routing = given_picks_routing(logits, topk_indices)
             o, final_state, events, carries = chunk_sparse_fwd(
-                v, eta, mu, routing, logits.shape[-1], initial_state, output_final_state, cu_seqlens, store_for_backward
+                v, eta, mu, routing, M, initial_state, output_final_state, cu_seqlens, store_for_backward
             )
         ctx.save_for_backward(v, eta, mu, initial_state, cu_seqlens, carries, *events)
-        ctx.M, ctx.logits_dtype = logits.shape[-1], logits.dtype
+        ctx.M, ctx.logits_dtype, ctx.picks_only = M, logits.dtype, topk_indices is not None
         ctx.needs_dh0 = initial_state is not None
         return o, final_state
 
@@ -80,9 +101,10 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
         events = SparseEvents(*events)
         with on_device_of(v):
             dv, dlogits, deta, dmu, dh0 = chunk_sparse_bwd(
-                v, eta, mu, ctx.M, ctx.logits_dtype, events, carries, initial_state, do, dht, cu_seqlens, ctx.needs_dh0
-            )
-        return dv, dlogits, deta, dmu, None, dh0, None, None, None
+                v, eta, mu, ctx.M, ctx.logits_dtype, events, carries, initial_state, do, dht, cu_seqlens, ctx.needs_dh0,
+                ctx.picks_only,
+            )  # fmt: skip
+        return dv, dlogits, deta, dmu, None, None, None, dh0, None, None, None
 
 
 def chunk_factorization_memory(
@@ -95,6 +117,8 @@ def chunk_factorization_memory(
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
     chunk_size: int | None = None,
+    topk_indices: torch.Tensor | None = None,
+    num_memories: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Factorization Memory in chunked form (SPEC section 2), differentiable in every input.
 
@@ -132,25 +156,40 @@ def chunk_factorization_memory(
         chunk_size: tokens per chunk of the PyTorch path (default 16; its memory grows with
             T * chunk_size * M); the dense Triton kernels use chunks of 32 and the sparse
             ones none; both ignore it.
+        topk_indices: ``[B, T, H, K]`` int32 or int64, each token's picks when the caller made
+            them (say, top-K over logits it computed in slices, so that ``[B, T, H, M]`` logits
+            never exist): K distinct rows in ``[0, num_memories)`` per token, unchecked (a check
+            would sync the GPU). Then ``logits`` is ``[B, T, H, K]``, the picks' logits, whose
+            softmax gives alpha, and their gradient has that shape; ``topk`` may be left None.
+            The op is the one on ``[B, T, H, M]`` logits that are -inf outside the picks. On CUDA
+            the sparse kernels run, and no part of the op, forward or backward, is of size M.
+        num_memories: M, with ``topk_indices`` only.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
         in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
         Inputs may be float32, bfloat16 or float16; accumulation is in float32.
     """
-    validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
+    M = validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens, topk_indices, num_memories).M
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     check_chunk_size(chunk_size)
     # with no backward to come (no_grad, or no input that requires grad) the kernels store less
     store_for_backward = needs_autograd(v, logits, eta, mu, initial_state)
+    if topk_indices is not None:
+        if v.is_cuda and not has_float64(v, logits, eta, mu, initial_state):
+            return ChunkSparseFactorizationMemoryFunction.apply(
+                v, logits, eta, mu, None, topk_indices, M, initial_state, output_final_state, cu_seqlens,
+                store_for_backward,
+            )  # fmt: skip
+        logits, topk = picks_as_dense_logits(logits, topk_indices, M), logits.shape[-1]
     if runs_dense_triton(v, logits, topk, eta, mu, initial_state):
         return ChunkFactorizationMemoryFunction.apply(
             v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward
         )
     if runs_sparse_triton(v, logits, topk, eta, mu, initial_state):
         return ChunkSparseFactorizationMemoryFunction.apply(
-            v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, store_for_backward
+            v, logits, eta, mu, topk, None, M, initial_state, output_final_state, cu_seqlens, store_for_backward
         )
     if v.is_cuda:
         warn_once(

@@ -497,11 +497,13 @@ def chunk_sparse_bwd(
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     needs_dh0: bool,
+    picks_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sparse backward from the forward's inputs (``initial_state`` among them), ``events`` and
     ``carries`` (``chunk_sparse_fwd``'s, one per tile of ``SPARSE_TILE`` events), over the same
     tiles: ``(dv, dlogits, deta, dmu, dh0)`` in the layouts and dtypes of the inputs (dlogits
-    ``[B, T, H, M]`` in ``logits_dtype``; dh0 float32, None unless ``needs_dh0``). Like the
+    ``[B, T, H, M]`` in ``logits_dtype``, or with ``picks_only`` ``[B, T, H, K]``, the picks' own;
+    dh0 float32, None unless ``needs_dh0``). Like the
     forward it reads and writes only the picked rows, of the gradient on the memory too (the
     others pass from dht to dh0 as they are); dlogits is 0 outside each token's picks. It
     recomputes the memory at each event from the carries."""
@@ -538,7 +540,7 @@ def chunk_sparse_bwd(
     if NV > 1:
         pick_dtheta, pick_dphi = pick_dtheta.sum(0), pick_dphi.sum(0)
 
-    dlogits = torch.empty(*eta.shape, M, dtype=logits_dtype, device=v.device)
+    dlogits = torch.empty(*eta.shape, K if picks_only else M, dtype=logits_dtype, device=v.device)
     deta, dmu = torch.empty_like(eta), torch.empty_like(mu)
     # 4 tokens per program, whole rows of up to 1024 logits at a time: best measured on an H200
     # at (1024, 16), 90 us, where 64 tokens took 173 (a zero fill of dlogits alone takes 83)
@@ -546,7 +548,7 @@ def chunk_sparse_bwd(
     SPARSE_ROUTING_BWD.launch(
         (cdiv(eta.numel(), BR),),
         events.alpha, eta, mu, events.rows, pick_dtheta, pick_dphi, dlogits, deta, dmu, eta.numel(),
-        M=M, K=K, BR=BR, KB=next_power_of_2(K), BM=BM, num_warps=4,
+        M=M, K=K, BR=BR, KB=next_power_of_2(K), BM=BM, PICKS_ONLY=picks_only, num_warps=4,
     )  # fmt: skip
     return dv, dlogits, deta, dmu, dh0
 

@@ -80,6 +80,21 @@ class SparseRouting(NamedTuple):
     alpha: torch.Tensor
 
 
+def given_picks_routing(logits: torch.Tensor, rows: torch.Tensor) -> SparseRouting:
+    """The routing of picks the caller made (``topk_indices``): ``rows`` ``[B, T, H, K]`` and their
+    ``logits`` ``[B, T, H, K]`` -> rows as int32 and alpha, the softmax over the picks, in float32."""
+    return SparseRouting(rows.to(torch.int32).contiguous(), logits.float().softmax(-1))
+
+
+def picks_as_dense_logits(logits: torch.Tensor, rows: torch.Tensor, M: int) -> torch.Tensor:
+    """The picks' ``logits`` ``[..., K]`` at their ``rows`` in ``[..., M]`` logits that are -inf
+    elsewhere: the top K of those are the picks, so the operator on them is the operator on the
+    picks (SPEC section 2), and the gradient comes back to ``logits`` through the scatter. For the
+    PyTorch paths; it costs M per token."""
+    dense = logits.new_full((*logits.shape[:-1], M), float("-inf"))
+    return dense.scatter(-1, rows.long(), logits)
+
+
 def sequence_spans(B: int, T: int, offsets: list[int] | None) -> list[tuple[int, int, int]]:
     """``(batch index, start, end)`` of every sequence: one per batch row, or one per packed sequence."""
     if offsets is None:

@@ -161,13 +161,15 @@ def sparse_routing_bwd_kernel(
     BR: tl.constexpr,
     KB: tl.constexpr,
     BM: tl.constexpr,
+    PICKS_ONLY: tl.constexpr,
 ):
     """For BR rows of the flat [n_rows, M] logits: from the gradients on the picks' theta and
     phi (pick_dtheta, pick_dphi [n_rows, K] float32; their rows in picked_rows [n_rows, K]
     int32), the gradients through theta = eta * alpha, phi = mu * alpha and the softmax
     re-normalised over the picks (alpha [n_rows, K] float32, as the routing left it): dlogits
     [n_rows, M], whole rows, 0 outside the picks (rows nobody picks get no gradient), written BM
-    at a time; deta, dmu [n_rows]. As in the dense backward (``chunk_bwd_kernels.is_top_row``), a
+    at a time, or with ``PICKS_ONLY`` [n_rows, K], the picks' own (the op was given only their
+    logits); deta, dmu [n_rows]. As in the dense backward (``chunk_bwd_kernels.is_top_row``), a
     pick with alpha > 3/4 gets minus the sum of the other picks' gradients: computed directly it
     is a difference of nearly equal numbers, and with every token's top logit 16 above its others
     (alpha = 1 - 4e-7) dlogits came out 0.22 off (relative) against a float64 reference."""
@@ -176,7 +178,6 @@ def sparse_routing_bwd_kernel(
     m_r = o_r < n_rows
     m_rk = m_r[:, None] & (o_k < K)[None, :]
     pick = o_r[:, None].to(tl.int64) * K + o_k[None, :]
-    rows = tl.load(picked_rows + pick, mask=m_rk, other=0)
     alpha_k = tl.load(alpha + pick, mask=m_rk, other=0.0)
     dtheta = tl.load(pick_dtheta + pick, mask=m_rk, other=0.0)
     dphi = tl.load(pick_dphi + pick, mask=m_rk, other=0.0)
@@ -187,14 +188,18 @@ def sparse_routing_bwd_kernel(
     top = is_top_row(alpha_k)
     # with one pick (alpha = 1) the gradient is exactly 0: the others' sum is empty
     grad = tl.where(top, -tl.sum(tl.where(top, 0.0, grad), 1)[:, None], grad)
-    # zeros over whole rows, then the picks over them: one pass over dlogits, no zeroed tensor
-    # made beforehand; the barrier orders the two stores, which other threads may make
-    o_m = tl.arange(0, BM)
-    row_start = o_r.to(tl.int64)[:, None] * M
-    for m0 in range(0, M, BM):
-        m_rm = m_r[:, None] & (m0 + o_m < M)[None, :]
-        tl.store(dlogits + row_start + m0 + o_m[None, :], tl.zeros([BR, BM], dlogits.dtype.element_ty), mask=m_rm)
-    tl.debug_barrier()
-    tl.store(dlogits + row_start + rows, grad.to(dlogits.dtype.element_ty), mask=m_rk)
+    if PICKS_ONLY:
+        tl.store(dlogits + pick, grad.to(dlogits.dtype.element_ty), mask=m_rk)
+    else:
+        # zeros over whole rows, then the picks over them: one pass over dlogits, no zeroed tensor
+        # made beforehand; the barrier orders the two stores, which other threads may make
+        o_m = tl.arange(0, BM)
+        row_start = o_r.to(tl.int64)[:, None] * M
+        for m0 in range(0, M, BM):
+            m_rm = m_r[:, None] & (m0 + o_m < M)[None, :]
+            tl.store(dlogits + row_start + m0 + o_m[None, :], tl.zeros([BR, BM], dlogits.dtype.element_ty), mask=m_rm)
+        tl.debug_barrier()
+        rows = tl.load(picked_rows + pick, mask=m_rk, other=0)
+        tl.store(dlogits + row_start + rows, grad.to(dlogits.dtype.element_ty), mask=m_rk)
     tl.store(deta + o_r, tl.sum(alpha_k * dtheta, 1).to(deta.dtype.element_ty), mask=m_r)
     tl.store(dmu + o_r, tl.sum(alpha_k * dphi, 1).to(dmu.dtype.element_ty), mask=m_r)

@@ -46,8 +46,12 @@ def validate_inputs(
     topk: int | None,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    topk_indices: torch.Tensor | None = None,
+    num_memories: int | None = None,
 ) -> Dims:
-    """Checks the arguments of a Factorization Memory op and returns their sizes.
+    """Checks the arguments of a Factorization Memory op and returns their sizes. With
+    ``topk_indices`` (the rows each token picks, ``[B, T, H, K]``), ``logits`` holds the picks'
+    logits, ``[B, T, H, K]``, and M is ``num_memories``.
 
     Raises ``TypeError`` or ``ValueError`` naming the offending argument.
     """
@@ -59,6 +63,10 @@ def validate_inputs(
     if logits.ndim != 4 or logits.shape[:3] != (B, T, H):
         raise ValueError(f"`logits` must have shape [B, T, H, M] = [{B}, {T}, {H}, M]; got {tuple(logits.shape)}")
     M = logits.shape[-1]
+    if topk_indices is not None:
+        M = _check_given_picks(logits, topk, topk_indices, num_memories, v.device)
+    elif num_memories is not None:
+        raise ValueError("`num_memories` goes with `topk_indices`; without them M is `logits.shape[-1]`")
     for name, x in (("eta", eta), ("mu", mu)):
         if x.shape != (B, T, H):
             raise ValueError(f"`{name}` must have shape [B, T, H] = [{B}, {T}, {H}]; got {tuple(x.shape)}")
@@ -95,6 +103,31 @@ def validate_inputs(
             )
         _check_device("initial_state", initial_state, device)
     return Dims(B, T, H, M, V, N)
+
+
+def _check_given_picks(
+    logits: torch.Tensor, topk: int | None, topk_indices: torch.Tensor, num_memories: int | None, device: torch.device
+) -> int:
+    """Checks picks made by the caller and returns M. Their values (distinct rows in [0, M)) are
+    not checked: that would sync the GPU."""
+    if not isinstance(topk_indices, torch.Tensor) or topk_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"`topk_indices` must be an int32 or int64 tensor; got {getattr(topk_indices, 'dtype', type(topk_indices).__name__)}"
+        )
+    if topk_indices.shape != logits.shape:
+        raise ValueError(
+            f"`topk_indices` must have the shape of `logits` (the picks' logits, [B, T, H, K]) = "
+            f"{tuple(logits.shape)}; got {tuple(topk_indices.shape)}"
+        )
+    if isinstance(num_memories, bool) or not isinstance(num_memories, int):
+        raise TypeError(f"`topk_indices` needs `num_memories`, the M the rows index, as an int; got {num_memories!r}")
+    K = logits.shape[-1]
+    if not 1 <= K <= num_memories:
+        raise ValueError(f"`topk_indices` picks K = {K} rows of M = `num_memories` = {num_memories}: need 1 <= K <= M")
+    if topk is not None and topk != K:
+        raise ValueError(f"`topk` = {topk} differs from the K = {K} picks of `topk_indices`; leave it None")
+    _check_device("topk_indices", topk_indices, device)
+    return num_memories
 
 
 def takes_state_in_place(state: torch.Tensor | None) -> bool:

@@ -98,7 +98,7 @@ def sparse_chunk_kernels(v, logits, eta, mu, topk, h0, output_final_state, cu_se
 def triton_sparse_chunk(v, logits, eta, mu, topk, initial_state=None, output_final_state=False, cu_seqlens=None):
     """The sparse Triton forward and backward on any device."""
     return ChunkSparseFactorizationMemoryFunction.apply(
-        v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, True
+        v, logits, eta, mu, topk, None, logits.shape[-1], initial_state, output_final_state, cu_seqlens, True
     )
 
 
