@@ -33,7 +33,8 @@ class TopKLinearFunction(torch.autograd.Function):
         x_rows = x.reshape(-1, x.shape[-1])
         M = weight.shape[0] // num_heads
         values, rows = [], []
-        for start in range(0, x_rows.shape[0], slice_tokens):
+        # one slice at least, so that no tokens give empty picks
+        for start in range(0, max(x_rows.shape[0], 1), slice_tokens):
             logits = F.linear(x_rows[start : start + slice_tokens], weight).view(-1, num_heads, M)
             if temperature != 1:  # as the layer divides whole logits: the same roundings, the same picks
                 logits = logits / temperature
@@ -60,10 +61,9 @@ class TopKLinearFunction(torch.autograd.Function):
         if ctx.temperature != 1:
             grads = grads / ctx.temperature
         dx = torch.empty_like(x_rows) if ctx.needs_input_grad[0] else None
-        # float32 sum over slices: each slice's GEMM rounds once, as the whole one would
-        dweight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        )
+        # the sum over slices in float32 at least: each slice's GEMM rounds once, as the whole one would
+        acc_dtype = torch.promote_types(dtype, torch.float32)
+        dweight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if ctx.needs_input_grad[1] else None
         for start in range(0, x_rows.shape[0], ctx.slice_tokens):
             end = start + ctx.slice_tokens
             dlogits = grads.new_zeros(*rows[start:end].shape[:-1], weight.shape[0] // rows.shape[1])
@@ -100,13 +100,18 @@ def top_k_linear(
         ``(values, rows)``, each ``[..., H, K]``: the picks' logits (x's dtype, or autocast's) and
         their rows (int64), the ``logits`` and ``topk_indices`` of ``chunk_factorization_memory``.
     """
+    for name, value in (
+        ("num_heads", num_heads),
+        ("topk", topk),
+        ("slice_tokens", 1 if slice_tokens is None else slice_tokens),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"top_k_linear: {name} must be a positive int; got {value!r}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] % num_heads != 0:
         raise ValueError(f"top_k_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, num_heads {num_heads}")
     M = weight.shape[0] // num_heads
-    if not 1 <= topk <= M:
+    if topk > M:
         raise ValueError(f"top_k_linear: topk must be in [1, M = {M}]; got {topk}")
     if slice_tokens is None:
         slice_tokens = max(1, 2**28 // weight.shape[0])
-    if slice_tokens < 1:
-        raise ValueError(f"top_k_linear: slice_tokens must be a positive int; got {slice_tokens}")
     return TopKLinearFunction.apply(x, weight, num_heads, topk, temperature, slice_tokens)

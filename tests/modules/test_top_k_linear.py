@@ -45,6 +45,25 @@ def test_top_k_linear_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w: top_k_linear(x, w, 2, 3, 0.7, 2)[0], (x, weight))
 
 
+def test_top_k_linear_float64_is_exact():
+    """Slices sum the weight's gradient in float64 for float64 weights (a float32 sum left 4e-8)."""
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, 6, dtype=torch.float64, requires_grad=True)
+    values, rows = top_k_linear(x, weight, 2, 3, 1.0, 4)
+    values_ref, rows_ref = whole(x, weight, 2, 3, 1.0)
+    assert torch.equal(rows, rows_ref)
+    dvalues = torch.randn_like(values)
+    grads = torch.autograd.grad(values, (x, weight), dvalues)
+    grads_ref = torch.autograd.grad(values_ref, (x, weight), dvalues)
+    for name, g, ref in zip(("dx", "dweight"), grads, grads_ref):
+        assert_close(name, g, ref, 1e-14)
+
+
+def test_top_k_linear_of_no_tokens():
+    values, rows = top_k_linear(torch.randn(0, 16, requires_grad=True), torch.randn(10, 16), 2, 3)
+    assert values.shape == rows.shape == (0, 2, 3)
+
+
 def test_top_k_linear_under_autocast():
     """Values in autocast's dtype; gradients in x's and the weight's."""
     x = torch.randn(4, 16, requires_grad=True)
@@ -61,5 +80,7 @@ def test_top_k_linear_errors():
         top_k_linear(torch.randn(2, 16), torch.randn(10, 16), 3, 1)
     with pytest.raises(ValueError, match=r"topk must be in \[1, M = 5\]"):
         top_k_linear(torch.randn(2, 16), torch.randn(10, 16), 2, 6)
-    with pytest.raises(ValueError, match="slice_tokens"):
-        top_k_linear(torch.randn(2, 16), torch.randn(10, 16), 2, 1, slice_tokens=0)
+    for kwargs in (dict(slice_tokens=0), dict(slice_tokens=True), dict(num_heads=0), dict(topk=2.0)):
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            top_k_linear(torch.randn(2, 16), torch.randn(10, 16), **(dict(num_heads=2, topk=1) | kwargs))

@@ -61,7 +61,10 @@ def validate_inputs(
         raise ValueError(f"`v` must have shape [B, T, H, V]; got {v.ndim} dims {tuple(v.shape)}")
     B, T, H, V = v.shape
     if logits.ndim != 4 or logits.shape[:3] != (B, T, H):
-        raise ValueError(f"`logits` must have shape [B, T, H, M] = [{B}, {T}, {H}, M]; got {tuple(logits.shape)}")
+        last = "M" if topk_indices is None else "K"  # with given picks, their logits
+        raise ValueError(
+            f"`logits` must have shape [B, T, H, {last}] = [{B}, {T}, {H}, {last}]; got {tuple(logits.shape)}"
+        )
     M = logits.shape[-1]
     if topk_indices is not None:
         M = _check_given_picks(logits, topk, topk_indices, num_memories, v.device)

@@ -127,6 +127,7 @@ BAD_PICKS = [
     ("K > M", dict(num_memories=1), ValueError, "need 1 <= K <= M"),
     ("topk differs", dict(topk=3), ValueError, "`topk` = 3 differs"),
     ("M without picks", dict(topk_indices=None), ValueError, "`num_memories` goes with `topk_indices`"),
+    ("logits heads", dict(logits=torch.randn(1, 3, 1, 2)), ValueError, r"\[B, T, H, K\] = \[1, 3, 2, K\]"),
     ("state width", dict(initial_state=torch.zeros(1, 2, 9, 4)), ValueError, r"\[N, H, M, V\] = \[1, 2, 8, 4\]"),
 ]
 
