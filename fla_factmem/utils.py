@@ -52,6 +52,11 @@ def host_offsets(cu_seqlens: torch.Tensor | None, T: int) -> list[int] | None:
     return offsets
 
 
+def is_positive_int(value) -> bool:
+    """Whether ``value`` is an int >= 1 (a bool, though an int to Python, is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (n >= 1). ``triton.next_power_of_2`` and ``triton.cdiv`` are
     constexpr functions, which cost 1.5 us a call on the host (Triton 3.6, the CI machine's CPU),

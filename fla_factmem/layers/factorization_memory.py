@@ -20,7 +20,7 @@ from fla_factmem.layers.utils import check_cached_batch, check_padding_mask
 from fla_factmem.modules import FusedRMSNormGated, ShortConvolution, biased_sigmoid, split_linear, top_k_linear
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory
 from fla_factmem.ops.factorization_memory.validation import takes_state_in_place
-from fla_factmem.utils import warn_once
+from fla_factmem.utils import is_positive_int, warn_once
 
 MODES = ("chunk", "fused_recurrent")
 RECURRENT_MAX_LEN = 64  # inputs this short, without autograd (decoding), take the token-by-token kernel
@@ -111,7 +111,7 @@ class FactorizationMemory(nn.Module):
             ("num_memories", num_memories),
             ("conv_size", conv_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"`{name}` must be a positive int; got {value!r}")
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_memories):
             raise ValueError(f"`topk` must be None or an int in [1, num_memories={num_memories}]; got {topk!r}")
@@ -124,11 +124,7 @@ class FactorizationMemory(nn.Module):
         if load_balance_coef > 0 and (topk is None or topk == num_memories):
             raise ValueError("`load_balance_coef` balances the sparse routing; it needs topk < num_memories")
         if routing_slice_tokens is not None:
-            if (
-                isinstance(routing_slice_tokens, bool)
-                or not isinstance(routing_slice_tokens, int)
-                or routing_slice_tokens < 1
-            ):
+            if not is_positive_int(routing_slice_tokens):
                 raise ValueError(f"`routing_slice_tokens` must be None or a positive int; got {routing_slice_tokens!r}")
             if topk is None or topk == num_memories or mode != "chunk" or load_balance_coef > 0:
                 raise ValueError(

@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from fla_factmem.ops.factorization_memory.launch import sparse_routing
 from fla_factmem.ops.factorization_memory.routing import has_float64, top_rows
+from fla_factmem.utils import is_positive_int
 
 
 def top_k_rows(logits: torch.Tensor, topk: int) -> torch.Tensor:
@@ -105,7 +106,7 @@ def top_k_linear(
         ("topk", topk),
         ("slice_tokens", 1 if slice_tokens is None else slice_tokens),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             raise ValueError(f"top_k_linear: {name} must be a positive int; got {value!r}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] % num_heads != 0:
         raise ValueError(f"top_k_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, num_heads {num_heads}")

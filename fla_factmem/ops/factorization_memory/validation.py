@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from fla_factmem.utils import is_positive_int
+
 SUPPORTED_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 _DTYPE_NAMES = "float32, bfloat16, float16 (or float64 on the PyTorch paths)"
 
@@ -152,5 +154,5 @@ def check_inplace_state(initial_state: torch.Tensor | None, needs_grad: bool) ->
 
 
 def check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_positive_int(chunk_size):
         raise ValueError(f"`chunk_size` must be a positive int; got {chunk_size!r}")
