@@ -152,7 +152,9 @@ def chunk_factorization_memory(
         cu_seqlens: ``[N + 1]`` int offsets of sequences packed along T (then B must be 1).
             Its values are checked on the PyTorch path only: the sparse kernels never read them
             on the host, so a check would add a sync (the dense kernels read the lengths once,
-            in FLA's ``prepare_chunk_indices``, cached per tensor).
+            in FLA's ``prepare_chunk_indices``, cached per tensor object: as with FLA's own
+            chunk ops, offsets refilled in place into the same tensor reuse the old layout, so
+            give each batch a tensor of its own).
         chunk_size: tokens per chunk of the PyTorch path (default 16; its memory grows with
             T * chunk_size * M); the dense Triton kernels use chunks of 32 and the sparse
             ones none; both ignore it.
@@ -171,6 +173,8 @@ def chunk_factorization_memory(
         Inputs may be float32, bfloat16 or float16; accumulation is in float32.
     """
     M = validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens, topk_indices, num_memories).M
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()  # the kernels index it as a flat array
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
     check_chunk_size(chunk_size)

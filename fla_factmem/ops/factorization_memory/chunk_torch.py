@@ -89,6 +89,13 @@ def chunk_factorization_memory_torch(
     B, T, H, V = v.shape
     M = theta.shape[-1]
     N = B if offsets is None else len(offsets) - 1
+    # log-decays cannot stand for a decay 1 - theta < 0, which eta > 1 (outside the contract) can
+    # give: refused here, where it would give NaN, while the kernels and the token loop run it
+    largest = theta.detach().amax().item()
+    if largest > 1:
+        raise ValueError(
+            f"chunk_factorization_memory's PyTorch path needs eta * alpha <= 1 (`eta` in [0, 1]); got {largest:.6g}"
+        )
     h0 = v.new_zeros(N, H, M, V) if initial_state is None else initial_state.to(v.dtype)
     if offsets is None:
         return _chunk_batch(v, theta, phi, h0, chunk_size)

@@ -29,8 +29,9 @@ def fused_recurrent_factorization_memory(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Factorization Memory one token at a time, meant for decoding (T = 1 up to short prompts).
 
-    Same arguments, semantics and results as :func:`chunk_factorization_memory`; pass the
-    state returned by the previous call as ``initial_state`` in place of a cache. On CUDA,
+    Same arguments, semantics and results as :func:`chunk_factorization_memory`, less
+    ``chunk_size`` and the given picks (``topk_indices``, ``num_memories``); pass the state
+    returned by the previous call as ``initial_state`` in place of a cache. On CUDA,
     calls without autograd (sparse, or dense with M <= 256; not float64) run one Triton
     launch for all sequences and heads (no host sync, so it can be captured in a CUDA graph);
     other calls run the PyTorch token loop, which warns once on CUDA. The sparse kernel
@@ -54,9 +55,12 @@ def fused_recurrent_factorization_memory(
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
-        in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
+        in float32 (float64 for float64 inputs; ``initial_state`` itself, float32, with
+        ``inplace_final_state``) if ``output_final_state`` else None.
     """
     validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()  # the kernel indexes it as a flat array
     needs_grad = needs_autograd(v, logits, eta, mu, initial_state)
     if inplace_final_state:
         check_inplace_state(initial_state, needs_grad)

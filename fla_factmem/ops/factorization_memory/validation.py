@@ -120,6 +120,12 @@ def _check_given_picks(
             f"`topk_indices` must be an int32 or int64 tensor; got {getattr(topk_indices, 'dtype', type(topk_indices).__name__)}"
         )
     if topk_indices.shape != logits.shape:
+        if topk_indices.shape[:-1] == logits.shape[:-1] and logits.shape[-1] == num_memories:
+            raise ValueError(
+                f"with `topk_indices`, `logits` holds the picks' logits only, [B, T, H, K] = "
+                f"{tuple(topk_indices.shape)} (say, `logits.gather(-1, topk_indices)`); got all M = "
+                f"{num_memories} of them, {tuple(logits.shape)}"
+            )
         raise ValueError(
             f"`topk_indices` must have the shape of `logits` (the picks' logits, [B, T, H, K]) = "
             f"{tuple(logits.shape)}; got {tuple(topk_indices.shape)}"

@@ -123,6 +123,7 @@ BAD_PICKS = [
         "`topk_indices` must be an int32 or int64",
     ),
     ("shape", dict(topk_indices=torch.zeros(1, 3, 2, 3, dtype=torch.long)), ValueError, "the shape of `logits`"),
+    ("all M logits", dict(logits=torch.randn(1, 3, 2, 8)), ValueError, "holds the picks' logits only"),
     ("no M", dict(num_memories=None), TypeError, "needs `num_memories`"),
     ("K > M", dict(num_memories=1), ValueError, "need 1 <= K <= M"),
     ("topk differs", dict(topk=3), ValueError, "`topk` = 3 differs"),

@@ -8,6 +8,9 @@ CPU through TRITON_INTERPRET=1, on the GPU with the ``cuda`` marker."""
 import pytest
 import torch
 
+from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory, naive_factorization_memory
+from fla_factmem.ops.factorization_memory import chunk as chunk_module
+from fla_factmem.ops.factorization_memory import fused_recurrent as fused_recurrent_module
 from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd, sparse_routing, token_strided
 from tests.utils import assert_close, make_inputs
 
@@ -111,3 +114,24 @@ def test_decode_of_projection_views_varlen_in_place(topk):
     assert ht is state
     assert_close("o", o, o_ref, 1e-6)
     assert_close("final state", ht, ht_ref, 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("op", "topk"), [("chunk", None), ("chunk", 3), ("fused_recurrent", None), ("fused_recurrent", 3)]
+)
+def test_public_ops_take_strided_cu_seqlens(op, topk, monkeypatch):
+    """A view of offsets at stride 2 gives what its values give: the kernels index ``cu_seqlens``
+    as a flat array, so the public ops make it contiguous (FLA's ``input_guard`` does the same).
+    The ops' CUDA paths are taken on the CPU tensors here, through the interpreter."""
+    module = {"chunk": chunk_module, "fused_recurrent": fused_recurrent_module}[op]
+    M = 8
+    monkeypatch.setattr(module, "runs_dense_triton", lambda v, logits, k, *others: k is None)
+    monkeypatch.setattr(module, "runs_sparse_triton", lambda v, logits, k, *others: k is not None and k < M)
+    strided = torch.tensor([0, 99, 5, 99, 5, 99, 9])[::2]
+    inputs = [x.detach() for x in make_inputs(1, 9, 2, M, 4, N=3)]
+    fn = {"chunk": chunk_factorization_memory, "fused_recurrent": fused_recurrent_factorization_memory}[op]
+    with torch.no_grad():
+        o, ht = fn(*inputs[:4], topk, inputs[4], True, strided)
+        o_ref, ht_ref = naive_factorization_memory(*inputs[:4], topk, inputs[4], True, strided.contiguous())
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("final state", ht, ht_ref, 1e-5)

@@ -107,3 +107,13 @@ def test_mixed_devices_are_refused_without_a_gpu():
     kwargs["mu"] = kwargs["mu"].to("meta")
     with pytest.raises(ValueError, match="`mu` is on meta but `v` is on cpu"):
         chunk_factorization_memory(**kwargs)
+
+
+def test_eta_above_one_is_refused_by_the_chunked_pytorch_path():
+    """eta * alpha > 1 (eta outside [0, 1]) makes a decay 1 - eta alpha < 0, which the chunked
+    path's log-decays cannot stand for: a clear error there instead of NaN."""
+    kwargs = good()
+    kwargs["logits"][..., 0] += 10.0  # alpha of row 0 near 1
+    kwargs["eta"] = kwargs["eta"] + 1.0
+    with pytest.raises(ValueError, match=r"needs eta \* alpha <= 1"):
+        chunk_factorization_memory(**kwargs)
