@@ -184,6 +184,12 @@ class FactorizationMemory(nn.Module):
         if last_state is not None and last_state["recurrent_state"] is not None:
             n_seqs = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
             check_cached_batch(last_state["recurrent_state"].shape[0], n_seqs, "FactorizationMemory")
+        if hidden_states.shape[1] == 0:
+            return (
+                self._all_padding(past_key_values, last_state, batch_size, q_len, hidden_states),
+                None,
+                past_key_values,
+            )
 
         sliced_routing = self.routing_slice_tokens is not None and mode == "chunk"
         if sliced_routing and self.track_routing:
@@ -256,6 +262,17 @@ class FactorizationMemory(nn.Module):
             o = AttachAuxiliaryLoss.apply(o, self.load_balance_coef * aux_loss)
         o = repad_hidden_states(o, indices, batch_size, q_len)
         return o, None, past_key_values
+
+    def _all_padding(self, past_key_values, last_state, batch_size, q_len, empty) -> torch.Tensor:
+        """A call whose tokens are all padding (say, a chunk of a right-padded batch past all its
+        prompts), which the ops refuse as T = 0: zeros out, and the memory and the convolution's
+        window stay as they were."""
+        self.routing_stats = {}
+        kept = {
+            name: last_state[name] if last_state is not None else None for name in ("recurrent_state", "conv_state")
+        }
+        update_layer_cache(self, past_key_values, offset=q_len, **kept)
+        return empty.new_zeros(batch_size, q_len, self.hidden_size)
 
     def _routing_diagnostics(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Fills ``routing_stats`` when tracking; returns the balancing loss when it trains."""

@@ -106,6 +106,13 @@ def test_fully_padded_row_gives_zeros_and_leaves_the_others(topk):
     assert_close("other rows", y[[0, 2]], layer(x[[0, 2]])[0], 1e-5)
 
 
+@pytest.mark.parametrize("topk", [None, 2])
+def test_all_padding_gives_zeros(topk):
+    """Every row padding (the ops refuse T = 0 after unpadding): zeros, as for one padded row."""
+    y, _, _ = make_layer(topk)(torch.randn(2, 5, D), attention_mask=torch.zeros(2, 5, dtype=torch.long))
+    assert y.shape == (2, 5, D) and torch.all(y == 0)
+
+
 def test_cu_seqlens_equals_per_sequence_runs():
     layer = make_layer()
     lengths = [5, 1, 66, 9]

@@ -71,6 +71,29 @@ def test_fla_attn_convention_and_mixer_options():
         FactorizationMemoryForCausalLM(small_config(["factorization_memory", "lstm"]))
 
 
+def test_attn_and_mixer_options_never_silently_differ():
+    """FLA fills an ``attn`` spec's defaults (window_size None, rope_theta 1e4, ...): options given
+    in mixer_options['attention'] that the spec contradicts are refused, not dropped; the others
+    apply."""
+    attn = {"layers": [1], "num_heads": 4, "window_size": 8}
+    with pytest.raises(ValueError, match=r"rope_theta: attn 10000.0, mixer_options 500000.0"):
+        small_config(attn=attn, mixer_options={"attention": {"rope_theta": 5e5}})
+    config = small_config(attn=attn, mixer_options={"attention": {"window_size": 8, "num_heads": 4}})
+    assert FactorizationMemoryForCausalLM(config).model.layers[1].attn.window_size == 8
+
+
+def test_attn_set_after_the_config_makes_its_layers_attention(tmp_path):
+    """As in FLA's configs, ``attn`` may be assigned later, or given to ``from_pretrained``."""
+    config = small_config(["factorization_memory"] * 3)
+    config.attn = {"layers": [1], "num_heads": 4}
+    model = FactorizationMemoryForCausalLM(config)
+    assert isinstance(model.model.layers[1].attn, Attention) and model.config.layer_types[1] == "attention"
+    FactorizationMemoryForCausalLM(small_config(["factorization_memory"] * 3)).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn={"layers": [2], "num_heads": 2})
+    assert isinstance(loaded.model.layers[2].attn, Attention)
+    assert isinstance(loaded.model.layers[0].attn, FactorizationMemory)
+
+
 def test_config_refuses_what_the_model_would_get_wrong():
     with pytest.raises(ValueError, match="not divisible by num_heads 4"):
         FactorizationMemoryConfig(**(SMALL | dict(hidden_size=30, num_heads=4)))
@@ -87,6 +110,9 @@ def test_config_refuses_what_the_model_would_get_wrong():
         small_config(mixer_options={"attention": {"window_size": 4}, "full_attention": {"num_kv_heads": 1}})
     with pytest.raises(ValueError, match="either input_ids or inputs_embeds"):
         model()
+    assert small_config(temperature=0.5).routing_temperature == 0.5
+    with pytest.raises(ValueError, match="name one setting"):
+        small_config(temperature=0.5, routing_temperature=2.0)
 
 
 def test_num_hidden_layers_changed_after_the_config(tmp_path):
@@ -138,6 +164,16 @@ def test_an_assigned_criterion_replaces_the_loss():
     # FLA's loss fused with the head is a Triton kernel: on the CPU, the same loss from PyTorch
     model.config.fuse_cross_entropy, model.config.fuse_linear_cross_entropy = False, True
     assert_close("loss", model(ids, labels=ids).loss, wanted, 1e-6)
+
+
+def test_cpu_loss_of_a_bf16_model_is_computed_in_float32():
+    """As FLA's fused loss on the GPU: the bf16 logits' cross entropy in float32, not rounded to bf16."""
+    model = FactorizationMemoryForCausalLM(small_config()).to(torch.bfloat16)
+    ids = torch.randint(1, 64, (2, 12))
+    out = model(ids, labels=ids)
+    wanted = nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, 64), ids[:, 1:].reshape(-1))
+    assert out.loss.dtype == torch.float32
+    assert_close("loss", out.loss, wanted, 1e-6)
 
 
 def test_register_mixer_adds_a_name():
@@ -259,6 +295,23 @@ def test_decode_after_a_prefill_under_inference_mode(topk):
         steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in (7, 8)]
         full = model(ids, use_cache=False).logits
     assert_close("decoded logits", torch.cat(steps, 1), full[:, 7:], 1e-5)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+@pytest.mark.parametrize("use_short_conv", [True, False])
+def test_cached_chunk_of_all_padding_leaves_the_states(topk, use_short_conv):
+    """A prefill, then a chunk whose tokens are all padding for every row, then two tokens: as one
+    forward with that chunk masked out. The memory layers keep their states over the empty chunk."""
+    model = FactorizationMemoryForCausalLM(small_config(topk=topk, use_short_conv=use_short_conv)).eval()
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[:, 7:10] = 0
+    with torch.no_grad():
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        empty = model(ids[:, 7:10], attention_mask=mask[:, :10], past_key_values=cache, use_cache=True)
+        last = model(ids[:, 10:], attention_mask=mask, past_key_values=empty.past_key_values, use_cache=True)
+        whole = model(ids, attention_mask=mask).logits
+    assert_close("logits after the padded chunk", last.logits, whole[:, 10:], 1e-5)
 
 
 @pytest.mark.parametrize("topk", [None, 3])

@@ -32,7 +32,8 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         num_memories: memory states M per head.
         topk: None for dense routing, K in [1, M] for the sparse variant.
         temperature: routing logits are divided by it. Stored as ``routing_temperature``, since
-            transformers reads a config's ``temperature`` as the sampling temperature of ``generate``.
+            transformers reads a config's ``temperature`` as the sampling temperature of ``generate``
+            (``from_pretrained`` takes ``routing_temperature`` only).
         attn_mode: kernel mode of the Factorization Memory layers (``chunk`` or ``fused_recurrent``).
         use_short_conv, conv_size: the short convolution on v.
         track_routing: the Factorization Memory layers keep routing diagnostics of every forward
@@ -49,7 +50,9 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
             on top of defaults derived from ``hidden_size`` and ``num_heads``.
         attn: FLA's convention, ``{"layers": [...], "num_heads": ..., "num_kv_heads": ...,
             "window_size": ..., "rope_theta": ...}`` (or a list of them): those layers become
-            ``attention`` with these options.
+            ``attention`` with these options (FLA's defaults for those not given), also when
+            ``attn`` is assigned later or given to ``from_pretrained``. ``mixer_options["attention"]``
+            may add options for them, not contradict these.
         fuse_swiglu, fuse_cross_entropy: use FLA's fused kernels on CUDA (PyTorch on the CPU).
     """
 
@@ -104,7 +107,15 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
         self.num_memories = num_memories
         self.topk = topk
-        self.routing_temperature = kwargs.pop("temperature", routing_temperature)
+        if "temperature" in kwargs:
+            temperature = kwargs.pop("temperature")
+            if routing_temperature not in (1.0, temperature):
+                raise ValueError(
+                    f"temperature ({temperature!r}) and routing_temperature ({routing_temperature!r}) name one "
+                    f"setting, the routing's; give one of them"
+                )
+            routing_temperature = temperature
+        self.routing_temperature = routing_temperature
         self.attn_mode = attn_mode
         self.use_short_conv = use_short_conv
         self.conv_size = conv_size
@@ -131,6 +142,8 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
         )
         # set after PreTrainedConfig.__init__, which would rename "attention"
         self.layer_types = self._resolve_layer_types(layer_types)
+        for layer_idx in self._attention_layers():
+            self.options_of(layer_idx)  # refuses options that attn and mixer_options both give
 
     def _resolve_layer_types(self, layer_types: list[str] | None) -> list[str]:
         if layer_types is None:
@@ -141,9 +154,7 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
                     f"layer_types must list one mixer name per layer ({self.num_hidden_layers}); got {layer_types!r}"
                 )
             types = [LAYER_TYPE_ALIASES.get(name, name) for name in layer_types]
-        for layer_idx in range(self.num_hidden_layers):
-            if get_attention_spec(self.attn, layer_idx=layer_idx) is None:
-                continue
+        for layer_idx in self._attention_layers():
             if layer_types is not None and types[layer_idx] != "attention":
                 raise ValueError(f"layer {layer_idx} is attention in `attn` but {types[layer_idx]!r} in `layer_types`")
             types[layer_idx] = "attention"
@@ -180,12 +191,27 @@ class FactorizationMemoryConfig(AttentionConfigBase, PreTrainedConfig):
                 f"num_hidden_layers is {depth} but layer_types names {len(types)} mixers {types}"
                 f"{' and attn is set' if self.attn is not None else ''}; give layer_types for the new depth"
             )
+        for layer_idx in self._attention_layers():  # an `attn` set after the config was built, too
+            types[layer_idx] = "attention"
         self.layer_types = types
 
+    def _attention_layers(self) -> list[int]:
+        """The layers that ``attn`` makes attention, by FLA's convention."""
+        return [i for i in range(self.num_hidden_layers) if get_attention_spec(self.attn, layer_idx=i) is not None]
+
     def options_of(self, layer_idx: int) -> dict:
-        """Keyword arguments for the mixer of ``layer_idx``: its ``mixer_options``, then its ``attn`` spec."""
+        """Keyword arguments for the mixer of ``layer_idx``: its ``mixer_options``, and its ``attn``
+        spec (with FLA's defaults filled in), which must not contradict them."""
         options = dict(self.mixer_options.get(self.layer_types[layer_idx], {}))
         spec = get_attention_spec(self.attn, layer_idx=layer_idx)
-        if spec is not None:
-            options.update({key: value for key, value in spec.items() if key != "layers"})
-        return options
+        if spec is None:
+            return options
+        spec = {key: value for key, value in spec.items() if key != "layers"}
+        clashes = [key for key, value in spec.items() if key in options and options[key] != value]
+        if clashes:
+            differences = ", ".join(f"{key}: attn {spec[key]!r}, mixer_options {options[key]!r}" for key in clashes)
+            raise ValueError(
+                f"layer {layer_idx} is attention by `attn`, whose spec (FLA's defaults filled in) and "
+                f"mixer_options['attention'] differ ({differences}); give these options in `attn`"
+            )
+        return options | spec
