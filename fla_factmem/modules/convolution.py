@@ -260,15 +260,16 @@ class ShortConvolution(FLAShortConvolution):
     or FLA's further options (training) take ``short_convolution``; the others FLA's kernels.
 
     Args of ``forward``:
-        x: ``[B, T, D]`` (B = 1 with ``cu_seqlens``).
+        x: ``[B, T, D]`` or ``[B, T, H, D / H]`` (B = 1 with ``cu_seqlens``).
         residual: optional ``[B, T, D]`` added to the output.
         mask: optional ``[B, T]`` 0/1 padding mask; padded inputs count as zeros.
-        cache: optional ``[N, D, W]``: the last W inputs of every sequence (newest last).
+        cache: optional ``[N, D, W]``: the last W inputs of every sequence (newest last); calls
+            of one token a sequence without autograd update it in place, as FLA's do.
         output_final_state: whether to return the updated cache.
         cu_seqlens: optional ``[N + 1]`` offsets of sequences packed along T.
 
     Returns:
-        ``y`` ``[B, T, D]`` and the cache ``[N, D, W]`` (None unless ``output_final_state``).
+        ``y`` in the shape of ``x`` and the cache ``[N, D, W]`` (None unless ``output_final_state``).
     """
 
     def forward(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None, **kwargs):
@@ -282,20 +283,31 @@ class ShortConvolution(FLAShortConvolution):
         return self.forward_torch(x, residual, mask, cache, output_final_state, cu_seqlens)
 
     def forward_torch(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None):
+        shape = x.shape
+        x = x.flatten(2)  # FLA takes [B, T, H, d] too, as [B, T, H * d]
         if mask is not None:
             if cu_seqlens is not None:
                 raise ValueError("`mask` and `cu_seqlens` cannot be provided at the same time")
             x = x * mask[..., None].to(x.dtype)
         if cu_seqlens is None:
+            lengths = [x.shape[1]]
             y, final_state = self._convolve(x, cache)
         else:
             offsets = host_offsets(cu_seqlens, x.shape[1])
+            lengths = [eos - bos for bos, eos in zip(offsets[:-1], offsets[1:])]
             pieces = [
                 self._convolve(x[:, bos:eos], None if cache is None else cache[i : i + 1])
                 for i, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:]))
             ]
             y = torch.cat([p[0] for p in pieces], dim=1)
             final_state = torch.cat([p[1] for p in pieces], dim=0)
+        if cache is not None and not torch.is_grad_enabled() and all(n == 1 for n in lengths):
+            # as FLA's step: a call of one token a sequence without autograd updates the cache in
+            # place (a cache made under torch.inference_mode() only there, as torch allows; FLA's
+            # kernels write it regardless)
+            with torch.inference_mode(cache.is_inference()):
+                final_state = cache.copy_(final_state)
+        y = y.reshape(shape)
         if residual is not None:
             y = y + residual
         return y, final_state if output_final_state else None

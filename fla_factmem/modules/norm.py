@@ -31,10 +31,12 @@ class RMSNorm(FLARMSNorm):
         x: ``[..., D]``.
         residual: optional ``[..., D]`` added to ``x`` before the norm.
         prenorm: if True, also return ``x + residual`` (the new residual stream).
-        residual_in_fp32: keep that sum in float32.
+        residual_in_fp32: without ``residual``, return the sum (then ``x``) in float32.
 
     Returns:
-        ``y`` ``[..., D]`` in the dtype of ``x``, or ``(y, x + residual)`` when ``prenorm``.
+        ``y`` ``[..., D]`` in the dtype of ``x``, or ``(y, x + residual)`` when ``prenorm``; the
+        sum is taken in float32 and returned, as FLA's kernel does, in the dtype of ``residual``
+        (float32 under ``residual_in_fp32`` without one, else that of ``x``).
     """
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
@@ -43,14 +45,16 @@ class RMSNorm(FLARMSNorm):
         return self.forward_torch(x, residual, prenorm, residual_in_fp32)
 
     def forward_torch(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-        summed = x if residual is None else x + residual
+        summed = x if residual is None else x.float() + residual.float()
         y = rms_norm_torch(summed, self.weight, self.eps)
         if self.bias is not None:
             y = y + self.bias.float()
         y = y.to(x.dtype)
         if not prenorm:
             return y
-        return y, summed.float() if residual_in_fp32 else summed.to(x.dtype)
+        # a bf16 block's output added to a float32 residual stream stays float32, as on the GPU
+        residual_dtype = residual.dtype if residual is not None else torch.float32 if residual_in_fp32 else x.dtype
+        return y, summed.to(residual_dtype)
 
 
 @triton.heuristics({"STORE_RSTD": lambda args: args["rstd"] is not None})

@@ -35,6 +35,31 @@ def test_short_convolution_cache_continues_the_sequence(split):
     assert torch.equal(state_full, x[:, -4:].transpose(1, 2))  # FLA's layout: the last W inputs, newest last
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_short_convolution_decoding_updates_the_cache_in_place(packed):
+    """As FLA's step: one token a sequence without autograd writes the new window into ``cache``,
+    also when the final state is not asked for; with autograd the cache is left alone."""
+    conv = ShortConvolution(8, 4)
+    x = torch.randn(1, 3, 8) if packed else torch.randn(3, 1, 8)
+    cu_seqlens = torch.tensor([0, 1, 2, 3]) if packed else None
+    cache = torch.randn(3, 8, 4)
+    _, wanted = conv(x, cache=cache.clone(), output_final_state=True, cu_seqlens=cu_seqlens)
+    with torch.no_grad():
+        y, state = conv(x, cache=cache, cu_seqlens=cu_seqlens)
+    assert state is None and torch.equal(cache, wanted.detach())
+    before = cache.clone()
+    conv(x, cache=cache, cu_seqlens=cu_seqlens)
+    assert torch.equal(cache, before), "with autograd, FLA returns the new state and leaves the cache"
+
+
+def test_short_convolution_takes_heads_as_fla_does():
+    conv = ShortConvolution(6, 4)
+    x = torch.randn(2, 5, 2, 3)
+    y, state = conv(x, output_final_state=True)
+    y_flat, state_flat = conv(x.flatten(2), output_final_state=True)
+    assert y.shape == x.shape and torch.equal(y.flatten(2), y_flat) and torch.equal(state, state_flat)
+
+
 def test_short_convolution_packed_equals_per_sequence():
     conv = ShortConvolution(8, 3)
     lengths = [5, 0, 1, 9]
@@ -54,6 +79,23 @@ def test_rms_norm_prenorm_returns_the_residual_sum():
     s = x + residual
     assert_close("y", y, s / s.square().mean(-1, keepdim=True).add(1e-6).sqrt() * norm.weight, 1e-6)
     assert torch.equal(summed, s)
+
+
+@pytest.mark.parametrize(
+    ("residual_dtype", "residual_in_fp32", "wanted"),
+    [(torch.float32, False, torch.float32), (torch.bfloat16, True, torch.bfloat16), (None, True, torch.float32),
+     (None, False, torch.bfloat16)],
+)  # fmt: skip
+def test_rms_norm_prenorm_sum_takes_fla_kernels_dtype(residual_dtype, residual_in_fp32, wanted):
+    """As FLA's kernel: the sum in float32, returned in the residual's dtype (a bf16 block's output
+    added to a float32 residual stream stays float32), or float32 under residual_in_fp32 without one."""
+    norm = RMSNorm(16, eps=1e-6)
+    x = torch.randn(2, 3, 16).bfloat16()
+    residual = None if residual_dtype is None else torch.randn(2, 3, 16).to(residual_dtype)
+    y, summed = norm(x, residual, prenorm=True, residual_in_fp32=residual_in_fp32)
+    exact = x.float() + (0 if residual is None else residual.float())
+    assert y.dtype == torch.bfloat16 and summed.dtype == wanted
+    assert torch.equal(summed, exact.to(wanted))
 
 
 def test_gated_rms_norm():
@@ -78,8 +120,10 @@ def test_cpu_paths_match_fla_kernels_on_gpu(dtype):
 
     norm = RMSNorm(64).cuda()
     residual = torch.randn_like(x)
-    for got, ref in zip(norm(x, residual, True), norm.forward_torch(x, residual, True)):
-        assert_close("rms norm", got, ref, tol)
+    for stream in (residual, residual.float()):
+        for got, ref in zip(norm(x, stream, True), norm.forward_torch(x, stream, True)):
+            assert got.dtype == ref.dtype
+            assert_close("rms norm", got, ref, tol)
     gated = FusedRMSNormGated(64).cuda()
     assert_close("gated norm", gated(x, residual), gated.forward_torch(x, residual), tol)
     mlp = GatedMLP(64, hidden_ratio=4).cuda().to(dtype)
