@@ -303,8 +303,8 @@ class ShortConvolution(FLAShortConvolution):
             final_state = torch.cat([p[1] for p in pieces], dim=0)
         if cache is not None and not torch.is_grad_enabled() and all(n == 1 for n in lengths):
             # as FLA's step: a call of one token a sequence without autograd updates the cache in
-            # place (a cache made under torch.inference_mode() only there, as torch allows; FLA's
-            # kernels write it regardless)
+            # place (torch lets only inference mode write a cache made under torch.inference_mode();
+            # FLA's kernels write it regardless)
             with torch.inference_mode(cache.is_inference()):
                 final_state = cache.copy_(final_state)
         y = y.reshape(shape)
