@@ -177,7 +177,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--contexts", nargs="+", type=int, default=[4096, 16384, 65536])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])

@@ -109,7 +109,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 8192, 32768])
     parser.add_argument("--batch-tokens", type=int, default=32768, help="tokens per training step")

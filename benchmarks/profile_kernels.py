@@ -151,7 +151,7 @@ def plot(rows: list[dict], path: str, top: int, title: str) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--seq-len", type=int, default=8192, help="training sequence length")
     parser.add_argument("--batch-tokens", type=int, default=32768, help="tokens of the training step")

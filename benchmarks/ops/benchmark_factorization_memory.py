@@ -339,6 +339,8 @@ def main():
         "(FM through chunk_gla, whose autotuning takes minutes)",
     )
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("the op benchmarks time the Triton kernels and need a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     print(f"GPU: {gpu} | torch {torch.__version__} | triton {triton.__version__}")

@@ -5,7 +5,9 @@ against the default, and splits the default forward and backward into their stag
     python benchmarks/ops/sweep_launch_configs.py
 """
 
+import argparse
 import itertools
+import sys
 
 import torch
 import triton
@@ -67,6 +69,9 @@ def stages(B, T, H, M, V, v, lg, e, m, h0):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("sweep_launch_configs.py times the Triton kernels and needs a CUDA GPU")
     print(torch.cuda.get_device_name())
     for M in (64, 256):
         B, T, H, V = 4, 4096, 8, 64

@@ -150,7 +150,7 @@ def plot(curves: list[dict], seq_len: int, path: str, title: str) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     parser.add_argument("--params", type=float, default=20e6, help="parameters of every model (MLP width adapts)")
     parser.add_argument("--hidden-size", type=int, default=512)

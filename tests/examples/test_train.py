@@ -37,3 +37,9 @@ def test_train_example_runs_end_to_end(tmp_path):
     out = result.stdout
     assert "held-out loss" in out and "max |logits difference| = 0.0e+00" in out and "sample:" in out
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_train_example_refuses_bad_options_before_training():
+    for args, message in [(["--sample-len", "0"], "--sample-len must be >= 1"), (["--prompt="], "--prompt must not")]:
+        result = subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
