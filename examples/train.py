@@ -62,7 +62,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--prompt must not be empty")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but this PyTorch sees no CUDA GPU")
-    on_cpu = [name.strip() for name in args.layers.split(",") if name.strip() in cuda_only]
+    args.layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    on_cpu = [name for name in args.layers if name in cuda_only]
     if torch.device(args.device).type != "cuda" and on_cpu:
         parser.error(f"--layers {on_cpu} run on CUDA only (FLA's Triton kernels); this run is on {args.device}")
     return args
@@ -101,12 +102,11 @@ def main():
     device = torch.device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     train_data, held_out_data = stdlib_bytes()
-    layer_types = [name.strip() for name in args.layers.split(",") if name.strip()]
-    model = AutoModelForCausalLM.from_config(build_config(args, layer_types)).to(device)
+    model = AutoModelForCausalLM.from_config(build_config(args, args.layers)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"data: {len(train_data) / 1e6:.1f} MB train, {len(held_out_data) / 1e6:.2f} MB held out (stdlib sources)\n"
-        f"model: {n_params / 1e6:.2f}M parameters, layers {layer_types}, device {device}"
+        f"model: {n_params / 1e6:.2f}M parameters, layers {args.layers}, device {device}"
     )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))

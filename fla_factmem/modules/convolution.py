@@ -294,10 +294,11 @@ class ShortConvolution(FLAShortConvolution):
             y, final_state = self._convolve(x, cache)
         else:
             offsets = host_offsets(cu_seqlens, x.shape[1])
-            lengths = [eos - bos for bos, eos in zip(offsets[:-1], offsets[1:])]
+            spans = list(zip(offsets[:-1], offsets[1:]))
+            lengths = [eos - bos for bos, eos in spans]
             pieces = [
                 self._convolve(x[:, bos:eos], None if cache is None else cache[i : i + 1])
-                for i, (bos, eos) in enumerate(zip(offsets[:-1], offsets[1:]))
+                for i, (bos, eos) in enumerate(spans)
             ]
             y = torch.cat([p[0] for p in pieces], dim=1)
             final_state = torch.cat([p[1] for p in pieces], dim=0)
