@@ -10,7 +10,7 @@ eager step's wall time."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from triton import knobs
@@ -56,6 +56,27 @@ def _launch_hooks_registered() -> bool:
     return any(getattr(hook, "calls", hook) for hook in hooks)
 
 
+class KeptKernel(NamedTuple):
+    """A kernel the JIT compiled, with its grid (3 dims) and the arguments after the positional
+    ones (constexprs, heuristics' values) in signature order."""
+
+    compiled: CompiledKernel
+    grid: tuple[int, int, int]
+    tail: tuple
+
+
+def launch_kept(kept: KeptKernel, args: tuple, device: int | None = None) -> None:
+    """Launches a kept kernel on the current stream of ``device`` (the current device if None)
+    with the positional ``args``; the caller sees to it that they have the specialisation it was
+    compiled for (``CompiledLauncher`` by its key)."""
+    compiled, grid, tail = kept
+    if _launch_hooks_registered():
+        compiled[grid](*args, *tail)
+        return
+    stream = driver.active.get_current_stream(driver.active.get_current_device() if device is None else device)
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+
 class CompiledLauncher:
     """Launches ``kernel[grid](*args, **constexprs)`` through the kernel that the JIT compiled for
     the same grid, device and argument specialisation.
@@ -75,12 +96,14 @@ class CompiledLauncher:
         self.kernel = kernel
         jit, self.heuristics = _unwrap(kernel)
         self.arg_names = jit.arg_names if jit is not None else None
-        self.launchers: dict[tuple, tuple[CompiledKernel, tuple, tuple]] = {}
+        self.launchers: dict[tuple, KeptKernel] = {}
 
-    def launch(self, grid: tuple[int, ...], *args, **constexprs) -> None:
+    def launch(self, grid: tuple[int, ...], *args, **constexprs) -> KeptKernel | None:
+        """Launches the kernel; returns the compiled kernel it kept for this specialisation (None
+        when Triton interprets the kernel), which ``launch_kept`` launches again."""
         if self.arg_names is None:
             self.kernel[grid](*args, **constexprs)
-            return
+            return None
         device = driver.active.get_current_device()
         key = (grid, device, tuple(map(_specialization, args)), tuple(constexprs.items()))
         kept = self.launchers.get(key)
@@ -88,14 +111,10 @@ class CompiledLauncher:
             compiled = self.kernel[grid](*args, **constexprs)
             if len(self.launchers) >= MAX_LAUNCHERS:
                 self.launchers.clear()
-            self.launchers[key] = (compiled, (*grid, 1, 1)[:3], self._tail(args, constexprs))
-            return
-        compiled, grid, tail = kept
-        if _launch_hooks_registered():
-            compiled[grid](*args, *tail)
-            return
-        stream = driver.active.get_current_stream(device)
-        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+            kept = self.launchers[key] = KeptKernel(compiled, (*grid, 1, 1)[:3], self._tail(args, constexprs))
+            return kept
+        launch_kept(kept, args, device)
+        return kept
 
     def _tail(self, args: tuple, constexprs: dict) -> tuple:
         """The values of the parameters after the positional ones, in signature order: the given

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd
+from fla_factmem.ops.factorization_memory.launch import DecodeLaunch
 from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.routing import (
     run_on_weights,
@@ -14,6 +14,36 @@ from fla_factmem.ops.factorization_memory.routing import (
 )
 from fla_factmem.ops.factorization_memory.validation import check_inplace_state, validate_inputs
 from fla_factmem.utils import needs_autograd, on_device_of, warn_once
+
+# The decode launches of the kinds of calls seen so far, by ``call_key``: an eager decode step is
+# mostly host time, and the checks and launch sizes of a kind of call need working out only once
+_DECODE_LAUNCHES: dict[tuple, DecodeLaunch] = {}
+MAX_DECODE_LAUNCHES = 256  # a bound, should a caller cycle through many shapes
+
+
+def _tensor_key(x: torch.Tensor | None) -> tuple | None:
+    """One input's part of ``call_key``."""
+    return None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, x.data_ptr() % 16 == 0)
+
+
+def call_key(
+    v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, inplace_final_state
+) -> tuple | None:
+    """What the checks of a call and its launch depend on: the grad mode, the flags, ``topk`` and
+    each tensor's shape, strides, dtype, device, ``requires_grad`` and 16-byte alignment (which
+    the kernel's compilation depends on). None where the checks have more to say than a key
+    holds: an input that is not a plain strided tensor, or a ``topk`` that is not an int."""
+    if topk is not None and topk.__class__ is not int:  # True == 1 in a key
+        return None
+    tensors = (v, logits, eta, mu, initial_state, cu_seqlens)
+    for x in tensors:
+        if x is not None and x.__class__ is not torch.Tensor:
+            return None
+    try:
+        tensor_keys = tuple(map(_tensor_key, tensors))
+    except RuntimeError:  # a sparse tensor has no strides
+        return None
+    return (torch.is_grad_enabled(), topk, output_final_state, inplace_final_state, *tensor_keys)
 
 
 def fused_recurrent_factorization_memory(
@@ -58,9 +88,12 @@ def fused_recurrent_factorization_memory(
         in float32 (float64 for float64 inputs; ``initial_state`` itself, float32, with
         ``inplace_final_state``) if ``output_final_state`` else None.
     """
+    key = call_key(v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, inplace_final_state)
+    decode = _DECODE_LAUNCHES.get(key)
+    if decode is not None:  # a kind of call that passed the checks below and took a kernel
+        with on_device_of(v):
+            return decode(v, logits, eta, mu, initial_state, cu_seqlens)
     validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.contiguous()  # the kernel indexes it as a flat array
     needs_grad = needs_autograd(v, logits, eta, mu, initial_state)
     if inplace_final_state:
         check_inplace_state(initial_state, needs_grad)
@@ -68,10 +101,16 @@ def fused_recurrent_factorization_memory(
         runs_dense_triton(v, logits, topk, eta, mu, initial_state)
         or runs_sparse_triton(v, logits, topk, eta, mu, initial_state)
     ):
+        decode = DecodeLaunch(
+            v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, topk, inplace_final_state
+        )
         with on_device_of(v):
-            return fused_recurrent_fwd(
-                v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, topk, inplace_final_state
-            )
+            out = decode(v, logits, eta, mu, initial_state, cu_seqlens)
+        if key is not None:  # kept once its first launch went through
+            if len(_DECODE_LAUNCHES) >= MAX_DECODE_LAUNCHES:
+                _DECODE_LAUNCHES.clear()
+            _DECODE_LAUNCHES[key] = decode
+        return out
     if v.is_cuda:
         others = (eta, mu, initial_state)
         reason = "its Triton kernel has no backward" if needs_grad else slow_path_reason(v, logits, topk, *others)

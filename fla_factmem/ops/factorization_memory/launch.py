@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
-from fla_factmem.ops.compiled_launch import CompiledLauncher
+from fla_factmem.ops.compiled_launch import CompiledLauncher, KeptKernel, launch_kept
 from fla_factmem.ops.factorization_memory.chunk_bwd_kernels import (
     chunk_bwd_dominant_kernel,
     chunk_bwd_dqk_kernel,
@@ -130,19 +130,29 @@ def stride_unit(stride: int) -> int:
     return min(16, stride & -stride) if stride else 16
 
 
-def token_strided(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``x`` ``[B, T, H, X]`` or ``[B, T, H]`` as kernels that take a stride per token read it:
-    itself where each token's heads (and each head's X) are packed and the tokens lie at one
-    stride (a slice of a fused projection's output, or eta and mu unbound from one
-    ``[B, T, 2, H]`` tensor), a contiguous copy otherwise; and that stride, in elements."""
+def token_stride(x: torch.Tensor) -> int | None:
+    """The stride, in elements, at which the tokens of ``x`` ``[B, T, H, X]`` or ``[B, T, H]``
+    lie where kernels that take a stride per token can read ``x`` in place: each token's heads
+    (and each head's X) packed and the tokens at one stride (a slice of a fused projection's
+    output, or eta and mu unbound from one ``[B, T, 2, H]`` tensor). None where they cannot."""
     B, T, H = x.shape[:3]
     X = x.shape[3] if x.dim() == 4 else 1
-    packed = (X == 1 or x.stride(-1) == 1) and (H == 1 or x.stride(2) == X)
-    if packed and T == 1:
-        return x, x.stride(0)
-    if packed and (B == 1 or x.stride(0) == T * x.stride(1)):
-        return x, x.stride(1)
-    return x.contiguous(), H * X
+    if not ((X == 1 or x.stride(-1) == 1) and (H == 1 or x.stride(2) == X)):
+        return None
+    if T == 1:
+        return x.stride(0)
+    if B == 1 or x.stride(0) == T * x.stride(1):
+        return x.stride(1)
+    return None
+
+
+def token_strided(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` as kernels that take a stride per token read it, and that stride in elements: ``x``
+    itself where ``token_stride`` finds one, a contiguous copy otherwise."""
+    stride = token_stride(x)
+    if stride is None:
+        return x.contiguous(), x.shape[2] * (x.shape[3] if x.dim() == 4 else 1)
+    return x, stride
 
 
 def chunk_states(
@@ -614,6 +624,118 @@ DENSE_DECODE = CompiledLauncher(fused_recurrent_fwd_kernel)
 SPARSE_DECODE = CompiledLauncher(fused_recurrent_sparse_fwd_kernel)
 
 
+class DecodeLaunch:
+    """The decode kernel's launch for one kind of call: built from a call's inputs, it serves
+    every call whose inputs have the same shapes, strides, dtypes, devices and 16-byte alignment
+    (what fixes the kernel's specialisation and the launch's sizes), taking only the tensors.
+    Dense (``topk`` None or M) or sparse (``topk`` < M: only the top-K rows of each token are
+    read and written, in place in the state). Logits, eta and mu whose tokens lie at one stride
+    (``token_stride``) are read in place, others copied. ``inplace_final_state`` writes the final
+    state into ``initial_state`` (float32, contiguous). ``block_v`` and ``num_warps`` override the
+    launch configuration (for tuning). Shapes as in the public op; no autograd."""
+
+    def __init__(
+        self,
+        v: torch.Tensor,
+        logits: torch.Tensor,
+        eta: torch.Tensor,
+        mu: torch.Tensor,
+        initial_state: torch.Tensor | None,
+        output_final_state: bool,
+        cu_seqlens: torch.Tensor | None,
+        topk: int | None = None,
+        inplace_final_state: bool = False,
+        block_v: int | None = None,
+        num_warps: int | None = None,
+    ):
+        B, T, H, V = v.shape
+        M = logits.shape[-1]
+        self.sparse = topk is not None and topk < M
+        if not self.sparse:
+            _check_dense_m(M)
+        N = num_sequences(B, cu_seqlens)
+        self.state_shape = (N, H, M, V)
+        self.output_final_state, self.inplace_final_state = output_final_state, inplace_final_state
+        # read where they lie when each token's heads are packed (the layer's views: the logits in
+        # its input projection's output, eta and mu in one [B, T, 2H] tensor): no copies, which
+        # took 2 of a decode step's 18 launches per layer
+        strides = [token_stride(x) for x in (logits, eta, mu)]
+        self.copied = tuple(stride is None for stride in strides)
+        stride_logits, stride_eta, stride_mu = (
+            x.shape[2] * (x.shape[3] if x.dim() == 4 else 1) if stride is None else stride
+            for x, stride in zip((logits, eta, mu), strides)
+        )
+        unit = stride_unit(stride_logits)
+        self.ints = (T, stride_logits // unit, stride_eta, stride_mu)
+        if self.sparse:
+            # best measured on an H200 (benchmarks/ops/NOTES.md): one top-K per (sequence, head)
+            # and block of 64 columns, in one warp: 7.2 us against 11.1 to 11.2 with 2 warps at
+            # (M, K) = (1024, 16), both at B = 64, H = 8, V = 64 and at the 340M model's B = 32,
+            # H = 4, V = 256; 9.8 against 13.3 at (4096, 16). Likely because the K searches,
+            # reductions over the logits, stay within one warp (shuffles, no shared memory).
+            # Float32 logits of more than 2048 rows take 2 warps or more, whose 64-bit ranking
+            # keys would spill otherwise.
+            BV = block_v or min(next_power_of_2(V), 64)
+            BM, KB = next_power_of_2(M), next_power_of_2(topk)
+            self.launcher, constexprs = SPARSE_DECODE, dict(
+                H=H, M=M, V=V, K=topk, BM=BM, KB=KB, G=top_k_group(BM, KB), BV=BV,
+                num_warps=num_warps or top_k_warps(logits.dtype, M),
+            )  # fmt: skip
+        else:
+            BV = block_v or min(next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
+            self.launcher, constexprs = (
+                DENSE_DECODE,
+                dict(H=H, M=M, V=V, BM=next_power_of_2(M), BV=BV, num_warps=num_warps or 4),
+            )
+        self.grid, self.constexprs = (cdiv(V, BV), N * H), dict(LOGITS_UNIT=unit, **constexprs)
+        self.kept: KeptKernel | None = None
+
+    def __call__(
+        self,
+        v: torch.Tensor,
+        logits: torch.Tensor,
+        eta: torch.Tensor,
+        mu: torch.Tensor,
+        initial_state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(o, final state or None)`` of a call of the kind this launch was built for."""
+        v = v.contiguous()
+        copy_logits, copy_eta, copy_mu = self.copied
+        logits = logits.contiguous() if copy_logits else logits
+        eta = eta.contiguous() if copy_eta else eta
+        mu = mu.contiguous() if copy_mu else mu
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.contiguous()  # the kernel indexes it as a flat array
+        o = torch.empty_like(v)
+        if self.sparse:
+            # the kernel updates the state where it lies: a fresh copy unless asked to work in place
+            ht = initial_state if self.inplace_final_state else memory_copy(initial_state, *self.state_shape, v.device)
+            self._launch(v, logits, eta, mu, ht, o, cu_seqlens, *self.ints)
+        else:
+            h0 = initial_state.contiguous() if initial_state is not None else None
+            if self.inplace_final_state:
+                ht = initial_state  # each program reads its block of the state whole before writing it
+            elif self.output_final_state:
+                ht = torch.empty(self.state_shape, dtype=torch.float32, device=v.device)
+            else:
+                ht = None
+            self._launch(v, logits, eta, mu, h0, o, ht, cu_seqlens, *self.ints)
+        if self.inplace_final_state:
+            # the kernels wrote behind autograd's back: a backward that saved this tensor (the sparse
+            # one recomputes from its initial state) now fails loudly instead of silently
+            torch.autograd.graph.increment_version(initial_state)
+        return o, ht if self.output_final_state else None
+
+    def _launch(self, *args) -> None:
+        # the arguments' specialisation is the first call's, as the kind of call fixes it: past
+        # the first launch, the compiled kernel runs without CompiledLauncher's key
+        if self.kept is None:
+            self.kept = self.launcher.launch(self.grid, *args, **self.constexprs)
+        else:
+            launch_kept(self.kept, args)
+
+
 def fused_recurrent_fwd(
     v: torch.Tensor,
     logits: torch.Tensor,
@@ -627,56 +749,9 @@ def fused_recurrent_fwd(
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-by-token forward for decoding; no autograd. Shapes as in the public op. Dense
-    (``topk`` None or M) or sparse (``topk`` < M: only the top-K rows of each token are read and
-    written, in place in the state). Logits, eta and mu may be views whose tokens lie at one
-    stride (``token_strided``): they are read in place. ``inplace_final_state`` writes the final
-    state into ``initial_state`` (float32, contiguous). ``block_v`` and ``num_warps`` override the
-    launch configuration (for tuning)."""
-    B, T, H, V = v.shape
-    M = logits.shape[-1]
-    sparse = topk is not None and topk < M
-    if not sparse:
-        _check_dense_m(M)
-    N = num_sequences(B, cu_seqlens)
-    v, h0 = v.contiguous(), initial_state.contiguous() if initial_state is not None else None
-    # read where they lie when each token's heads are packed (the layer's views: the logits in its
-    # input projection's output, eta and mu in one [B, T, 2H] tensor): no copies, which took 2 of a
-    # decode step's 18 launches per layer
-    (logits, stride_logits), (eta, stride_eta), (mu, stride_mu) = (token_strided(x) for x in (logits, eta, mu))
-    unit = stride_unit(stride_logits)
-    strides = (stride_logits // unit, stride_eta, stride_mu)
-    o = torch.empty_like(v)
-    if sparse:
-        # the kernel updates the state where it lies: a fresh copy unless asked to work in place
-        state = initial_state if inplace_final_state else memory_copy(h0, N, H, M, V, v.device)
-        # best measured on an H200 (benchmarks/ops/NOTES.md): one top-K per (sequence, head) and
-        # block of 64 columns, in one warp: 7.2 us against 11.1 to 11.2 with 2 warps at
-        # (M, K) = (1024, 16), both at B = 64, H = 8, V = 64 and at the 340M model's B = 32, H = 4,
-        # V = 256; 9.8 against 13.3 at (4096, 16). Likely because the K searches, reductions over
-        # the logits, stay within one warp (shuffles, no shared memory). Float32 logits of more
-        # than 2048 rows take 2 warps or more, whose 64-bit ranking keys would spill otherwise.
-        BV = block_v or min(next_power_of_2(V), 64)
-        BM, KB = next_power_of_2(M), next_power_of_2(topk)
-        SPARSE_DECODE.launch(
-            (cdiv(V, BV), N * H), v, logits, eta, mu, state, o, cu_seqlens, T, *strides, LOGITS_UNIT=unit,
-            H=H, M=M, V=V, K=topk, BM=BM, KB=KB, G=top_k_group(BM, KB), BV=BV,
-            num_warps=num_warps or top_k_warps(logits.dtype, M),
-        )  # fmt: skip
-        ht = state
-    else:
-        if inplace_final_state:
-            ht = initial_state  # each program reads its block of the state whole before writing it
-        else:
-            ht = torch.empty(N, H, M, V, dtype=torch.float32, device=v.device) if output_final_state else None
-        BM = next_power_of_2(M)
-        BV = block_v or min(next_power_of_2(V), 32)  # best measured on an H100 at M = 64 and 256
-        DENSE_DECODE.launch(
-            (cdiv(V, BV), N * H), v, logits, eta, mu, h0, o, ht, cu_seqlens, T, *strides, LOGITS_UNIT=unit,
-            H=H, M=M, V=V, BM=BM, BV=BV, num_warps=num_warps or 4,
-        )  # fmt: skip
-    if inplace_final_state:
-        # the kernels wrote behind autograd's back: a backward that saved this tensor (the sparse
-        # one recomputes from its initial state) now fails loudly instead of silently
-        torch.autograd.graph.increment_version(initial_state)
-    return o, ht if output_final_state else None
+    """Token-by-token forward for decoding, no autograd: one ``DecodeLaunch`` (see there) of
+    this call. Shapes as in the public op."""
+    decode = DecodeLaunch(
+        v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, topk, inplace_final_state, block_v, num_warps
+    )
+    return decode(v, logits, eta, mu, initial_state, cu_seqlens)

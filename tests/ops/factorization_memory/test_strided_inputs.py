@@ -127,6 +127,7 @@ def test_public_ops_take_strided_cu_seqlens(op, topk, monkeypatch):
     M = 8
     monkeypatch.setattr(module, "runs_dense_triton", lambda v, logits, k, *others: k is None)
     monkeypatch.setattr(module, "runs_sparse_triton", lambda v, logits, k, *others: k is not None and k < M)
+    monkeypatch.setattr(fused_recurrent_module, "_DECODE_LAUNCHES", {})  # kept under the patches only
     strided = torch.tensor([0, 99, 5, 99, 5, 99, 9])[::2]
     inputs = [x.detach() for x in make_inputs(1, 9, 2, M, 4, N=3)]
     fn = {"chunk": chunk_factorization_memory, "fused_recurrent": fused_recurrent_factorization_memory}[op]
