@@ -23,8 +23,8 @@ def run(script, tmp_path, *args):
 
 
 def test_training_throughput_smoke(tmp_path):
-    rows = run("benchmark_training_throughput.py", tmp_path, "--seq-lens", "32", "64", "--batch-tokens", "128")
-    assert len(rows) == 8 and (tmp_path / "training_throughput.png").exists()
+    rows = run("benchmark_training_throughput.py", tmp_path, "--seq-lens", "32", "--batch-tokens", "128")
+    assert len(rows) == 4 and (tmp_path / "training_throughput.png").exists()
     for row in rows:
         if row["model"] == "gla":
             assert row["status"].startswith("needs CUDA")

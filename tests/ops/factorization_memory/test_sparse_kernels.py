@@ -104,8 +104,9 @@ def triton_sparse_chunk(v, logits, eta, mu, topk, initial_state=None, output_fin
 
 @pytest.mark.parametrize(
     ("B", "T", "M", "V", "topk"),
-    # T = 1; M not a power of 2; V not a power of 2; K = M / 4; K = M - 1
-    [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (1, 40, 64, 20, 16), (1, 33, 128, 16, 32), (2, 8, 24, 16, 23)],
+    # T = 1; M not a power of 2; K = M - 1. V not a power of 2 and K = M / 4 (M = 64, 128) only in
+    # test_sparse_chunk_gradients, whose check starts with o and the final state: CI's time
+    [(2, 1, 16, 16, 1), (1, 37, 40, 16, 4), (2, 8, 24, 16, 23)],
 )
 @pytest.mark.parametrize("with_state", [False, True])
 def test_sparse_chunk_forward_matches_definition(B, T, M, V, topk, with_state):
@@ -266,16 +267,17 @@ def check_sparse_events(B, T, H, M, K, offsets, device):
 
 @pytest.mark.parametrize(
     "events_per_program, lengths",
-    [(3, [30, 1, 24]), (40, [70, 1, 59]), (launch.SPARSE_EVENTS_PER_PROGRAM, [70, 1, 59])],
+    [(3, [30, 1, 24]), (40, [70, 1, 59]), (launch.SPARSE_EVENTS_PER_PROGRAM, [30, 1, 24])],
 )
 def test_sparse_chunk_rows_across_tiles_and_programs(events_per_program, lengths, monkeypatch):
     """Routing concentrated on a few rows (each picked by nearly every token: runs of events far
     longer than a tile) and other rows picked now and then, in blocks shorter than a tile (the
     hot rows split at every tile, with empty blocks between their pieces), of 40 events (split
     rows) and of the default (whole rows): the memory carried from tile to tile and from piece
-    to piece, forward and backward, and the blocks' bounds. Blocks of 3 events take shorter
-    sequences: the interpreter's time grows with the number of programs, and hot rows of up to 29
-    events there still span 4 tiles and some 10 blocks, with empty blocks between."""
+    to piece, forward and backward, and the blocks' bounds. Blocks of 3 events and of the default
+    take shorter sequences (CI's time: the interpreter's time grows with the number of programs
+    and events): hot rows of up to 29 events there still span 4 tiles, and with blocks of 3 some 10
+    blocks, with empty blocks between."""
     monkeypatch.setattr(launch, "SPARSE_EVENTS_PER_PROGRAM", events_per_program)
     offsets = offsets_of(lengths).to(torch.int32)
     v, logits, eta, mu, h0 = make_inputs(1, sum(lengths), 2, 24, 16, N=3)
