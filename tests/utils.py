@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fla_factmem.ops.factorization_memory.naive import naive_factorization_memory
+
 
 def make_inputs(B, T, H, M, V, dtype=torch.float32, device="cpu", logit_scale=1.0, with_state=True, N=None):
     """Random (v, logits, eta, mu, h0) leaf tensors that require grad; h0 is float32 [N, H, M, V]."""
@@ -33,6 +35,31 @@ def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float) -> N
     assert torch.isfinite(x).all(), f"{name}: NaN or Inf in the result"
     err = rel_err(x, ref)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def unaligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` whose address is one element past a 16-byte boundary."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:]
+    return flat.view_as(x).copy_(x)
+
+
+def cuda_decode_calls(topk):
+    """One-token decode inputs on the GPU (B=8, H=4, V=64, bf16; M = 256 dense, 1024 with top-K)
+    as three kinds of call, each (v, logits, eta, mu, cu_seqlens): aligned; unaligned (compiled
+    without aligned loads); one token per sequence of a varlen batch. Returns the calls, a float32
+    state h0 [8, 4, M, 64], and the naive op's output and final state from h0."""
+    M = 256 if topk is None else 1024
+    inputs = [torch.randn(8, 1, 4, 64), torch.randn(8, 1, 4, M) * 2, torch.rand(8, 1, 4), torch.rand(8, 1, 4)]
+    v, logits, eta, mu = (x.cuda().bfloat16() for x in inputs)
+    h0 = torch.randn(8, 4, M, 64, device="cuda")
+    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, topk, h0, True)
+    packed = [x.transpose(0, 1) for x in (v, logits, eta, mu)]
+    calls = [
+        (v, logits, eta, mu, None),
+        (*(unaligned(x) for x in (v, logits, eta, mu)), None),
+        (*packed, torch.arange(9, device="cuda")),
+    ]
+    return calls, h0, o_ref, ht_ref
 
 
 def offsets_of(lengths, device="cpu") -> torch.Tensor:

@@ -14,14 +14,7 @@ from triton.runtime.jit import JITFunction
 
 from fla_factmem.ops.compiled_launch import CompiledLauncher, _specialization
 from fla_factmem.ops.factorization_memory import launch
-from fla_factmem.ops.factorization_memory.naive import naive_factorization_memory
-from tests.utils import assert_close
-
-
-def unaligned(x: torch.Tensor) -> torch.Tensor:
-    """A copy of ``x`` whose address is one element past a 16-byte boundary."""
-    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:]
-    return flat.view_as(x).copy_(x)
+from tests.utils import assert_close, cuda_decode_calls, unaligned
 
 
 def test_specialization_separates_what_the_jit_separates():
@@ -102,18 +95,7 @@ def test_cuda_kept_launchers_match_the_jit(topk):
     launcher: both give the same bits, and the reference's values."""
     launcher = launch.SPARSE_DECODE if topk else launch.DENSE_DECODE
     launcher.launchers.clear()
-    M = 256 if topk is None else 1024
-    inputs = [torch.randn(8, 1, 4, 64), torch.randn(8, 1, 4, M) * 2, torch.rand(8, 1, 4), torch.rand(8, 1, 4)]
-    v, logits, eta, mu = (x.cuda().bfloat16() for x in inputs)
-    h0 = torch.randn(8, 4, M, 64, device="cuda")
-    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, topk, h0, True)
-    packed = [x.transpose(0, 1) for x in (v, logits, eta, mu)]
-    offsets = torch.arange(9, device="cuda")  # one token per sequence: the same step, varlen
-    calls = [
-        (v, logits, eta, mu, None),
-        (*(unaligned(x) for x in (v, logits, eta, mu)), None),  # compiled without aligned loads
-        (*packed, offsets),
-    ]
+    calls, h0, o_ref, ht_ref = cuda_decode_calls(topk)
     for kept, (*args, cu_seqlens) in enumerate(calls, 1):
         o_jit, ht_jit = launch.fused_recurrent_fwd(*args, h0, True, cu_seqlens, topk)
         o, ht = launch.fused_recurrent_fwd(*args, h0, True, cu_seqlens, topk)

@@ -10,13 +10,7 @@ from fla_factmem.ops import fused_recurrent_factorization_memory, naive_factoriz
 from fla_factmem.ops.factorization_memory import fused_recurrent as fused_recurrent_module
 from fla_factmem.ops.factorization_memory import launch
 from fla_factmem.ops.factorization_memory.fused_recurrent import call_key
-from tests.utils import assert_close, make_inputs
-
-
-def unaligned(x: torch.Tensor) -> torch.Tensor:
-    """A copy of ``x`` whose address is one element past a 16-byte boundary."""
-    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:]
-    return flat.view_as(x).copy_(x)
+from tests.utils import assert_close, cuda_decode_calls, make_inputs, unaligned
 
 
 @pytest.fixture
@@ -99,17 +93,7 @@ def test_cuda_kept_decode_launches_match_fresh_ones(topk, monkeypatch):
     """The public op's second call of a kind runs its kept launch: the same bits as a fresh
     launch through the JIT's keys, for aligned, unaligned and varlen calls."""
     monkeypatch.setattr(fused_recurrent_module, "_DECODE_LAUNCHES", {})
-    M = 256 if topk is None else 1024
-    inputs = [torch.randn(8, 1, 4, 64), torch.randn(8, 1, 4, M) * 2, torch.rand(8, 1, 4), torch.rand(8, 1, 4)]
-    v, logits, eta, mu = (x.cuda().bfloat16() for x in inputs)
-    h0 = torch.randn(8, 4, M, 64, device="cuda")
-    o_ref, ht_ref = naive_factorization_memory(v, logits, eta, mu, topk, h0, True)
-    packed = [x.transpose(0, 1) for x in (v, logits, eta, mu)]
-    calls = [
-        (v, logits, eta, mu, None),
-        (*(unaligned(x) for x in (v, logits, eta, mu)), None),
-        (*packed, torch.arange(9, device="cuda")),
-    ]
+    calls, h0, o_ref, ht_ref = cuda_decode_calls(topk)
     with torch.no_grad():
         for n, (*args, cu_seqlens) in enumerate(calls, 1):
             o_fresh, ht_fresh = launch.fused_recurrent_fwd(*args, h0, True, cu_seqlens, topk)
