@@ -683,7 +683,7 @@ class DecodeLaunch:
             )  # fmt: skip
         else:
             # best measured on an H100 at M = 64 and 256; on an H200 at M = 256, blocks of 16 or 32
-            # with 2 or 4 warps within 0.1 us of each other, 64 slower (benchmarks/ops/NOTES.md)
+            # with 2 or 4 warps within 0.15 us of each other, 64 slower (benchmarks/ops/NOTES.md)
             BV = block_v or min(next_power_of_2(V), 32)
             self.launcher, constexprs = (
                 DENSE_DECODE,
