@@ -54,12 +54,13 @@ def dot_block(n: int, limit: int) -> int:
 
 
 def dqk_block_v(V: int) -> int:
-    """Columns of V per step of the dq/dk kernel's loop (``dot_block``: 16 to 64): at most 64, so
-    that its [BV, BM] tiles of the chunk states stay in registers. Measured on an H200 at the 340M speed models' shape
-    (B=4, T=8192, H=4, V=256, M=1024, K=16, bf16): 13.8 ms per call with whole rows of V (in the
-    model's profile), 6.5 ms with blocks of 64 (the op alone). The dv kernel keeps whole rows:
-    blocks of V there recompute its gates per block (2.5 ms against 1.1 ms)."""
-    return dot_block(V, 64)
+    """Columns of V per step of the dq/dk kernel's loop: 16 (``dot_block``'s least), so that its
+    [BV, BM] tiles of the chunk states stay small in registers. Measured on an H200 (bf16,
+    B=4, T=4096, H=8, V=64, M=256, blocks of 32 rows in 2 warps): the backward took 2.62 ms
+    with blocks of 16 or 32 columns; at blocks of 16 rows in 2 warps, 2.86 ms with 16 columns
+    against 3.08 with 32 (benchmarks/ops/NOTES.md, session 32). The dv kernel keeps whole rows:
+    blocks of V there recompute its gates per block (2.5 ms against 1.1 ms at V = 256)."""
+    return dot_block(V, 16)
 
 
 class ChunkLayout(NamedTuple):
@@ -227,8 +228,8 @@ def chunk_fwd(
     layout = chunk_layout(B, T, cu_seqlens)
     states, ht = chunk_states(v, logits, lse, eta, mu, h0, output_final_state, layout, cu_seqlens, N, reverse=False)
 
-    # best measured on an H100 (benchmarks/ops/sweep_launch_configs.py): blocks of 16 rows, 4 warps
-    BM = dot_block(M, block_m or 16)
+    # best measured on an H200 (benchmarks/ops/NOTES.md, session 32): blocks of 32 rows in 2 warps
+    BM = dot_block(M, block_m or 32)
     BV = min(next_power_of_2(V), 64)
     o = torch.empty_like(v)
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
@@ -236,7 +237,7 @@ def chunk_fwd(
     chunk_fwd_o_kernel[(layout.NT_total, H, cdiv(V, BV))](
         v, logits, lse, eta, mu, states, o, scores, layout.chunk_indices, cu_seqlens,
         T, layout.NT, H=H, M=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV,
-        DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_scores, num_warps=num_warps or 4,
+        DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_scores, num_warps=num_warps or 2,
     )  # fmt: skip
     return o, ht, SavedForBackward(lse, dominant, states, scores, layout)
 
@@ -598,9 +599,10 @@ def chunk_bwd(
         cu_seqlens, T, layout.NT, **common, num_warps=4,
     )  # fmt: skip
 
-    # best measured on an H100 (benchmarks/ops/NOTES.md): blocks of 64 rows with 8 warps for the
-    # dq/dk kernel (4 warps for 32 rows; 8 warps there are 1.5x slower), 4 warps for dv
-    BM = dot_block(M, block_m or 64)
+    # best measured on an H200 (benchmarks/ops/NOTES.md, session 32): blocks of 32 rows in 2 warps
+    # for the dq/dk kernel (at 255 registers, four such programs share an SM; 64 rows in 8 warps,
+    # one program an SM, took 1.2x the backward's time at V = 64, 2x at V = 256), 4 warps for dv
+    BM = dot_block(M, block_m or 32)
     NM = cdiv(M, BM)
     # the softmax needs whole rows: with several blocks of rows, dalpha and the per-block sums
     # over rows wait in a scratch for the dv kernel
@@ -609,7 +611,7 @@ def chunk_bwd(
     chunk_bwd_dqk_kernel[(*chunks, NM)](
         v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, dlogits, deta, dmu,
         dalpha, partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common | dict(BV=dqk_block_v(V)), LEVELS=LEVELS, BM=BM, num_warps=num_warps or max(4, BM // 8),
+        **common | dict(BV=dqk_block_v(V)), LEVELS=LEVELS, BM=BM, num_warps=num_warps or 2,
     )  # fmt: skip
     chunk_bwd_dv_kernel[chunks](
         logits, lse, eta, mu, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha,

@@ -130,8 +130,8 @@ def test_kernel_edge_numerics(kernel, case):
 @pytest.mark.parametrize(
     ("B", "T", "H", "M", "V"),
     # T = 1; a partial chunk; M and V not powers of two; several chunks, several blocks of M rows;
-    # V over one block of the backward's columns (the last one partly masked); M and V below the
-    # 16 of Triton's smallest dot, in blocks of 16 (launch.dot_block)
+    # V over several of the dq/dk kernel's blocks of 16 columns (at V = 20 the last one partly
+    # masked); M and V below the 16 of Triton's smallest dot, in blocks of 16 (launch.dot_block)
     [
         (2, 1, 2, 16, 16),
         (1, 37, 2, 16, 16),
