@@ -53,14 +53,13 @@ def dot_block(n: int, limit: int) -> int:
     return max(16, min(next_power_of_2(n), limit))
 
 
-def dqk_block_v(V: int) -> int:
-    """Columns of V per step of the dq/dk kernel's loop: 16 (``dot_block``'s least), so that its
-    [BV, BM] tiles of the chunk states stay small in registers. Measured on an H200 (bf16,
-    B=4, T=4096, H=8, V=64, M=256, blocks of 32 rows in 2 warps): the backward took 2.62 ms
-    with blocks of 16 or 32 columns; at blocks of 16 rows in 2 warps, 2.86 ms with 16 columns
-    against 3.08 with 32 (benchmarks/ops/NOTES.md, session 32). The dv kernel keeps whole rows:
-    blocks of V there recompute its gates per block (2.5 ms against 1.1 ms at V = 256)."""
-    return dot_block(V, 16)
+# Columns of V per step of the dq/dk kernel's loop: 16, ``dot_block``'s least, so that its [BV, BM]
+# tiles of the chunk states stay small in registers. Measured on an H200 (bf16, B=4, T=4096, H=8,
+# V=64, M=256): the backward took 2.62 ms with 16 or 32 columns at blocks of 32 rows in 2 warps,
+# and at blocks of 16 rows in 2 warps 2.86 ms with 16 against 3.08 with 32 (benchmarks/ops/NOTES.md,
+# session 32). The dv kernel keeps whole rows: blocks of V there recompute its gates per block
+# (2.5 ms against 1.1 ms at V = 256).
+DQK_BLOCK_V = 16
 
 
 class ChunkLayout(NamedTuple):
@@ -611,7 +610,7 @@ def chunk_bwd(
     chunk_bwd_dqk_kernel[(*chunks, NM)](
         v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, dlogits, deta, dmu,
         dalpha, partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common | dict(BV=dqk_block_v(V)), LEVELS=LEVELS, BM=BM, num_warps=num_warps or 2,
+        **common | dict(BV=DQK_BLOCK_V), LEVELS=LEVELS, BM=BM, num_warps=num_warps or 2,
     )  # fmt: skip
     chunk_bwd_dv_kernel[chunks](
         logits, lse, eta, mu, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha,
