@@ -37,6 +37,7 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     chunk_gates,
     chunk_tokens,
     level_pairs,
+    level_product,
     pair_decay_factors,
     product,
     routing_gates,
@@ -219,8 +220,8 @@ def chunk_bwd_dqk_kernel(
         qx, kx = pair_decay_factors(d, d_next, 1 << l, BT, BM)
         pairs = level_pairs(o_t[:, None], o_t[None, :], 1 << l)  # [t, s]
         pairs_t = level_pairs(o_t[None, :], o_t[:, None], 1 << l)  # [s, t]
-        dq += qx * tl.dot(tl.where(pairs, do_v, 0.0), theta * kx, input_precision=DOT_PRECISION)
-        dk += kx * tl.dot(tl.where(pairs_t, v_do, 0.0), phi * qx, input_precision=DOT_PRECISION)
+        dq += qx * level_product(tl.where(pairs, do_v, 0.0), theta * kx, DOT_PRECISION)
+        dk += kx * level_product(tl.where(pairs_t, v_do, 0.0), phi * qx, DOT_PRECISION)
 
     # dg_t = (1 - theta_t) <D_t, h_{t-1}>: the suffix sum of phi dq - theta dk plus <dh, h_end>
     dg = tl.cumsum(phi * dq - theta * dk, 0, reverse=True) + dh_h_end[None, :]

@@ -147,6 +147,17 @@ def level_pairs(t, s, L: tl.constexpr):
 
 
 @triton.jit
+def level_product(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b for one level's pairs. With half inputs (DOT_PRECISION "tf32") the operands go to the
+    tensor cores as bf16, as FLA's kernels feed theirs: they are gates times decays in [0, 1] or
+    <do, v> sums, bf16 keeps float32's range (for fp16 inputs too), and its rounding sits at the
+    inputs' own precision. 11% of the dense forward+backward at M=256 (benchmarks/ops/NOTES.md)."""
+    if DOT_PRECISION != "ieee":
+        a, b = a.to(tl.bfloat16), b.to(tl.bfloat16)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def intra_chunk_scores(
     scores, theta, phi, d, d_next, BT: tl.constexpr, BM: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr
 ):
@@ -155,7 +166,7 @@ def intra_chunk_scores(
     o_t = tl.arange(0, BT)
     for l in tl.static_range(LEVELS):
         qx, kx = pair_decay_factors(d, d_next, 1 << l, BT, BM)
-        level = tl.dot(phi * qx, tl.trans(theta * kx), input_precision=DOT_PRECISION)
+        level = level_product(phi * qx, tl.trans(theta * kx), DOT_PRECISION)
         scores += tl.where(level_pairs(o_t[:, None], o_t[None, :], 1 << l), level, 0.0)
     return scores
 

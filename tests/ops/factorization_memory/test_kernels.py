@@ -209,6 +209,15 @@ def assert_matches_float64(fn, inputs, fwd_tol, bwd_tol, cu_seqlens=None, topk=N
 GRAD_TOLERANCES = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 1e-2), (torch.float16, 1e-2, 1e-2)]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk_kernels_half_inputs(dtype):
+    """Half inputs through the kernels: their loads and the outputs and gradients stored in the
+    inputs' dtype; two chunks, the second partial. The interpreter keeps every dot in float32
+    (launch.dot_precision); the bf16 products of the GPU path are tested by the cuda tests."""
+    inputs = make_inputs(1, 45, 2, 24, 20, dtype=dtype, logit_scale=2.0)
+    assert_matches_float64(triton_chunk, inputs, 1e-2, 1e-2)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(("B", "T", "H", "M", "V"), CUDA_SHAPES)
 @pytest.mark.parametrize(("dtype", "fwd_tol", "bwd_tol"), GRAD_TOLERANCES)
