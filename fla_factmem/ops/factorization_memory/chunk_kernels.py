@@ -149,9 +149,11 @@ def level_pairs(t, s, L: tl.constexpr):
 @triton.jit
 def level_product(a, b, DOT_PRECISION: tl.constexpr):
     """a @ b for one level's pairs. With half inputs (DOT_PRECISION "tf32") the operands go to the
-    tensor cores as bf16, as FLA's kernels feed theirs: they are gates times decays in [0, 1] or
-    <do, v> sums, bf16 keeps float32's range (for fp16 inputs too), and its rounding sits at the
-    inputs' own precision. 11% of the dense forward+backward at M=256 (benchmarks/ops/NOTES.md)."""
+    tensor cores as bf16: they are gates times decays in [0, 1] or <do, v> sums, and bf16 keeps
+    float32's range, which fp16 would not. For bf16 inputs its rounding sits at the inputs' own
+    precision, as in FLA's kernels; fp16 inputs get the same bf16 products, coarser than their
+    own precision (within the tests' 1e-2). About 8% of the dense forward+backward at M=256 in
+    bf16 (benchmarks/ops/NOTES.md, session 33)."""
     if DOT_PRECISION != "ieee":
         a, b = a.to(tl.bfloat16), b.to(tl.bfloat16)
     return tl.dot(a, b, input_precision=DOT_PRECISION)

@@ -82,12 +82,16 @@ def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkLayout
     return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, CHUNK))
 
 
+# read once, as triton.jit reads it when the kernels above are defined
+INTERPRETED = knobs.runtime.interpret
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots; bf16/fp16 inputs get tf32, well inside their own precision
-    (and bf16 operands in the intra-chunk levels' products: ``chunk_kernels.level_product``).
-    Interpreted kernels (``TRITON_INTERPRET=1``) get exact fp32 dots for every dtype: the
-    interpreter multiplies the bit patterns of bf16 operands (triton-lang/triton#11584)."""
-    return "ieee" if dtype == torch.float32 or knobs.runtime.interpret else "tf32"
+    """fp32 inputs get exact fp32 dots; bf16/fp16 inputs get tf32 (and bf16 operands in the
+    intra-chunk levels' products: ``chunk_kernels.level_product``). Interpreted kernels get exact
+    fp32 dots for every dtype: the interpreter multiplies the bit patterns of bf16 operands
+    (triton-lang/triton#11584)."""
+    return "ieee" if dtype == torch.float32 or INTERPRETED else "tf32"
 
 
 def logsumexp(logits: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,8 +189,8 @@ def chunk_states(
     decays = torch.empty(layout.NT_total, H, M, dtype=torch.float32, device=x.device)
     BM, BV = min(next_power_of_2(M), 64), min(next_power_of_2(V), 64)
     grid = (cdiv(M, BM) * cdiv(V, BV), layout.NT_total, H)
-    # 2 warps, measured on an H200 (benchmarks/ops/NOTES.md, session 33): increments and scan took
-    # 0.83-0.95x their time with 4 warps, in both directions, at M=64 and 256
+    # 2 warps, measured on an H200 (benchmarks/ops/NOTES.md, session 33): with the scan after them,
+    # 0.82-0.95x the time of 4 warps, both directions, at M=64 and 256 and one sequence of 4 heads
     chunk_state_increment_kernel[grid](
         x, logits, lse, eta, mu, states, decays, layout.chunk_indices, cu_seqlens,
         T, layout.NT, H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse,

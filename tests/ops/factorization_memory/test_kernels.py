@@ -1,5 +1,6 @@
 """The dense Triton kernels against the definition: on the CPU through TRITON_INTERPRET=1 at
-small shapes, on the GPU (``cuda`` marker) at real shapes and in bf16."""
+small shapes (half inputs too, with float32 dots there), on the GPU (``cuda`` marker) at real
+shapes and in bf16 and fp16."""
 
 import pytest
 import torch
