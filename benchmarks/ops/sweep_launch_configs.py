@@ -81,7 +81,6 @@ def main():
         sweep(f"chunk_fwd M={M}", lambda **k: chunk_fwd(v, lg, e, m, h0, True, None, **k)[:2], grid)
         _, _, saved = chunk_fwd(v, lg, e, m, h0, True, None)
         do = torch.randn_like(v)
-        grid = [dict(block_m=bm, num_warps=w) for bm, w in itertools.product((16, 32, 64), (1, 2, 4, 8))]
         sweep(f"chunk_bwd M={M}", lambda **k: chunk_bwd(v, lg, e, m, saved, do, None, None, True, **k), grid)
         v, lg, e, m, h0 = inputs(64, 1, 8, M, 64)
         grid = [dict(block_v=bv, num_warps=w) for bv, w in itertools.product((8, 16, 32, 64), (1, 2, 4, 8, 16))]

@@ -49,6 +49,11 @@ def _unwrap(kernel) -> tuple[JITFunction | None, list[tuple[str, Callable]]]:
     return kernel, heuristics
 
 
+def is_interpreted(kernel) -> bool:
+    """Whether Triton interprets ``kernel`` (``TRITON_INTERPRET=1`` when it was defined)."""
+    return _unwrap(kernel)[0] is None
+
+
 def _launch_hooks_registered() -> bool:
     """Whether a profiler registered launch hooks (Triton 3.6 keeps them in chains, older ones as
     None or a function): those want each launch's metadata, which only the full path builds."""

@@ -6,9 +6,8 @@ from typing import NamedTuple
 
 import torch
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
-from triton import knobs
 
-from fla_factmem.ops.compiled_launch import CompiledLauncher, KeptKernel, launch_kept
+from fla_factmem.ops.compiled_launch import CompiledLauncher, KeptKernel, is_interpreted, launch_kept
 from fla_factmem.ops.factorization_memory.chunk_bwd_kernels import (
     chunk_bwd_dominant_kernel,
     chunk_bwd_dqk_kernel,
@@ -82,8 +81,8 @@ def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkLayout
     return ChunkLayout(0, chunk_indices.shape[0], chunk_indices, prepare_chunk_offsets(cu_seqlens, CHUNK))
 
 
-# read once, as triton.jit reads it when the kernels above are defined
-INTERPRETED = knobs.runtime.interpret
+# whether Triton interprets the kernels (all defined under the same TRITON_INTERPRET)
+INTERPRETED = is_interpreted(chunk_fwd_o_kernel)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
