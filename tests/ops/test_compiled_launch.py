@@ -1,5 +1,5 @@
-"""The launcher that skips Triton's JIT dispatch (decode steps, the sparse op): its
-specialisation key and the sparse op's launch arguments on the CPU, and on the GPU (``cuda``
+"""The launcher that skips Triton's JIT dispatch (decode steps, the chunked ops): its
+specialisation key and the chunked ops' launch arguments on the CPU, and on the GPU (``cuda``
 marker) that kept launchers give the JIT's results, also for arguments that the JIT compiles
 differently (unaligned tensors, varlen)."""
 
@@ -57,10 +57,24 @@ def jit_twin(kernel):
     return twin
 
 
-def test_sparse_op_launches_resolve_every_parameter(monkeypatch):
-    """Every launch of the sparse op, forward and backward, gives its kernel's non-constexpr
+def op_launches(op: str) -> list[CompiledLauncher]:
+    """The launchers of one forward+backward of the "dense" or "sparse" op, in order."""
+    if op == "dense":
+        return [launch.LOGSUMEXP, launch.STATE_INCREMENT, launch.STATE_SCAN, launch.FWD_O, launch.STATE_INCREMENT,
+                launch.STATE_SCAN, launch.BWD_DOMINANT, launch.BWD_DQK, launch.BWD_DV]  # fmt: skip
+    # each scan twice: its split rows' pieces (SUMMARY), then the scan
+    return [launch.SPARSE_ROUTING, launch.SPARSE_KEYS, launch.SPARSE_EVENTS, launch.SPARSE_FWD, launch.SPARSE_FWD,
+            launch.SUM_OVER_PICKS, launch.SPARSE_BWD, launch.SPARSE_BWD, launch.SUM_OVER_PICKS,
+            launch.SPARSE_ROUTING_BWD]  # fmt: skip
+
+
+@pytest.mark.parametrize("op", ["dense", "sparse"])
+@pytest.mark.parametrize("M", [32, 80])
+def test_op_launches_resolve_every_parameter(monkeypatch, op, M):
+    """Every launch of the chunked op, forward and backward, gives its kernel's non-constexpr
     parameters positionally and the rest by name or through the heuristics, as the kept
-    launchers on a GPU need."""
+    launchers on a GPU need (M = 80: the dense backward's rows in several blocks)."""
+    from tests.ops.factorization_memory.test_kernels import triton_chunk
     from tests.ops.factorization_memory.test_sparse_kernels import triton_sparse_chunk
     from tests.utils import make_inputs
 
@@ -72,14 +86,13 @@ def test_sparse_op_launches_resolve_every_parameter(monkeypatch):
         original(self, grid, *args, **constexprs)
 
     monkeypatch.setattr(CompiledLauncher, "launch", recording)
-    v, logits, eta, mu, h0 = make_inputs(1, 20, 2, 32, 16)
-    o, ht = triton_sparse_chunk(v, logits, eta, mu, 4, h0, True)
+    v, logits, eta, mu, h0 = make_inputs(1, 20, 2, M, 16)
+    if op == "dense":
+        o, ht = triton_chunk(v, logits, eta, mu, None, h0, True)
+    else:
+        o, ht = triton_sparse_chunk(v, logits, eta, mu, 4, h0, True)
     (o.sum() + ht.sum()).backward()
-    # each scan twice: its split rows' pieces (SUMMARY), then the scan
-    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_KEYS, launch.SPARSE_EVENTS, launch.SPARSE_FWD, launch.SPARSE_FWD,
-                 launch.SUM_OVER_PICKS, launch.SPARSE_BWD, launch.SPARSE_BWD, launch.SUM_OVER_PICKS,
-                 launch.SPARSE_ROUTING_BWD]  # fmt: skip
-    assert [kernel for kernel, _, _ in calls] == [launcher.kernel for launcher in launchers]
+    assert [kernel for kernel, _, _ in calls] == [launcher.kernel for launcher in op_launches(op)]
     for kernel, args, constexprs in calls:
         twin = CompiledLauncher(jit_twin(kernel))
         jit = twin.kernel if isinstance(twin.kernel, JITFunction) else twin.kernel.fn

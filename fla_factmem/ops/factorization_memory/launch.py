@@ -39,6 +39,18 @@ from fla_factmem.utils import cdiv, next_power_of_2, warn_once
 CHUNK = 32
 LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py)
 
+# The dense op's launches go past Triton's JIT dispatch, as the sparse op's do (CompiledLauncher):
+# through the JIT its 9 launches per forward+backward took 0.87 ms of host time at M=64, near its
+# kernels' 1.03 ms; 0.28 ms so (B=4, T=4096, H=8, V=64, bf16, H200, benchmarks/ops/NOTES.md,
+# session 34)
+LOGSUMEXP = CompiledLauncher(logsumexp_kernel)
+STATE_INCREMENT = CompiledLauncher(chunk_state_increment_kernel)
+STATE_SCAN = CompiledLauncher(chunk_state_scan_kernel)
+FWD_O = CompiledLauncher(chunk_fwd_o_kernel)
+BWD_DOMINANT = CompiledLauncher(chunk_bwd_dominant_kernel)
+BWD_DQK = CompiledLauncher(chunk_bwd_dqk_kernel)
+BWD_DV = CompiledLauncher(chunk_bwd_dv_kernel)
+
 
 def num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
     """N: the batch's rows, or the sequences packed along T."""
@@ -102,7 +114,7 @@ def logsumexp(logits: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, to
     dominant = torch.empty(logits.shape[:-1], dtype=torch.int32, device=logits.device)
     n_rows = dominant.numel()
     BR = 16
-    logsumexp_kernel[(cdiv(n_rows, BR),)](logits, eta, lse, dominant, n_rows, M=M, BR=BR, BM=next_power_of_2(M))
+    LOGSUMEXP.launch((cdiv(n_rows, BR),), logits, eta, lse, dominant, n_rows, M=M, BR=BR, BM=next_power_of_2(M))
     return lse, dominant
 
 
@@ -190,7 +202,8 @@ def chunk_states(
     grid = (cdiv(M, BM) * cdiv(V, BV), layout.NT_total, H)
     # 2 warps, measured on an H200 (benchmarks/ops/NOTES.md, session 33): with the scan after them,
     # 0.82-0.95x the time of 4 warps, both directions, at M=64 and 256 and one sequence of 4 heads
-    chunk_state_increment_kernel[grid](
+    STATE_INCREMENT.launch(
+        grid,
         x, logits, lse, eta, mu, states, decays, layout.chunk_indices, cu_seqlens,
         T, layout.NT, H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=2,
@@ -198,7 +211,8 @@ def chunk_states(
     end = torch.empty(N, H, M, V, dtype=torch.float32, device=x.device) if store_end else None
     BM, BV = min(next_power_of_2(M), 16), min(next_power_of_2(V), 32)
     grid = (cdiv(M, BM) * cdiv(V, BV), N, H)
-    chunk_state_scan_kernel[grid](
+    STATE_SCAN.launch(
+        grid,
         states, decays, start, end, layout.chunk_offsets, cu_seqlens, layout.NT,
         H=H, M=M, V=V, BM=BM, BV=BV, REVERSE=reverse, num_warps=2,
     )  # fmt: skip
@@ -242,7 +256,8 @@ def chunk_fwd(
     o = torch.empty_like(v)
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
     scores = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device) if store_scores else None
-    chunk_fwd_o_kernel[(layout.NT_total, H, cdiv(V, BV))](
+    FWD_O.launch(
+        (layout.NT_total, H, cdiv(V, BV)),
         v, logits, lse, eta, mu, states, o, scores, layout.chunk_indices, cu_seqlens,
         T, layout.NT, H=H, M=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV,
         DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_scores, num_warps=num_warps or 2,
@@ -602,7 +617,8 @@ def chunk_bwd(
     chunks = (layout.NT_total, H)
     common = dict(H=H, M=M, V=V, BT=CHUNK, BV=BV, DOT_PRECISION=dot_precision(v.dtype))
     x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
-    chunk_bwd_dominant_kernel[chunks](
+    BWD_DOMINANT.launch(
+        chunks,
         v, logits, lse, eta, mu, dominant, do, states, grad_states, x_dom, layout.chunk_indices,
         cu_seqlens, T, layout.NT, **common, num_warps=4,
     )  # fmt: skip
@@ -616,12 +632,14 @@ def chunk_bwd(
     # over rows wait in a scratch for the dv kernel
     dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if NM > 1 else None
     partial_sums = torch.empty(3, NM, eta.numel(), dtype=torch.float32, device=v.device) if NM > 1 else None
-    chunk_bwd_dqk_kernel[(*chunks, NM)](
+    BWD_DQK.launch(
+        (*chunks, NM),
         v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, dlogits, deta, dmu,
         dalpha, partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
         **common | dict(BV=DQK_BLOCK_V), LEVELS=LEVELS, BM=BM, num_warps=num_warps or 2,
     )  # fmt: skip
-    chunk_bwd_dv_kernel[chunks](
+    BWD_DV.launch(
+        chunks,
         logits, lse, eta, mu, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha,
         partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
         **common, BM=BM, num_warps=4,
