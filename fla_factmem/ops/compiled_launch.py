@@ -65,8 +65,8 @@ def _launch_hooks_registered() -> bool:
 
 
 class KeptKernel(NamedTuple):
-    """A kernel the JIT compiled, with its grid (3 dims) and the arguments after the positional
-    ones (constexprs, heuristics' values) in signature order."""
+    """A kernel the JIT compiled, with the grid (3 dims) of the launch that returned it and the
+    arguments after the positional ones (constexprs, heuristics' values) in signature order."""
 
     compiled: CompiledKernel
     grid: tuple[int, int, int]
@@ -87,7 +87,7 @@ def launch_kept(kept: KeptKernel, args: tuple, device: int | None = None) -> Non
 
 class CompiledLauncher:
     """Launches ``kernel[grid](*args, **constexprs)`` through the kernel that the JIT compiled for
-    the same grid, device and argument specialisation.
+    the same device and argument specialisation, on any grid.
 
     The first call of each specialisation goes through the JIT (which compiles or finds the
     kernel and launches it); later ones call the compiled kernel's launcher on the current
@@ -113,14 +113,19 @@ class CompiledLauncher:
             self.kernel[grid](*args, **constexprs)
             return None
         device = driver.active.get_current_device()
-        key = (grid, device, tuple(map(_specialization, args)), tuple(constexprs.items()))
+        # no grid in the key: Triton compiles the same kernel for every grid, and the dense op's
+        # grid changes with every batch of packed sequences of other lengths
+        key = (device, tuple(map(_specialization, args)), tuple(constexprs.items()))
         kept = self.launchers.get(key)
+        grid = (*grid, 1, 1)[:3]
         if kept is None:
             compiled = self.kernel[grid](*args, **constexprs)
             if len(self.launchers) >= MAX_LAUNCHERS:
                 self.launchers.clear()
-            kept = self.launchers[key] = KeptKernel(compiled, (*grid, 1, 1)[:3], self._tail(args, constexprs))
+            kept = self.launchers[key] = KeptKernel(compiled, grid, self._tail(args, constexprs))
             return kept
+        if kept.grid != grid:
+            kept = kept._replace(grid=grid)
         launch_kept(kept, args, device)
         return kept
 

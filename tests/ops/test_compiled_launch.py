@@ -146,20 +146,34 @@ def test_cuda_kept_launchers_call_launch_hooks():
 
 
 @pytest.mark.cuda
-def test_cuda_sparse_op_kept_launchers_match_the_jit():
-    """The sparse op's second call, through the kept launchers, gives the first's bits, forward
-    and backward."""
+@pytest.mark.parametrize("op", ["dense", "sparse"])
+def test_cuda_op_kept_launchers_match_the_jit(op):
+    """The chunked op's second call, through the kept launchers, gives the first's bits, forward
+    and backward; so does a call on twice the sequences (another grid) against the JIT's."""
     from fla_factmem.ops import chunk_factorization_memory
     from tests.utils import make_inputs, run_with_grads
 
-    launchers = [launch.SPARSE_ROUTING, launch.SPARSE_KEYS, launch.SPARSE_EVENTS, launch.SPARSE_FWD,
-                 launch.SUM_OVER_PICKS, launch.SPARSE_BWD, launch.SPARSE_ROUTING_BWD]  # fmt: skip
+    launchers = set(op_launches(op))
+    M, topk = (256, None) if op == "dense" else (1024, 16)
+
+    def run(B, dout=None, dht=None):
+        torch.manual_seed(B)
+        inputs = make_inputs(B, 300, 4, M, 64, dtype=torch.bfloat16, device="cuda", logit_scale=2.0)
+        return run_with_grads(chunk_factorization_memory, inputs, topk, dout, dht)
+
+    def assert_same_bits(a, b):
+        for x, y in zip((a[0], a[1], *a[2]), (b[0], b[1], *b[2])):
+            assert torch.equal(x, y)
+
     for launcher in launchers:
         launcher.launchers.clear()
-    inputs = make_inputs(2, 300, 4, 1024, 64, dtype=torch.bfloat16, device="cuda", logit_scale=2.0)
-    o_jit, ht_jit, grads_jit, dout, dht = run_with_grads(chunk_factorization_memory, inputs, 16)
-    o, ht, grads, _, _ = run_with_grads(chunk_factorization_memory, inputs, 16, dout, dht)
+    first = run(2)
     assert all(launcher.launchers for launcher in launchers)
-    assert torch.equal(o, o_jit) and torch.equal(ht, ht_jit)
-    for g, g_jit in zip(grads, grads_jit):
-        assert torch.equal(g, g_jit)
+    assert_same_bits(run(2, *first[3:]), first)
+    kept = sum(len(launcher.launchers) for launcher in launchers)
+    wider = run(4)
+    if op == "dense":  # another grid, the same specialisation: its only int that changes, B T H, is 16 n
+        assert sum(len(launcher.launchers) for launcher in launchers) == kept
+    for launcher in launchers:
+        launcher.launchers.clear()
+    assert_same_bits(run(4, *wider[3:]), wider)
