@@ -5,10 +5,10 @@ dispatch of Triton 3.6's JIT in front of it (binding the arguments, their specia
 cache key, the heuristics) costs more host time than the launch itself: on the H200 machine,
 21.7 us a call through ``kernel[grid](...)`` against 6.6 us through the compiled kernel's
 ``run`` (benchmarks/ops/NOTES.md). With the decode kernel at 7 us, that host time is most of an
-eager step's wall time. The chunked ops launch 7 to 10 kernels a forward+backward, whose host
-time through the JIT came near their kernels' at T = 4096 (the dense op's 9 launches on the H200:
-0.87 and 0.59 ms of host time at M=64 and 256 through the JIT, 0.28 and 0.35 ms kept, against
-1.03 ms of kernels at M=64)."""
+eager step's wall time. The chunked ops make 9 (dense) or 10 (sparse) launches a
+forward+backward, whose host time through the JIT came near their kernels' at T = 4096 (the
+dense op's on the H200: 0.87 and 0.59 ms of host time at M=64 and 256 through the JIT, 0.28 and
+0.35 ms kept, against 1.03 ms of kernels at M=64)."""
 
 from __future__ import annotations
 
@@ -107,8 +107,8 @@ class CompiledLauncher:
         self.launchers: dict[tuple, KeptKernel] = {}
 
     def launch(self, grid: tuple[int, ...], *args, **constexprs) -> KeptKernel | None:
-        """Launches the kernel; returns the compiled kernel it kept for this specialisation (None
-        when Triton interprets the kernel), which ``launch_kept`` launches again."""
+        """Launches the kernel; returns the compiled kernel kept for this specialisation, with this
+        call's grid (None when Triton interprets the kernel), which ``launch_kept`` launches again."""
         if self.arg_names is None:
             self.kernel[grid](*args, **constexprs)
             return None

@@ -146,20 +146,25 @@ def test_cuda_kept_launchers_call_launch_hooks():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("op", ["dense", "sparse"])
-def test_cuda_op_kept_launchers_match_the_jit(op):
+@pytest.mark.parametrize(("op", "other_shape"), [("dense", 4), ("dense", (250, 350)), ("sparse", 4)])
+def test_cuda_op_kept_launchers_match_the_jit(op, other_shape):
     """The chunked op's second call, through the kept launchers, gives the first's bits, forward
-    and backward; so does a call on twice the sequences (another grid) against the JIT's."""
+    and backward. A call on another grid (twice the sequences, or packed sequences of other
+    lengths) gives the JIT's bits too; the dense op's goes through the kernels kept before."""
     from fla_factmem.ops import chunk_factorization_memory
-    from tests.utils import make_inputs, run_with_grads
+    from tests.utils import make_inputs, offsets_of, run_with_grads
 
     launchers = set(op_launches(op))
     M, topk = (256, None) if op == "dense" else (1024, 16)
 
-    def run(B, dout=None, dht=None):
-        torch.manual_seed(B)
-        inputs = make_inputs(B, 300, 4, M, 64, dtype=torch.bfloat16, device="cuda", logit_scale=2.0)
-        return run_with_grads(chunk_factorization_memory, inputs, topk, dout, dht)
+    def run(shape, dout=None, dht=None):
+        """shape: B rows of 300 tokens, or the lengths of sequences packed in one row."""
+        torch.manual_seed(0)
+        packed = isinstance(shape, tuple)
+        B, T, N = (1, sum(shape), len(shape)) if packed else (shape, 300, shape)
+        inputs = make_inputs(B, T, 4, M, 64, dtype=torch.bfloat16, device="cuda", logit_scale=2.0, N=N)
+        cu_seqlens = offsets_of(shape, "cuda") if packed else None
+        return run_with_grads(chunk_factorization_memory, inputs, topk, dout, dht, cu_seqlens=cu_seqlens)
 
     def assert_same_bits(a, b):
         for x, y in zip((a[0], a[1], *a[2]), (b[0], b[1], *b[2])):
@@ -167,13 +172,14 @@ def test_cuda_op_kept_launchers_match_the_jit(op):
 
     for launcher in launchers:
         launcher.launchers.clear()
-    first = run(2)
+    first_shape = 2 if isinstance(other_shape, int) else (300, 300)
+    first = run(first_shape)
     assert all(launcher.launchers for launcher in launchers)
-    assert_same_bits(run(2, *first[3:]), first)
+    assert_same_bits(run(first_shape, *first[3:]), first)
     kept = sum(len(launcher.launchers) for launcher in launchers)
-    wider = run(4)
-    if op == "dense":  # another grid, the same specialisation: its only int that changes, B T H, is 16 n
+    other = run(other_shape)
+    if op == "dense":  # the same ints but B T H, 16 n both times: the same specialisation
         assert sum(len(launcher.launchers) for launcher in launchers) == kept
     for launcher in launchers:
         launcher.launchers.clear()
-    assert_same_bits(run(4, *wider[3:]), wider)
+    assert_same_bits(run(other_shape, *other[3:]), other)
