@@ -41,7 +41,7 @@ LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py
 
 # The dense op's launches go past Triton's JIT dispatch, as the sparse op's do (CompiledLauncher):
 # through the JIT its 9 launches per forward+backward took 0.87 ms of host time at M=64, near its
-# kernels' 1.03 ms; 0.28 ms so (B=4, T=4096, H=8, V=64, bf16, H200, benchmarks/ops/NOTES.md,
+# kernels' 1.03 ms, and 0.28 ms kept (B=4, T=4096, H=8, V=64, bf16, H200, benchmarks/ops/NOTES.md,
 # session 34)
 LOGSUMEXP = CompiledLauncher(logsumexp_kernel)
 STATE_INCREMENT = CompiledLauncher(chunk_state_increment_kernel)
