@@ -219,6 +219,28 @@ def test_chunk_kernels_half_inputs(dtype):
     assert_matches_float64(triton_chunk, inputs, 1e-2, 1e-2)
 
 
+def test_chunk_kernels_fp16_gradient_states_past_fp16_range():
+    """fp16 inputs under loss scaling (do = 300): with slow decays (eta = 0.002, mostly one row)
+    the gradient on the memory grows to about |do| mu / eta, 8e4 here, past fp16's 65504, while
+    every gradient stays within it. Each must come out finite and right: fp16 inputs keep float32
+    chunk states (fp16 ones gave an infinite dv: benchmarks/ops/NOTES.md, session 35)."""
+    B, T, H, M, V = 1, 512, 1, 16, 16
+    v = (torch.randn(B, T, H, V) / 64).to(torch.float16)
+    logits = torch.nn.functional.one_hot(torch.zeros(B, T, H, dtype=torch.long), M).to(torch.float16) * 4
+    eta = torch.full((B, T, H), 0.002, dtype=torch.float16)
+    mu = torch.ones(B, T, H, dtype=torch.float16)
+    h0 = torch.randn(B, H, M, V) / 64
+    inputs = [x.requires_grad_() for x in (v, logits, eta, mu, h0)]
+    dout = torch.full((B, T, H, V), 300.0, dtype=torch.float16)
+    o, ht, grads, _, dht = run_with_grads(triton_chunk, inputs, None, dout=dout)
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    o_ref, ht_ref = run_on_weights(chunk_factorization_memory_torch, *leaves[:4], None, leaves[4], True, None)
+    found = torch.autograd.grad((o_ref, ht_ref), leaves, (dout.double(), dht.double()))
+    assert found[4].abs().max() > 65504
+    for name, g, ref in zip(GRAD_NAMES, grads, found):
+        assert_close(name, g, ref, 1e-2)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(("B", "T", "H", "M", "V"), CUDA_SHAPES)
 @pytest.mark.parametrize(("dtype", "fwd_tol", "bwd_tol"), GRAD_TOLERANCES)
