@@ -232,7 +232,7 @@ def test_chunk_kernels_fp16_gradient_states_past_fp16_range():
     h0 = torch.randn(B, H, M, V) / 64
     inputs = [x.requires_grad_() for x in (v, logits, eta, mu, h0)]
     dout = torch.full((B, T, H, V), 300.0, dtype=torch.float16)
-    o, ht, grads, _, dht = run_with_grads(triton_chunk, inputs, None, dout=dout)
+    _, _, grads, _, dht = run_with_grads(triton_chunk, inputs, None, dout=dout)
     leaves = [x.detach().double().requires_grad_() for x in inputs]
     o_ref, ht_ref = run_on_weights(chunk_factorization_memory_torch, *leaves[:4], None, leaves[4], True, None)
     found = torch.autograd.grad((o_ref, ht_ref), leaves, (dout.double(), dht.double()))
