@@ -31,9 +31,9 @@ class ChunkFactorizationMemoryFunction(torch.autograd.Function):
     """Dense op on CUDA: Triton kernels both ways, each with v's GPU current (``on_device_of``;
     autograd's own device threads would see to the backward, compiled autograd would not). Saves
     the inputs, the per-token log-sum-exp and dominant row, the memory at each chunk's start
-    ([NT_total, H, M, V] float32) and the intra-chunk scores ([B, T, H, 32] float32).
-    ``store_for_backward`` False (no backward will run, as in a prefill under no_grad) skips the
-    scores."""
+    ([NT_total, H, M, V], bf16 for bf16 inputs, else float32) and the intra-chunk scores
+    ([B, T, H, 32] float32). ``store_for_backward`` False (no backward will run, as in a prefill
+    under no_grad) skips the scores."""
 
     @staticmethod
     def forward(ctx, v, logits, eta, mu, initial_state, output_final_state, cu_seqlens, store_for_backward=True):
@@ -128,16 +128,16 @@ def chunk_factorization_memory(
     + \eta_t\alpha_t[j] v_t` and reads :math:`o_t = \sum_j \mu_t\alpha_t[j] h_t[j]`.
 
     On CUDA, dense calls (``topk`` None or M, M <= 256) run the Triton kernels, forward and
-    backward, which derive the routing weights and decays on chip; for the backward they keep
-    the memory at every chunk's start (``[T/32 * B, H, M, V]`` float32) and the intra-chunk
-    scores (``[B, T, H, 32]`` float32), never q, k or the decays. Sparse calls (``topk`` < M,
-    any M) run the sparse Triton kernels, forward and backward: each token's K picks, sorted
-    by row, become scans along each row's picks, which read and write only the rows some token
-    picks; for the backward they keep the sorted picks (``[H, B T K]``, T * K values per head)
+    backward, which derive the routing weights and decays on chip; for the backward they keep the
+    memory at every chunk's start (``[T/32 * B, H, M, V]``, bf16 for bf16 inputs, else float32) and
+    the intra-chunk scores (``[B, T, H, 32]`` float32), never q, k or the decays. Sparse calls
+    (``topk`` < M, any M) run the sparse Triton kernels, forward and backward: each token's K picks,
+    sorted by row, become scans along each row's picks, which read and write only the rows some
+    token picks; for the backward they keep the sorted picks (``[H, B T K]``, T * K values per head)
     and the memory entering every tile of 8 sorted picks (``[H, B T K / 8, V]`` float32), not the
     logits, and while they run they hold the picks' terms of o or dv (``[B T, H, K, V]`` in v's
-    dtype). Other calls (dense M > 256, float64), and every call on the CPU, run the PyTorch
-    chunked path (on CUDA it warns once).
+    dtype). Other calls (dense M > 256, float64), and every call on the CPU, run the PyTorch chunked
+    path (on CUDA it warns once).
 
     Args:
         v: ``[B, T, H, V]`` values written into the memory.

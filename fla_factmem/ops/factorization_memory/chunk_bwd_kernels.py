@@ -81,14 +81,14 @@ def dominant_row_products(
     decay_start = product(tl.where(x_i < t_i, d, 1.0), 0)
     gaps = tl.cumprod(tl.where(x_i + 1 < t_i, d_next, 1.0), 0, reverse=True)
     w_before = tl.where(x_i < t_i, theta * gaps, 0.0)
-    h_j = tl.load(states + rows, mask=m_rows, other=0.0)
+    h_j = tl.load(states + rows, mask=m_rows, other=0.0).to(tl.float32)
     h_prev = tl.dot(tl.trans(w_before), v_t, decay_start[:, None] * h_j, input_precision=DOT_PRECISION)
 
     # D_t[j] = d_{t+1} ... d_last dh[j] + sum_{u>=t} phi_u d_{t+1} ... d_u do_u
     d_after = tl.where(x_i > t_i, d, 1.0)
     decay_end = product(d_after, 0)
     w_after = tl.where(x_i >= t_i, phi * tl.cumprod(d_after, 0), 0.0)
-    dh_j = tl.load(grad_states + rows, mask=m_rows, other=0.0)
+    dh_j = tl.load(grad_states + rows, mask=m_rows, other=0.0).to(tl.float32)
     grad_j = tl.dot(tl.trans(w_after), do_t, decay_end[:, None] * dh_j, input_precision=DOT_PRECISION)
     return tl.sum(grad_j * h_prev, 1)
 
@@ -170,11 +170,11 @@ def chunk_bwd_dqk_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     """states: [NT_total, H, M, V] memory at each chunk's start; grad_states: [NT_total, H, M, V]
-    gradient on the memory at each chunk's end from the tokens after it. One block of BM rows
-    per program. When it holds all M rows: writes dlogits, deta and dmu in their inputs'
-    layouts. Else: dalpha [B, T, H, M] float32 and partial_sums [3, NM, n_entries] float32
-    (n_entries = B * T * H), the block's sums of alpha * dphi, alpha * dtheta and alpha * dalpha,
-    for ``chunk_bwd_dv_kernel`` to finish."""
+    gradient on the memory at each chunk's end from the tokens after it (both
+    ``launch.chunk_state_dtype``). One block of BM rows per program. When it holds all M rows:
+    writes dlogits, deta and dmu in their inputs' layouts. Else: dalpha [B, T, H, M] float32 and
+    partial_sums [3, NM, n_entries] float32 (n_entries = B * T * H), the block's sums of
+    alpha * dphi, alpha * dtheta and alpha * dalpha, for ``chunk_bwd_dv_kernel`` to finish."""
     i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -204,8 +204,8 @@ def chunk_bwd_dqk_kernel(
         v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         m_vm = m_v[:, None] & m_m[None, :]
-        hT = tl.load(states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)  # [BV, BM]
-        dhT = tl.load(grad_states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0)
+        hT = tl.load(states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0).to(tl.float32)  # [BV, BM]
+        dhT = tl.load(grad_states + row[None, :] * V + o_v[:, None], mask=m_vm, other=0.0).to(tl.float32)
         dq = tl.dot(do_t, hT, dq, input_precision=DOT_PRECISION)
         dk = tl.dot(v_t, dhT, dk, input_precision=DOT_PRECISION)
         hT_end = tl.dot(tl.trans(v_t), w_end, hT * decay_all[None, :], input_precision=DOT_PRECISION)
@@ -298,7 +298,8 @@ def chunk_bwd_dv_kernel(
         theta, _, _ = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
         _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
         row = state_row0 + o_m
-        dh = tl.load(grad_states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
+        m_state = m_m[:, None] & m_v[None, :]
+        dh = tl.load(grad_states + row[:, None] * V + o_v[None, :], mask=m_state, other=0.0).to(tl.float32)
         w_out = theta * tl.cumprod(d_next, 0, reverse=True)
         dv_acc = tl.dot(w_out, dh, dv_acc, input_precision=DOT_PRECISION)
     # [s, t]: A[t, s], loaded transposed (token t's row holds A[t, :])

@@ -251,8 +251,9 @@ def chunk_state_increment_kernel(
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
 @triton.jit(do_not_specialize=["NT"])
 def chunk_state_scan_kernel(
-    states,
+    increments,
     decays,
+    states,
     h0,
     ht,
     chunk_offsets,
@@ -268,8 +269,9 @@ def chunk_state_scan_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Turns per-chunk increments into per-chunk states, in place in ``states``
-    [NT_total, H, M, V], element by element: s <- decay * s + increment.
+    """Turns per-chunk increments ([NT_total, H, M, V] float32) into per-chunk states ([NT_total,
+    H, M, V], ``launch.chunk_state_dtype``; float32 ones may be the increments, overwritten),
+    element by element, in float32: s <- decay * s + increment.
     Forward: h0 is the initial state, slot c ends up with the memory at the start of chunk c,
     ht gets the final state. REVERSE: h0 is the gradient on the final state, slot c ends up
     with the gradient on the memory at the end of chunk c from everything after it, ht gets
@@ -291,17 +293,17 @@ def chunk_state_scan_kernel(
     c = first + (count - 1) * (step < 0)
     row = (c * H + i_h) * M + o_m
     m_any = m_m & (o_m * 0 < count)  # no chunk at all: an empty sequence
-    inc = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_any[:, None] & m_v[None, :], other=0.0)
+    inc = tl.load(increments + row[:, None] * V + o_v[None, :], mask=m_any[:, None] & m_v[None, :], other=0.0)
     decay = tl.load(decays + row, mask=m_any, other=0.0)
     for i in range(count):
         c_next = c + step
         row_next = (c_next * H + i_h) * M + o_m
         m_next = m_m & (o_m * 0 + i + 1 < count)
         inc_next = tl.load(
-            states + row_next[:, None] * V + o_v[None, :], mask=m_next[:, None] & m_v[None, :], other=0.0
+            increments + row_next[:, None] * V + o_v[None, :], mask=m_next[:, None] & m_v[None, :], other=0.0
         )
         decay_next = tl.load(decays + row_next, mask=m_next, other=0.0)
-        tl.store(states + row[:, None] * V + o_v[None, :], s, mask=m_state)
+        tl.store(states + row[:, None] * V + o_v[None, :], s.to(states.dtype.element_ty), mask=m_state)
         s = s * decay[:, None] + inc
         c, row, inc, decay = c_next, row_next, inc_next, decay_next
     if STORE_FINAL_STATE:
@@ -334,7 +336,8 @@ def chunk_fwd_o_kernel(
     STORE_SCORES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """states: [NT_total, H, M, V] memory at each chunk's start; o: [B, T, H, V] in v's dtype;
+    """states: [NT_total, H, M, V] memory at each chunk's start (``launch.chunk_state_dtype``); o:
+    [B, T, H, V] in v's dtype;
     scores_out: [B, T, H, BT] float32, row t of the chunk's scores A (diagonal included), for the
     backward's dv, written only with STORE_SCORES. One program per (chunk, head, block of value
     columns) loops over blocks of BM rows, accumulating (phi * P) h and the scores A;
@@ -355,7 +358,8 @@ def chunk_fwd_o_kernel(
         theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
         _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
         row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
-        h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_m[:, None] & m_v[None, :], other=0.0)
+        m_state = m_m[:, None] & m_v[None, :]
+        h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_state, other=0.0).to(tl.float32)
         out = tl.dot(phi * tl.cumprod(d, 0), h, out, input_precision=DOT_PRECISION)
         own += tl.sum(phi * theta, 1)
         scores = intra_chunk_scores(scores, theta, phi, d, d_next, BT, BM, LEVELS, DOT_PRECISION)

@@ -105,6 +105,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or INTERPRETED else "tf32"
 
 
+def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the chunk states the dense op keeps between its kernels: bf16 for bf16 inputs
+    (as FLA keeps its chunk states in the inputs' dtype), which halves what the backward saves
+    and what every kernel after the scan reads; float32 for the others. Not fp16: the gradient
+    states grow to about |do| mu / eta and left fp16's range under loss scaling (NaN gradients)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def logsumexp(logits: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous ``[B, T, H, M]`` logits and ``[B, T, H]`` eta -> the float32 log-sum-exp over M
     in two parts, ``[B, T, H, 2]`` (see ``logsumexp_kernel``), and the int32 dominant row
@@ -187,7 +195,8 @@ def chunk_states(
     N: int,
     reverse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-chunk states ``[NT_total, H, M, V]`` float32 and the state at the far end ``[N, H, M, V]``.
+    """Per-chunk states ``[NT_total, H, M, V]`` in ``chunk_state_dtype(x.dtype)`` and the state at
+    the far end ``[N, H, M, V]`` float32.
 
     Forward (``x = v``, ``start`` = initial state): the memory at each chunk's start, and the
     final state. ``reverse`` (``x = do``, ``start`` = gradient on the final state): the gradient
@@ -196,7 +205,7 @@ def chunk_states(
     """
     _, T, H, V = x.shape
     M = logits.shape[-1]
-    states = torch.empty(layout.NT_total, H, M, V, dtype=torch.float32, device=x.device)
+    increments = torch.empty(layout.NT_total, H, M, V, dtype=torch.float32, device=x.device)
     decays = torch.empty(layout.NT_total, H, M, dtype=torch.float32, device=x.device)
     BM, BV = min(next_power_of_2(M), 64), min(next_power_of_2(V), 64)
     grid = (cdiv(M, BM) * cdiv(V, BV), layout.NT_total, H)
@@ -204,16 +213,21 @@ def chunk_states(
     # 0.82-0.95x the time of 4 warps, both directions, at M=64 and 256 and one sequence of 4 heads
     STATE_INCREMENT.launch(
         grid,
-        x, logits, lse, eta, mu, states, decays, layout.chunk_indices, cu_seqlens,
+        x, logits, lse, eta, mu, increments, decays, layout.chunk_indices, cu_seqlens,
         T, layout.NT, H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=2,
     )  # fmt: skip
+    # only the stored states are rounded: the increments, the walk over chunks, every sum and the
+    # far end stay float32, and the kernels widen the states as they load them (their products
+    # in tf32, as before); float32 states overwrite the increments
+    dtype = chunk_state_dtype(x.dtype)
+    states = increments if dtype == torch.float32 else torch.empty_like(increments, dtype=dtype)
     end = torch.empty(N, H, M, V, dtype=torch.float32, device=x.device) if store_end else None
     BM, BV = min(next_power_of_2(M), 16), min(next_power_of_2(V), 32)
     grid = (cdiv(M, BM) * cdiv(V, BV), N, H)
     STATE_SCAN.launch(
         grid,
-        states, decays, start, end, layout.chunk_offsets, cu_seqlens, layout.NT,
+        increments, decays, states, start, end, layout.chunk_offsets, cu_seqlens, layout.NT,
         H=H, M=M, V=V, BM=BM, BV=BV, REVERSE=reverse, num_warps=2,
     )  # fmt: skip
     return states, end

@@ -212,10 +212,11 @@ GRAD_TOLERANCES = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 1e-2), (t
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunk_kernels_half_inputs(dtype):
-    """Half inputs through the kernels: their loads and the outputs and gradients stored in the
-    inputs' dtype; two chunks, the second partial. The interpreter keeps every dot in float32
-    (launch.dot_precision); the bf16 products of the GPU path are tested by the cuda tests."""
-    inputs = make_inputs(1, 45, 2, 24, 20, dtype=dtype, logit_scale=2.0)
+    """Half inputs through the kernels: their loads, the chunk states (bf16 for bf16 inputs:
+    launch.chunk_state_dtype) and the outputs and gradients stored in the inputs' dtype; four
+    chunks, the last partial. The interpreter keeps every dot in float32 (launch.dot_precision);
+    the bf16 products of the GPU path are tested by the cuda tests."""
+    inputs = make_inputs(1, 110, 2, 24, 20, dtype=dtype, logit_scale=2.0)
     assert_matches_float64(triton_chunk, inputs, 1e-2, 1e-2)
 
 
