@@ -20,8 +20,9 @@ the others' gradients on the logits, as computed directly it is a difference of 
 numbers.
 
 Three kernels, so that none holds more than a few [BT, BT] tiles:
-1. ``chunk_bwd_dominant_kernel``: <D_t[j], h_{t-1}[j]> for the dominant rows (most chunks
-   have none and return at once).
+1. ``chunk_bwd_dominant_kernel``: each chunk's pair products <do_t, v_s>, which every block of
+   rows of kernel 2 reads, and <D_t[j], h_{t-1}[j]> for the dominant rows (most chunks have
+   none).
 2. ``chunk_bwd_dqk_kernel``, per (chunk, head, block of rows): dphi, dtheta, and from them the
    gradient on alpha; the gradients on logits, eta and mu when one block holds all M rows.
 3. ``chunk_bwd_dv_kernel``, per (chunk, head): dv, from the intra-chunk scores the forward
@@ -105,6 +106,7 @@ def chunk_bwd_dominant_kernel(
     do,
     states,
     grad_states,
+    pair_products,
     x_dom,
     chunk_indices,
     cu_seqlens,
@@ -118,16 +120,19 @@ def chunk_bwd_dominant_kernel(
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """x_dom: [B, T, H] float32, <D_t[j], h_{t-1}[j]> at the tokens with a dominant row j
-    (dominant[t] >= 0); the other tokens are left unwritten."""
+    """pair_products: [B, T, H, BT] float32, row t holds <do_t, v_s> for the tokens s of t's
+    chunk (0 past the sequence's end). x_dom: [B, T, H] float32, <D_t[j], h_{t-1}[j]> at the
+    tokens with a dominant row j (dominant[t] >= 0); the other tokens are left unwritten."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
+    o_v = tl.arange(0, BV)
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    do_v = tl.dot(do_t, tl.trans(v_t), input_precision=DOT_PRECISION)
+    tl.store(pair_products + tok[:, None] * BT + tl.arange(0, BT)[None, :], do_v, mask=m_t[:, None])
     j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
     if tl.max(j_dom, 0) >= 0:
-        o_v = tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         state_row0 = (i_tc.to(tl.int64) * H + i_h) * M
         x = dominant_row_products(
             v_t, do_t, logits, lse, eta, mu, states, grad_states, tok, m_t, m_next, j_dom, state_row0,
@@ -149,6 +154,7 @@ def chunk_bwd_dqk_kernel(
     do,
     states,
     grad_states,
+    pair_products,
     dlogits,
     deta,
     dmu,
@@ -171,7 +177,8 @@ def chunk_bwd_dqk_kernel(
 ):
     """states: [NT_total, H, M, V] memory at each chunk's start; grad_states: [NT_total, H, M, V]
     gradient on the memory at each chunk's end from the tokens after it (both
-    ``launch.chunk_state_dtype``). One block of BM rows per program. When it holds all M rows:
+    ``launch.chunk_state_dtype``); pair_products: [B, T, H, BT] float32 from
+    ``chunk_bwd_dominant_kernel``. One block of BM rows per program. When it holds all M rows:
     writes dlogits, deta and dmu in their inputs' layouts. Else: dalpha [B, T, H, M] float32 and
     partial_sums [3, NM, n_entries] float32 (n_entries = B * T * H), the block's sums of
     alpha * dphi, alpha * dtheta and alpha * dalpha, for ``chunk_bwd_dv_kernel`` to finish."""
@@ -192,11 +199,6 @@ def chunk_bwd_dqk_kernel(
     dq = tl.zeros([BT, BM], dtype=tl.float32)
     dk = tl.zeros([BT, BM], dtype=tl.float32)
     dh_h_end = tl.zeros([BM], dtype=tl.float32)  # <dh, h_end>, of the suffix sum below
-    do_v_own = tl.zeros([BT], dtype=tl.float32)
-    # both orientations are products: a dot's accumulator is never transposed (Triton 3.6
-    # miscompiles that on Hopper)
-    do_v = tl.zeros([BT, BT], dtype=tl.float32)  # [t, s]: <do_t, v_s>
-    v_do = tl.zeros([BT, BT], dtype=tl.float32)  # [s, t]
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -210,9 +212,11 @@ def chunk_bwd_dqk_kernel(
         dk = tl.dot(v_t, dhT, dk, input_precision=DOT_PRECISION)
         hT_end = tl.dot(tl.trans(v_t), w_end, hT * decay_all[None, :], input_precision=DOT_PRECISION)
         dh_h_end += tl.sum(dhT * hT_end, 0)
-        do_v_own += tl.sum(do_t * v_t, 1)
-        do_v = tl.dot(do_t, tl.trans(v_t), do_v, input_precision=DOT_PRECISION)
-        v_do = tl.dot(v_t, tl.trans(do_t), v_do, input_precision=DOT_PRECISION)
+    # the chunk's <do_t, v_s>, formed once for all blocks of rows; the transposed tile is loaded
+    # transposed (Triton 3.6 miscompiles a transposed dot accumulator on Hopper)
+    do_v = tl.load(pair_products + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)  # [t, s]
+    v_do = tl.load(pair_products + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0)  # [s, t]
+    do_v_own = tl.load(pair_products + tok * BT + o_t, mask=m_t, other=0.0)
     # the chunk's start and end through every token, and within it the pairs of each level
     dq = tl.cumprod(d, 0) * dq + do_v_own[:, None] * theta
     dk = decay_out * dk + do_v_own[:, None] * phi

@@ -631,10 +631,13 @@ def chunk_bwd(
     chunks = (layout.NT_total, H)
     common = dict(H=H, M=M, V=V, BT=CHUNK, BV=BV, DOT_PRECISION=dot_precision(v.dtype))
     x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
+    # <do_t, v_s> within each chunk, [B, T, H, CHUNK] float32: formed once, read by every block of
+    # rows; the product contracts over V, whose block must be at least 16 (``dot_block``)
+    pair_products = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device)
     BWD_DOMINANT.launch(
         chunks,
-        v, logits, lse, eta, mu, dominant, do, states, grad_states, x_dom, layout.chunk_indices,
-        cu_seqlens, T, layout.NT, **common, num_warps=4,
+        v, logits, lse, eta, mu, dominant, do, states, grad_states, pair_products, x_dom,
+        layout.chunk_indices, cu_seqlens, T, layout.NT, **common | dict(BV=dot_block(V, BV)), num_warps=4,
     )  # fmt: skip
 
     # best measured on an H200 (benchmarks/ops/NOTES.md, session 32): blocks of 32 rows in 2 warps
@@ -648,8 +651,8 @@ def chunk_bwd(
     partial_sums = torch.empty(3, NM, eta.numel(), dtype=torch.float32, device=v.device) if NM > 1 else None
     BWD_DQK.launch(
         (*chunks, NM),
-        v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, dlogits, deta, dmu,
-        dalpha, partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
+        v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, pair_products, dlogits,
+        deta, dmu, dalpha, partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
         **common | dict(BV=DQK_BLOCK_V), LEVELS=LEVELS, BM=BM, num_warps=num_warps or 2,
     )  # fmt: skip
     BWD_DV.launch(
