@@ -336,12 +336,11 @@ def chunk_fwd_o_kernel(
     STORE_SCORES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """states: [NT_total, H, M, V] memory at each chunk's start (``launch.chunk_state_dtype``); o:
-    [B, T, H, V] in v's dtype;
-    scores_out: [B, T, H, BT] float32, row t of the chunk's scores A (diagonal included), for the
-    backward's dv, written only with STORE_SCORES. One program per (chunk, head, block of value
-    columns) loops over blocks of BM rows, accumulating (phi * P) h and the scores A;
-    LEVELS = log2(BT)."""
+    """states: [NT_total, H, M, V] memory at each chunk's start (``launch.chunk_state_dtype``);
+    o: [B, T, H, V] in v's dtype; scores_out: [B, T, H, BT] float32, row t of the chunk's scores A
+    (diagonal included), for the backward's dv, written only with STORE_SCORES. One program per
+    (chunk, head, block of value columns) loops over blocks of BM rows, accumulating (phi * P) h
+    and the scores A; LEVELS = log2(BT)."""
     i_tc, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
