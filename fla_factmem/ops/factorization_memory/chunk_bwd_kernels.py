@@ -183,6 +183,7 @@ def chunk_bwd_dqk_kernel(
     partial_sums [3, NM, n_entries] float32 (n_entries = B * T * H), the block's sums of
     alpha * dphi, alpha * dtheta and alpha * dalpha, for ``chunk_bwd_dv_kernel`` to finish."""
     i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_entries = n_entries.to(tl.int64)  # the partial sums' offsets pass 2^31 from 3 NM B T H on
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_m = i_m * BM + tl.arange(0, BM)
@@ -315,6 +316,7 @@ def chunk_bwd_dv_kernel(
 
     if M > BM:
         NM: tl.constexpr = (M + BM - 1) // BM
+        n_entries = n_entries.to(tl.int64)  # the partial sums' offsets pass 2^31 from 3 NM B T H on
         dmu_t = tl.zeros([BT], dtype=tl.float32)
         deta_t = tl.zeros([BT], dtype=tl.float32)
         total = tl.zeros([BT], dtype=tl.float32)  # sum_j alpha dalpha
