@@ -94,6 +94,14 @@ def dominant_row_products(
     return tl.sum(grad_j * h_prev, 1)
 
 
+@triton.jit
+def partial_sum_ptrs(partial_sums, k, i_m, tok, n_entries, NM: tl.constexpr):
+    """Where the tokens tok's k-th sum over block i_m's rows (k = 0: alpha * dphi, 1: alpha *
+    dtheta, 2: alpha * dalpha) lies in partial_sums [3, NM, n_entries]. The offsets are int64:
+    3 NM n_entries passes 2^31 at large B * T * H."""
+    return partial_sums + tl.cast(k * NM + i_m, tl.int64) * n_entries + tok
+
+
 @triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_bwd_dominant_kernel(
@@ -183,7 +191,6 @@ def chunk_bwd_dqk_kernel(
     partial_sums [3, NM, n_entries] float32 (n_entries = B * T * H), the block's sums of
     alpha * dphi, alpha * dtheta and alpha * dalpha, for ``chunk_bwd_dv_kernel`` to finish."""
     i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_entries = n_entries.to(tl.int64)  # the partial sums' offsets pass 2^31 from 3 NM B T H on
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_m = i_m * BM + tl.arange(0, BM)
@@ -249,10 +256,10 @@ def chunk_bwd_dqk_kernel(
     else:
         tl.store(dalpha + tok[:, None] * M + o_m[None, :], dalpha_t, mask=m_tm)
         NM: tl.constexpr = (M + BM - 1) // BM
-        tl.store(partial_sums + i_m * n_entries + tok, dmu_t, mask=m_t)
-        tl.store(partial_sums + (NM + i_m) * n_entries + tok, deta_t, mask=m_t)
+        tl.store(partial_sum_ptrs(partial_sums, 0, i_m, tok, n_entries, NM), dmu_t, mask=m_t)
+        tl.store(partial_sum_ptrs(partial_sums, 1, i_m, tok, n_entries, NM), deta_t, mask=m_t)
         # the block's part of the softmax's sum_j alpha dalpha, from the very values stored
-        tl.store(partial_sums + (2 * NM + i_m) * n_entries + tok, tl.sum(alpha * dalpha_t, 1), mask=m_t)
+        tl.store(partial_sum_ptrs(partial_sums, 2, i_m, tok, n_entries, NM), tl.sum(alpha * dalpha_t, 1), mask=m_t)
 
 
 @triton.heuristics(VARLEN_SWITCH)
@@ -316,14 +323,13 @@ def chunk_bwd_dv_kernel(
 
     if M > BM:
         NM: tl.constexpr = (M + BM - 1) // BM
-        n_entries = n_entries.to(tl.int64)  # the partial sums' offsets pass 2^31 from 3 NM B T H on
         dmu_t = tl.zeros([BT], dtype=tl.float32)
         deta_t = tl.zeros([BT], dtype=tl.float32)
         total = tl.zeros([BT], dtype=tl.float32)  # sum_j alpha dalpha
         for i_m in range(NM):
-            dmu_t += tl.load(partial_sums + i_m * n_entries + tok, mask=m_t, other=0.0)
-            deta_t += tl.load(partial_sums + (NM + i_m) * n_entries + tok, mask=m_t, other=0.0)
-            total += tl.load(partial_sums + (2 * NM + i_m) * n_entries + tok, mask=m_t, other=0.0)
+            dmu_t += tl.load(partial_sum_ptrs(partial_sums, 0, i_m, tok, n_entries, NM), mask=m_t, other=0.0)
+            deta_t += tl.load(partial_sum_ptrs(partial_sums, 1, i_m, tok, n_entries, NM), mask=m_t, other=0.0)
+            total += tl.load(partial_sum_ptrs(partial_sums, 2, i_m, tok, n_entries, NM), mask=m_t, other=0.0)
         tl.store(deta + tok, deta_t.to(deta.dtype.element_ty), mask=m_t)
         tl.store(dmu + tok, dmu_t.to(dmu.dtype.element_ty), mask=m_t)
         # the top row (is_top_row), if a token has one, is stored last, as minus the others' sum
