@@ -76,6 +76,7 @@ class BiasedSigmoidFunction(torch.autograd.Function):
         return dx, dx.reshape(-1, dx.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
 
 
+@torch.compiler.disable
 def biased_sigmoid(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``sigmoid(x + bias)`` with the bias rounded to x's dtype first (as ``nn.Linear`` adds its
     bias under autocast): one Triton kernel on CUDA tensors, PyTorch's two ops on CPU ones and

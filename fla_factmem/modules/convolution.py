@@ -210,6 +210,7 @@ def sequence_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return prepare_position_ids(cu_seqlens).to(torch.int32)
 
 
+@torch.compiler.disable
 def short_convolution(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -166,6 +166,7 @@ def _gated_norm_forward(
     return y, rstd
 
 
+@torch.compiler.disable
 def rms_norm_gated_fwd(
     x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None, eps: float, activation: str
 ) -> torch.Tensor:
@@ -237,6 +238,7 @@ class RMSNormGatedFunction(torch.autograd.Function):
         return dx, dg, dw, None, None
 
 
+@torch.compiler.disable
 def rms_norm_gated(
     x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None, eps: float, activation: str
 ) -> torch.Tensor:

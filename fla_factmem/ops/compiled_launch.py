@@ -8,7 +8,13 @@ cache key, the heuristics) costs more host time than the launch itself: on the H
 eager step's wall time. The chunked ops make 9 (dense) or 10 (sparse) launches a
 forward+backward, whose host time through the JIT came near their kernels' at T = 4096 (the
 dense op's on the H200: 0.87 and 0.59 ms of host time at M=64 and 256 through the JIT, 0.28 and
-0.35 ms kept, against 1.03 ms of kernels at M=64)."""
+0.35 ms kept, against 1.03 ms of kernels at M=64).
+
+TorchDynamo cannot trace these launches, so every public function that reaches them (the ops,
+``biased_sigmoid``, ``short_convolution``, the gated norm's) is ``torch.compiler.disable``d, as
+FLA's chunk ops are: in a ``torch.compile``d model they run eagerly between its graphs, at
+about 0.3 us of host time a call for the decorator, instead of Dynamo tracing into them until it
+breaks the graph there anyway."""
 
 from __future__ import annotations
 

@@ -253,6 +253,36 @@ def test_gradient_checkpointing_runs_and_matches():
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("topk", [None, 3])
+def test_torch_compile_calls_our_functions_eagerly_with_eagers_results(device, topk):
+    """torch.compile traces the model around our ops and modules and calls them eagerly (they are
+    ``torch.compiler.disable``d, as FLA's chunk ops are: Dynamo cannot trace their kept Triton
+    launches), so it breaks its graphs at those calls and never inside them; the loss and
+    gradients are eager's. On the GPU through the Triton kernels and inductor."""
+    import torch._dynamo
+
+    model = FactorizationMemoryForCausalLM(small_config(topk=topk)).to(device)
+    ids = torch.randint(1, 64, (2, 40), device=device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    loss_eager = model(input_ids=ids, labels=ids).loss.detach()
+    model.zero_grad()
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    ours = ("fla_factmem/ops/", "fla_factmem/modules/")
+    traced_into = [r.reason for r in explanation.break_reasons if any(p in r.user_stack[-1].filename for p in ours)]
+    assert not traced_into, traced_into
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="inductor" if device == "cuda" else "aot_eager")
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert_close("loss", loss.detach(), loss_eager, 1e-5)
+    for name, p in model.named_parameters():
+        assert_close(f"grad of {name}", p.grad, expected[name], 1e-4)
+
+
 def greedy_by_recomputation(model, ids, mask, steps):
     for _ in range(steps):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

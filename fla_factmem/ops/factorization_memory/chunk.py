@@ -107,6 +107,7 @@ class ChunkSparseFactorizationMemoryFunction(torch.autograd.Function):
         return dv, dlogits, deta, dmu, None, None, None, dh0, None, None, None
 
 
+@torch.compiler.disable
 def chunk_factorization_memory(
     v: torch.Tensor,
     logits: torch.Tensor,

@@ -46,6 +46,7 @@ def call_key(
     return (torch.is_grad_enabled(), topk, output_final_state, inplace_final_state, *tensor_keys)
 
 
+@torch.compiler.disable
 def fused_recurrent_factorization_memory(
     v: torch.Tensor,
     logits: torch.Tensor,
