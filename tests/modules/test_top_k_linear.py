@@ -17,15 +17,17 @@ def whole(x, weight, H, K, temperature):
     return logits.gather(-1, rows), rows
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("slice_tokens", [1, 3, 7, None])
 @pytest.mark.parametrize(("K", "temperature"), [(1, 1.0), (4, 0.5), (12, 1.0)])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_top_k_linear_matches_whole_logits(slice_tokens, K, temperature, dtype, tol):
-    """The same picks (ties to the lower rows: the logits take few values) and values, and the
-    gradients on x and the weight, in slices of 1 token, of a part of the tokens, or one slice."""
+def test_top_k_linear_matches_whole_logits(device, slice_tokens, K, temperature, dtype, tol):
+    """The same picks (ties to the lower rows: the logits take few values, each exact in bf16 too,
+    so that no GEMM's order of summation decides a pick) and values, and the gradients on x and
+    the weight, in slices of 1 token, of a part of the tokens, or one slice."""
     H, M, D = 3, 12, 16
-    x = torch.randn(2, 7, D).to(dtype).requires_grad_()
-    weight = (torch.randint(-2, 3, (H * M, D)) / 4).to(dtype).requires_grad_()
+    x = (torch.randint(-2, 3, (2, 7, D), device=device) / 4).to(dtype).requires_grad_()
+    weight = (torch.randint(-2, 3, (H * M, D), device=device) / 4).to(dtype).requires_grad_()
     values, rows = top_k_linear(x, weight, H, K, temperature, slice_tokens)
     values_ref, rows_ref = whole(x, weight, H, K, temperature)
     assert rows.shape == (2, 7, H, K) and not rows.requires_grad
@@ -59,8 +61,10 @@ def test_top_k_linear_float64_is_exact():
         assert_close(name, g, ref, 1e-14)
 
 
-def test_top_k_linear_of_no_tokens():
-    values, rows = top_k_linear(torch.randn(0, 16, requires_grad=True), torch.randn(10, 16), 2, 3)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_top_k_linear_of_no_tokens(device):
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    values, rows = top_k_linear(x, torch.randn(10, 16, device=device), 2, 3)
     assert values.shape == rows.shape == (0, 2, 3)
 
 
