@@ -23,14 +23,14 @@ def reference(layer, x, mask=None):
     q = layer.q_proj(x).unflatten(-1, (layer.num_heads, d))
     k = layer.k_proj(x).unflatten(-1, (layer.num_kv_heads, d))
     v = layer.v_proj(x).unflatten(-1, (layer.num_kv_heads, d))
-    mask = torch.ones(B, T, dtype=torch.long) if mask is None else mask
+    mask = torch.ones(B, T, dtype=torch.long, device=x.device) if mask is None else mask
     positions = (mask.cumsum(-1) - 1).clamp_min(0).float()
     freqs = positions[..., None] * layer.rotary.inv_freq
     q, k = (rotary_embedding_ref(t, freqs.cos(), freqs.sin()) for t in (q, k))
     groups = layer.num_heads // layer.num_kv_heads
     k, v = (repeat(t, "b t h d -> b t (h g) d", g=groups) for t in (k, v))
     scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d)
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    i, j = torch.arange(T, device=x.device)[:, None], torch.arange(T, device=x.device)[None, :]
     allowed = (j <= i) & ((j > i - layer.window_size) if layer.window_size else True)
     allowed = allowed[None] & mask.bool()[:, None, :] | (i == j)
     o = torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~allowed[:, None], -torch.inf).softmax(-1), v)
@@ -45,24 +45,30 @@ LAYERS = {
 }
 
 
-def make_layer(name):
-    return Attention(hidden_size=D, layer_idx=0, **LAYERS[name])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """On the GPU the layer's SDPA takes its CUDA kernels (no flash-attn there: FLA's layer needs it)."""
+    return torch.device(request.param)
+
+
+def make_layer(name, device="cpu"):
+    return Attention(hidden_size=D, layer_idx=0, **LAYERS[name]).to(device)
 
 
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("T", [1, 13])
-def test_attention_equals_reference(name, T):
-    layer = make_layer(name)
-    x = torch.randn(2, T, D)
+def test_attention_equals_reference(device, name, T):
+    layer = make_layer(name, device)
+    x = torch.randn(2, T, D, device=device)
     assert_close("y", layer(x)[0], reference(layer, x), 1e-5)
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_left_padded_batch_equals_per_sequence_runs(name):
-    layer = make_layer(name)
+def test_left_padded_batch_equals_per_sequence_runs(device, name):
+    layer = make_layer(name, device)
     lengths, T = [4, 11, 7], 11
-    xs = [torch.randn(1, n, D) for n in lengths]
-    x, mask = torch.zeros(3, T, D), torch.zeros(3, T, dtype=torch.long)
+    xs = [torch.randn(1, n, D, device=device) for n in lengths]
+    x, mask = torch.zeros(3, T, D, device=device), torch.zeros(3, T, dtype=torch.long, device=device)
     for i, (xi, n) in enumerate(zip(xs, lengths)):
         x[i, T - n :], mask[i, T - n :] = xi[0], 1
     y = layer(x, attention_mask=mask)[0]
@@ -72,11 +78,11 @@ def test_left_padded_batch_equals_per_sequence_runs(name):
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_packed_sequences_equal_per_sequence_runs(name):
-    layer = make_layer(name)
+def test_packed_sequences_equal_per_sequence_runs(device, name):
+    layer = make_layer(name, device)
     lengths = [6, 1, 10]
-    xs = [torch.randn(1, n, D) for n in lengths]
-    cu_seqlens = torch.tensor([0, 6, 7, 17])
+    xs = [torch.randn(1, n, D, device=device) for n in lengths]
+    cu_seqlens = torch.tensor([0, 6, 7, 17], device=device)
     y = layer(torch.cat(xs, 1), cu_seqlens=cu_seqlens)[0]
     for i, xi in enumerate(xs):
         assert_close(f"y[{i}]", y[:, cu_seqlens[i] : cu_seqlens[i + 1]], layer(xi)[0], 1e-5)
@@ -84,12 +90,12 @@ def test_packed_sequences_equal_per_sequence_runs(name):
 
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("padded", [False, True])
-def test_cache_continues_the_sequence(name, padded):
+def test_cache_continues_the_sequence(device, name, padded):
     """Prefill then decode one token at a time (the mask growing as in ``generate``) equals one pass."""
-    layer = make_layer(name).eval()
+    layer = make_layer(name, device).eval()
     T, prefill = 12, 6
-    x = torch.randn(2, T, D)
-    mask = torch.ones(2, T, dtype=torch.long)
+    x = torch.randn(2, T, D, device=device)
+    mask = torch.ones(2, T, dtype=torch.long, device=device)
     if padded:
         mask[0, :3] = 0
     with torch.no_grad():
