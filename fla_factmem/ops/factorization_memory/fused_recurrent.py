@@ -7,6 +7,7 @@ import torch
 from fla_factmem.ops.factorization_memory.launch import DecodeLaunch
 from fla_factmem.ops.factorization_memory.naive import recurrent_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.routing import (
+    picks_as_dense_logits,
     run_on_weights,
     runs_dense_triton,
     runs_sparse_triton,
@@ -57,15 +58,16 @@ def fused_recurrent_factorization_memory(
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
     inplace_final_state: bool = False,
+    topk_indices: torch.Tensor | None = None,
+    num_memories: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Factorization Memory one token at a time, meant for decoding (T = 1 up to short prompts).
 
     Same arguments, semantics and results as :func:`chunk_factorization_memory`, less
-    ``chunk_size`` and the given picks (``topk_indices``, ``num_memories``); pass the state
-    returned by the previous call as ``initial_state`` in place of a cache. On CUDA,
-    calls without autograd (sparse, or dense with M <= 256; not float64) run one Triton
-    launch for all sequences and heads (no host sync, so it can be captured in a CUDA graph);
-    other calls run the PyTorch token loop, which warns once on CUDA. The sparse kernel
+    ``chunk_size``; pass the state returned by the previous call as ``initial_state`` in place
+    of a cache. On CUDA, calls without autograd (sparse, or dense with M <= 256; not float64)
+    run one Triton launch for all sequences and heads (no host sync, so it can be captured in a
+    CUDA graph); other calls run the PyTorch token loop, which warns once on CUDA. The sparse kernel
     (``topk < M``) reads the M logits of a token and then reads and writes only its top-K rows
     of the state; with ``inplace_final_state`` it does so in ``initial_state`` itself, so a step
     costs O(M + K * V) per head instead of a copy of the whole state.
@@ -83,12 +85,20 @@ def fused_recurrent_factorization_memory(
         inplace_final_state: write the final state into ``initial_state`` (float32,
             contiguous, no autograd), which is then the final state returned with
             ``output_final_state``.
+        topk_indices: ``[B, T, H, K]`` each token's picks, made by the caller, with ``logits``
+            their ``[B, T, H, K]`` logits, as in :func:`chunk_factorization_memory`. Here they
+            are scattered into ``[B, T, H, M]`` logits that are -inf elsewhere, whose top K the
+            kernels pick again (M logits a token, which decoding reads anyway).
+        num_memories: M, with ``topk_indices`` only.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
         in float32 (float64 for float64 inputs; ``initial_state`` itself, float32, with
         ``inplace_final_state``) if ``output_final_state`` else None.
     """
+    if topk_indices is not None or num_memories is not None:
+        M = validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens, topk_indices, num_memories).M
+        logits, topk = picks_as_dense_logits(logits, topk_indices, M), logits.shape[-1]
     key = call_key(v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, inplace_final_state)
     decode = _DECODE_LAUNCHES.get(key)
     if decode is not None:  # a kind of call that passed the checks below and took a kernel

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fla_factmem.ops.factorization_memory.routing import run_on_weights, sequence_spans
+from fla_factmem.ops.factorization_memory.routing import picks_as_dense_logits, run_on_weights, sequence_spans
 from fla_factmem.ops.factorization_memory.validation import validate_inputs
 
 
@@ -57,6 +57,8 @@ def naive_factorization_memory(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
+    topk_indices: torch.Tensor | None = None,
+    num_memories: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Factorization Memory by its definition, one token at a time (reference only; slow).
 
@@ -76,12 +78,18 @@ def naive_factorization_memory(
         initial_state: ``[N, H, M, V]`` memory before the first token; zeros if None.
         output_final_state: whether to return the memory after the last token.
         cu_seqlens: ``[N + 1]`` int offsets of packed sequences (then B must be 1).
+        topk_indices: ``[B, T, H, K]`` each token's picks, made by the caller, with ``logits``
+            their ``[B, T, H, K]`` logits, as in :func:`chunk_factorization_memory`: here
+            scattered into ``[B, T, H, M]`` logits that are -inf elsewhere.
+        num_memories: M, with ``topk_indices`` only.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in the dtype of ``v``, and the final state ``[N, H, M, V]``
         in float32 (float64 for float64 inputs) if ``output_final_state`` else None.
     """
-    validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens)
+    M = validate_inputs(v, logits, eta, mu, topk, initial_state, cu_seqlens, topk_indices, num_memories).M
+    if topk_indices is not None:
+        logits, topk = picks_as_dense_logits(logits, topk_indices, M), logits.shape[-1]
     return run_on_weights(
         recurrent_factorization_memory_torch, v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens
     )

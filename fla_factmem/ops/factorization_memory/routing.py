@@ -90,7 +90,7 @@ def picks_as_dense_logits(logits: torch.Tensor, rows: torch.Tensor, M: int) -> t
     """The picks' ``logits`` ``[..., K]`` at their ``rows`` in ``[..., M]`` logits that are -inf
     elsewhere: the top K of those are the picks, so the operator on them is the operator on the
     picks (SPEC section 2), and the gradient comes back to ``logits`` through the scatter. For the
-    PyTorch paths; it costs M per token."""
+    PyTorch paths and decoding; it costs M per token."""
     dense = logits.new_full((*logits.shape[:-1], M), float("-inf"))
     return dense.scatter(-1, rows.long(), logits)
 

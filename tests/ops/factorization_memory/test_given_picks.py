@@ -6,7 +6,11 @@ real shapes; nothing of size M is made, forward or backward."""
 import pytest
 import torch
 
-from fla_factmem.ops import chunk_factorization_memory, naive_factorization_memory
+from fla_factmem.ops import (
+    chunk_factorization_memory,
+    fused_recurrent_factorization_memory,
+    naive_factorization_memory,
+)
 from fla_factmem.ops.factorization_memory.chunk import ChunkSparseFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.routing import run_on_weights, top_rows
@@ -90,13 +94,28 @@ def test_given_top_k_picks_equal_topk(impl):
         assert_close(name, g, ref, 1e-4)
 
 
-def on_public_op(rows, M):
+def on_public_op(rows, M, public_op=chunk_factorization_memory):
     def op(v, logits, eta, mu, topk, initial_state=None, output_final_state=False, cu_seqlens=None):
-        return chunk_factorization_memory(
+        return public_op(
             v, logits, eta, mu, topk, initial_state, output_final_state, cu_seqlens, topk_indices=rows, num_memories=M
         )
 
     return op
+
+
+PUBLIC_OPS = [chunk_factorization_memory, fused_recurrent_factorization_memory, naive_factorization_memory]
+
+
+@pytest.mark.parametrize("public_op", PUBLIC_OPS, ids=lambda f: f.__name__.split("_")[0])
+@pytest.mark.parametrize("K", [1, 5, 24])  # K = M: dense routing over the picks' order of rows
+def test_every_public_op_takes_given_picks(public_op, K):
+    """The three ops (on the CPU: the PyTorch paths) on given picks equal the definition on the
+    -inf logits, output, final state and gradients, with packed sequences and an initial state."""
+    offsets = offsets_of([9, 1, 13])
+    inputs, rows = picks_inputs(1, 23, 2, 24, K, 8, N=3)
+    assert_matches(
+        on_public_op(rows, 24, public_op), on_dense_logits(rows, 24), inputs, None, 1e-5, 1e-4, cu_seqlens=offsets
+    )
 
 
 def test_given_picks_never_touch_other_rows():
@@ -133,8 +152,9 @@ BAD_PICKS = [
 ]
 
 
+@pytest.mark.parametrize("public_op", PUBLIC_OPS, ids=lambda f: f.__name__.split("_")[0])
 @pytest.mark.parametrize(("what", "change", "error", "message"), BAD_PICKS, ids=[c[0] for c in BAD_PICKS])
-def test_given_picks_bad_input_is_refused(what, change, error, message):
+def test_given_picks_bad_input_is_refused(public_op, what, change, error, message):
     kwargs = dict(
         v=torch.randn(1, 3, 2, 4),
         logits=torch.randn(1, 3, 2, 2),
@@ -144,7 +164,7 @@ def test_given_picks_bad_input_is_refused(what, change, error, message):
         num_memories=8,
     )
     with pytest.raises(error, match=message):
-        chunk_factorization_memory(**{**kwargs, **change})
+        public_op(**{**kwargs, **change})
 
 
 # ---------------------------------------------------------------- GPU, real shapes
@@ -164,6 +184,28 @@ def test_cuda_given_picks_varlen():
     offsets = offsets_of([700, 1, 0, 1299], "cuda")
     inputs, rows = picks_inputs(1, 2000, 4, 1024, 16, 64, device="cuda", N=4)
     check_against_float64(inputs, rows, 1024, 1e-5, 1e-4, offsets)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_decode_given_picks(inplace):
+    """Decoding on given picks (the sparse decode kernel on the -inf logits) continues the chunked
+    op's prefill on them: the same outputs and state as the chunked op over the whole sequence."""
+    B, T, H, M, K, V = 4, 70, 4, 1024, 16, 64
+    (v, logits, eta, mu, _), rows = picks_inputs(B, T, H, M, K, V, torch.int32, "cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        o_ref, ht_ref = on_public_op(rows, M)(v, logits, eta, mu, None, None, True)
+        o, state = on_public_op(rows[:, :64], M)(v[:, :64], logits[:, :64], eta[:, :64], mu[:, :64], None, None, True)
+        pieces = [o]
+        for t in range(64, T):
+            step = slice(t, t + 1)
+            o, state = fused_recurrent_factorization_memory(
+                v[:, step], logits[:, step], eta[:, step], mu[:, step], None, state, True,
+                inplace_final_state=inplace, topk_indices=rows[:, step], num_memories=M,
+            )  # fmt: skip
+            pieces.append(o)
+    assert_close("o", torch.cat(pieces, 1), o_ref, 1e-2)
+    assert_close("final state", state, ht_ref, 1e-2)
 
 
 def check_against_float64(inputs, rows, M, fwd_tol, bwd_tol, cu_seqlens=None):
