@@ -39,8 +39,9 @@ class Mamba2(fla_mamba2.Mamba2):
 
     Args: those of ``fla.layers.mamba2.Mamba2`` (``chunk_size`` is unused here: ``chunk_gla``
     picks its own). Inputs ``hidden_states [B, T, hidden_size]``; ``attention_mask [B, T]``
-    (0 for left padding); outputs ``[B, T, hidden_size]``; the recurrent state in the cache is
-    ``[B, H, head_dim, state_size]`` float32, as in FLA.
+    (0 for left padding); no packed sequences (``cu_seqlens``, refused); outputs
+    ``[B, T, hidden_size]``; the recurrent state in the cache is ``[B, H, head_dim, state_size]``
+    float32, as in FLA.
     """
 
     def __init__(self, *args, **kwargs):
@@ -65,6 +66,10 @@ class Mamba2(fla_mamba2.Mamba2):
         if hidden_states.shape[1] == 0:
             return hidden_states, None, past_key_values
         last_state = fla_mamba2.get_layer_cache(self, past_key_values)
+        if kwargs.get("cu_seqlens") is not None:
+            # as FLA's layer, which ignores it: the convolution and chunk_gla would run across the
+            # packed sequences' boundaries
+            raise ValueError("Mamba2 takes no packed sequences (cu_seqlens); pass a padded batch with attention_mask")
         if hidden_states.device.type != "cuda":
             raise RuntimeError(f"Mamba2 runs FLA's Triton kernels and needs CUDA tensors; got {hidden_states.device}")
         if last_state is not None:  # FLA's own single-token step

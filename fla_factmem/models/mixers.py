@@ -19,12 +19,15 @@ MixerFactory = Callable[..., nn.Module]
 class MixerEntry:
     factory: MixerFactory
     needs_cuda: bool
+    takes_packed: bool = True
 
 
 _MIXERS: dict[str, MixerEntry] = {}
 
 
-def register_mixer(name: str, factory: MixerFactory, needs_cuda: bool = False, overwrite: bool = False) -> None:
+def register_mixer(
+    name: str, factory: MixerFactory, needs_cuda: bool = False, overwrite: bool = False, takes_packed: bool = True
+) -> None:
     """Makes ``name`` usable in ``FactorizationMemoryConfig.layer_types``.
 
     Args:
@@ -38,10 +41,12 @@ def register_mixer(name: str, factory: MixerFactory, needs_cuda: bool = False, o
         needs_cuda: the mixer only runs on CUDA tensors (for instance FLA's Triton layers);
             the model then refuses CPU inputs with a clear message instead of a Triton error.
         overwrite: replace an existing entry of the same name.
+        takes_packed: the mixer honours ``cu_seqlens`` (packed sequences); where it does not, the
+            model refuses them instead of letting it run across the sequences' boundaries.
     """
     if name in _MIXERS and not overwrite:
         raise ValueError(f"a mixer named {name!r} is already registered; pass overwrite=True to replace it")
-    _MIXERS[name] = MixerEntry(factory, needs_cuda)
+    _MIXERS[name] = MixerEntry(factory, needs_cuda, takes_packed)
 
 
 def registered_mixers() -> list[str]:
@@ -139,4 +144,6 @@ def _mamba2(config, layer_idx, **options):
     return layer(**(kwargs | options), layer_idx=layer_idx)
 
 
-register_mixer("mamba2", _mamba2, needs_cuda=True)
+# neither layer reads cu_seqlens: FLA's ignores it, and so would run its convolution and scan
+# across packed sequences' boundaries
+register_mixer("mamba2", _mamba2, needs_cuda=True, takes_packed=False)

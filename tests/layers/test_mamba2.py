@@ -30,6 +30,20 @@ def test_cpu_input_is_refused_clearly():
         ours(torch.randn(2, 9, 64))
 
 
+def test_packed_sequences_are_refused_clearly():
+    """Like FLA's layer (which ignores cu_seqlens) its convolution and scan would cross the
+    sequences' boundaries; the model refuses them too, whichever layer the mixer picked."""
+    from fla_factmem import FactorizationMemoryForCausalLM
+    from tests.models.test_modeling_factorization_memory import small_config
+
+    ours, _ = make_pair(device="cpu")
+    with pytest.raises(ValueError, match="no packed sequences"):
+        ours(torch.randn(1, 9, 64), cu_seqlens=torch.tensor([0, 4, 9]))
+    model = FactorizationMemoryForCausalLM(small_config(["factorization_memory", "mamba2"], hidden_size=64))
+    with pytest.raises(ValueError, match=r"mixers \['mamba2'\] take no packed sequences"):
+        model(torch.randint(1, 64, (1, 9)), cu_seqlens=torch.tensor([0, 4, 9]))
+
+
 def test_mixer_picks_this_layer_without_mamba_ssm():
     from fla_factmem.models.mixers import build_mixer
     from tests.models.test_modeling_factorization_memory import small_config

@@ -92,11 +92,17 @@ class FactorizationMemoryModel(FactorizationMemoryPreTrainedModel, FLAModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.use_attnres = False
         self.cuda_only_mixers = sorted({name for name in config.layer_types if mixer_entry(name).needs_cuda})
+        self.unpacked_mixers = sorted({name for name in config.layer_types if not mixer_entry(name).takes_packed})
         self.gradient_checkpointing = False
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
         inputs = input_ids if input_ids is not None else inputs_embeds
+        if self.unpacked_mixers and kwargs.get("cu_seqlens") is not None:
+            raise ValueError(
+                f"the mixers {self.unpacked_mixers} take no packed sequences (cu_seqlens): they would run "
+                f"across the sequences' boundaries. Pass a padded batch with attention_mask instead."
+            )
         if self.cuda_only_mixers and inputs is not None and inputs.device.type != "cuda":
             raise RuntimeError(
                 f"the mixers {self.cuda_only_mixers} run FLA's Triton kernels, which need CUDA tensors; "
