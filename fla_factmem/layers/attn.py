@@ -29,7 +29,10 @@ class Attention(nn.Module):
 
     Same parameters, arguments and results as ``fla.layers.attn.Attention`` (which needs
     flash-attn); the ``attention`` mixer picks FLA's layer when flash-attn is installed and
-    this one otherwise, and checkpoints load into either.
+    this one otherwise, and checkpoints load into either. One difference: left padding never
+    shifts RoPE positions here, where FLA's layer discounts it only when given a cache, so a
+    left-padded batch without one (training, scoring) rotates its tokens by their padded index
+    there: the same weights then differ on such rows.
 
     Args:
         hidden_size: width D of input and output; the head width is ``hidden_size // num_heads``.
