@@ -17,6 +17,8 @@ MixerFactory = Callable[..., nn.Module]
 
 @dataclass(frozen=True)
 class MixerEntry:
+    """A registered mixer: its factory and flags (``register_mixer``)."""
+
     factory: MixerFactory
     needs_cuda: bool
     takes_packed: bool = True
@@ -55,6 +57,7 @@ def registered_mixers() -> list[str]:
 
 
 def mixer_entry(name: str) -> MixerEntry:
+    """The registered mixer ``name``; ``ValueError`` naming the registered ones if there is none."""
     if name not in _MIXERS:
         raise ValueError(f"unknown mixer {name!r}; registered: {registered_mixers()} (see register_mixer)")
     return _MIXERS[name]

@@ -57,6 +57,9 @@ class FactorizationMemoryBlock(GradientCheckpointingLayer):
 
 
 class FactorizationMemoryPreTrainedModel(FLAPreTrainedModel):
+    """Hugging Face's base for the Factorization Memory models: config class, weight init,
+    gradient checkpointing."""
+
     config_class = FactorizationMemoryConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

@@ -44,11 +44,13 @@ VARLEN_SWITCH = {"IS_VARLEN": STATE_AND_VARLEN_SWITCHES["IS_VARLEN"]}
 
 @triton.jit
 def multiply(a, b):
+    """The combine function of ``product``."""
     return a * b
 
 
 @triton.jit
 def product(x, axis: tl.constexpr):
+    """The product of ``x`` along ``axis`` (Triton has tl.cumprod, but no reduction by product)."""
     return tl.reduce(x, axis, multiply)
 
 

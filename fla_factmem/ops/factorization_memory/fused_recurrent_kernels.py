@@ -46,6 +46,10 @@ def fused_recurrent_fwd_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
+    """v, o: [B, T, H, V]; logits [B, T, H, M], eta and mu [B, T, H] at their token strides;
+    h0 (USE_INITIAL_STATE) and ht (STORE_FINAL_STATE): [N, H, M, V] float32, ht may be h0 itself
+    (each program reads its block of columns whole before it writes it). The program's [BM, BV]
+    block of the state stays in registers through the tokens."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)

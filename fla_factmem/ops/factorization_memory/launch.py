@@ -85,6 +85,7 @@ class ChunkLayout(NamedTuple):
 
 
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkLayout:
+    """The chunks of B sequences of T tokens, or of the packed sequences of ``cu_seqlens`` [N + 1]."""
     if cu_seqlens is None:
         NT = cdiv(T, CHUNK)
         return ChunkLayout(NT, B * NT, None, None)
@@ -234,6 +235,12 @@ def chunk_states(
 
 
 class SavedForBackward(NamedTuple):
+    """What the dense forward keeps for the backward (``chunk_fwd``): per token the log-sum-exp
+    ``lse`` [B, T, H, 2] float32 (the largest logit, and log sum_j exp(logit_j - largest)), the
+    ``dominant`` row [B, T, H] int32 (theta > 1/2, else -1); the memory at every chunk's start
+    ``states`` [NT_total, H, M, V] (``chunk_state_dtype``); the intra-chunk ``scores``
+    [B, T, H, 32] float32, None without a backward to come; and the chunks' ``layout``."""
+
     lse: torch.Tensor
     dominant: torch.Tensor
     states: torch.Tensor

@@ -160,5 +160,6 @@ def check_inplace_state(initial_state: torch.Tensor | None, needs_grad: bool) ->
 
 
 def check_chunk_size(chunk_size: int) -> None:
+    """Raises ``ValueError`` unless ``chunk_size`` is a positive int."""
     if not is_positive_int(chunk_size):
         raise ValueError(f"`chunk_size` must be a positive int; got {chunk_size!r}")
