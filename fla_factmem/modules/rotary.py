@@ -27,13 +27,17 @@ class RotaryEmbedding(nn.Module):
         with torch.no_grad():
             self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
+    def _apply(self, fn, *args, **kwargs):
+        # a cast of the model (.to(torch.bfloat16), .half()) would round the frequencies, and with
+        # them every angle (1.75 rad off at position 4000 in bf16): they stay float32, on the
+        # device the cast names (FLA's RotaryEmbedding recomputes them in float32 too)
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        return self
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
-        if inv_freq.dtype != torch.float32:
-            # a model cast by .to(torch.bfloat16) or .half() rounded the buffer, and with it every
-            # angle (1.75 rad off at position 4000 in bf16); FLA's RotaryEmbedding recomputes it too
-            inv_freq = self._inv_freq().to(inv_freq.device)
-        freqs = positions.to(inv_freq.device, torch.float32)[..., None] * inv_freq
+        freqs = positions.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
         if freqs.dim() == 2:
             freqs = freqs[None]
         cos, sin = freqs.cos()[:, :, None], freqs.sin()[:, :, None]  # [B, T, 1, D / 2]

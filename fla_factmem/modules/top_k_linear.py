@@ -77,6 +77,7 @@ class TopKLinearFunction(torch.autograd.Function):
         return dx, None if dweight is None else dweight.to(weight.dtype), None, None, None, None
 
 
+@torch.compiler.disable
 def top_k_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

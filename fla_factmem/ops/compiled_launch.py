@@ -10,8 +10,9 @@ forward+backward, whose host time through the JIT came near their kernels' at T 
 dense op's on the H200: 0.87 and 0.59 ms of host time at M=64 and 256 through the JIT, 0.28 and
 0.35 ms kept, against 1.03 ms of kernels at M=64).
 
-TorchDynamo cannot trace these launches, so every public function that reaches them (the ops,
-``biased_sigmoid``, ``short_convolution``, the gated norm's) is ``torch.compiler.disable``d, as
+TorchDynamo cannot trace these launches, so every public function that reaches them (the chunk
+and fused recurrent ops, ``biased_sigmoid``, ``short_convolution``, the gated norm's,
+``top_k_linear``) is ``torch.compiler.disable``d, as
 FLA's chunk ops are: in a ``torch.compile``d model they run eagerly between its graphs, at
 about 0.3 us of host time a call for the decorator, instead of Dynamo tracing into them until it
 breaks the graph there anyway."""

@@ -254,15 +254,17 @@ def test_gradient_checkpointing_runs_and_matches():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-@pytest.mark.parametrize("topk", [None, 3])
-def test_torch_compile_calls_our_functions_eagerly_with_eagers_results(device, topk):
+@pytest.mark.parametrize(
+    "options", [dict(topk=None), dict(topk=3), dict(topk=3, routing_slice_tokens=16)], ids=["dense", "sparse", "sliced"]
+)
+def test_torch_compile_calls_our_functions_eagerly_with_eagers_results(device, options):
     """torch.compile traces the model around our ops and modules and calls them eagerly (they are
     ``torch.compiler.disable``d, as FLA's chunk ops are: Dynamo cannot trace their kept Triton
     launches), so it breaks its graphs at those calls and never inside them; the loss and
     gradients are eager's. On the GPU through the Triton kernels and inductor."""
     import torch._dynamo
 
-    model = FactorizationMemoryForCausalLM(small_config(topk=topk)).to(device)
+    model = FactorizationMemoryForCausalLM(small_config(**options)).to(device)
     ids = torch.randint(1, 64, (2, 40), device=device)
     model(input_ids=ids, labels=ids).loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -21,10 +21,10 @@ def test_rotary_matches_flas_reference_at_explicit_positions():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rotary_angles_stay_float32_in_a_cast_model(dtype):
-    """``.to(dtype)`` casts the inv_freq buffer; the angles are still those of float32 frequencies
-    (bf16 frequencies put them 1.75 rad off at position 4000)."""
+    """``.to(dtype)`` leaves the frequencies float32, so the angles are float32's (bf16 frequencies
+    put them 1.75 rad off at position 4000)."""
     rotary, cast = RotaryEmbedding(64), RotaryEmbedding(64).to(dtype)
-    assert cast.inv_freq.dtype == dtype
+    assert cast.inv_freq.dtype == torch.float32
     q, k = torch.randn(1, 5, 2, 64, dtype=dtype), torch.randn(1, 5, 2, 64, dtype=dtype)
     positions = torch.tensor([0, 1, 100, 1000, 4000])
     for got, want in zip(cast(q, k, positions), rotary(q, k, positions)):
