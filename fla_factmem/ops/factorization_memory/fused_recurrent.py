@@ -67,9 +67,10 @@ def fused_recurrent_factorization_memory(
     ``chunk_size``; pass the state returned by the previous call as ``initial_state`` in place
     of a cache. On CUDA, calls without autograd (sparse, or dense with M <= 256; not float64)
     run one Triton launch for all sequences and heads (given picks add their scatter into -inf
-    logits; no host sync, so it can be captured in a CUDA graph); other calls run the PyTorch token loop, which warns once on CUDA. The sparse kernel
-    (``topk < M``) reads the M logits of a token and then reads and writes only its top-K rows
-    of the state; with ``inplace_final_state`` it does so in ``initial_state`` itself, so a step
+    logits; no host sync, so it can be captured in a CUDA graph); other calls run the PyTorch
+    token loop, which warns once on CUDA. The sparse kernel (``topk < M``) reads the M logits of
+    a token and then reads and writes only its top-K rows of the state; with
+    ``inplace_final_state`` it does so in ``initial_state`` itself, so a step
     costs O(M + K * V) per head instead of a copy of the whole state.
 
     Args:
