@@ -37,8 +37,9 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def sweep(name, fn, grid):
-    ref = [x.float() for x in fn() if x is not None]
+def sweep(name, fn, grid, ref_fn=None):
+    """Times fn at each launch of grid, each checked against ref_fn's (by default fn's own default)."""
+    ref = [x.float() for x in (ref_fn or fn)() if x is not None]
     results = []
     for cfg in grid:
         try:
@@ -81,7 +82,15 @@ def main():
         sweep(f"chunk_fwd M={M}", lambda **k: chunk_fwd(v, lg, e, m, h0, True, None, **k)[:2], grid)
         _, _, saved = chunk_fwd(v, lg, e, m, h0, True, None)
         do = torch.randn_like(v)
-        sweep(f"chunk_bwd M={M}", lambda **k: chunk_bwd(v, lg, e, m, saved, do, None, None, True, **k), grid)
+        # the dq/dk kernel's two forms (launch.dqk_walks), both checked against the levels' default
+        levels = lambda: chunk_bwd(v, lg, e, m, saved, do, None, None, True, walk=False)  # noqa: E731
+        for walk in (False, True):
+            sweep(
+                f"chunk_bwd M={M} {'walk' if walk else 'levels'}",
+                lambda **k: chunk_bwd(v, lg, e, m, saved, do, None, None, True, walk=walk, **k),
+                grid,
+                levels,
+            )
         v, lg, e, m, h0 = inputs(64, 1, 8, M, 64)
         grid = [dict(block_v=bv, num_warps=w) for bv, w in itertools.product((8, 16, 32, 64), (1, 2, 4, 8, 16))]
         sweep(f"decode M={M}", lambda **k: fused_recurrent_fwd(v, lg, e, m, h0, True, None, **k), grid)

@@ -58,17 +58,19 @@ def jit_twin(kernel):
 
 
 def op_launches(op: str) -> list[CompiledLauncher]:
-    """The launchers of one forward+backward of the "dense" or "sparse" op, in order."""
-    if op == "dense":
+    """The launchers of one forward+backward of the op, in order: "dense" (its dq/dk kernel by
+    levels), "dense-walk" (that kernel as a walk, ``launch.dqk_walks``) or "sparse"."""
+    if op.startswith("dense"):
+        dqk = launch.BWD_DQK_WALK if op == "dense-walk" else launch.BWD_DQK
         return [launch.LOGSUMEXP, launch.STATE_INCREMENT, launch.STATE_SCAN, launch.FWD_O, launch.STATE_INCREMENT,
-                launch.STATE_SCAN, launch.BWD_DOMINANT, launch.BWD_DQK, launch.BWD_DV]  # fmt: skip
+                launch.STATE_SCAN, launch.BWD_DOMINANT, dqk, launch.BWD_DV]  # fmt: skip
     # each scan twice: its split rows' pieces (SUMMARY), then the scan
     return [launch.SPARSE_ROUTING, launch.SPARSE_KEYS, launch.SPARSE_EVENTS, launch.SPARSE_FWD, launch.SPARSE_FWD,
             launch.SUM_OVER_PICKS, launch.SPARSE_BWD, launch.SPARSE_BWD, launch.SUM_OVER_PICKS,
             launch.SPARSE_ROUTING_BWD]  # fmt: skip
 
 
-@pytest.mark.parametrize("op", ["dense", "sparse"])
+@pytest.mark.parametrize("op", ["dense", "dense-walk", "sparse"])
 @pytest.mark.parametrize("M", [32, 80])
 def test_op_launches_resolve_every_parameter(monkeypatch, op, M):
     """Every launch of the chunked op, forward and backward, gives its kernel's non-constexpr
@@ -86,8 +88,9 @@ def test_op_launches_resolve_every_parameter(monkeypatch, op, M):
         original(self, grid, *args, **constexprs)
 
     monkeypatch.setattr(CompiledLauncher, "launch", recording)
+    monkeypatch.setattr(launch, "DQK_WALK_MAX_V", 1 << 30 if op == "dense-walk" else 0)
     v, logits, eta, mu, h0 = make_inputs(1, 20, 2, M, 16)
-    if op == "dense":
+    if op.startswith("dense"):
         o, ht = triton_chunk(v, logits, eta, mu, None, h0, True)
     else:
         o, ht = triton_sparse_chunk(v, logits, eta, mu, 4, h0, True)
@@ -146,8 +149,11 @@ def test_cuda_kept_launchers_call_launch_hooks():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(("op", "other_shape"), [("dense", 4), ("dense", (250, 350)), ("sparse", 4)])
-def test_cuda_op_kept_launchers_match_the_jit(op, other_shape):
+@pytest.mark.parametrize(
+    ("op", "other_shape"),
+    [("dense", 4), ("dense", (250, 350)), ("dense-walk", 4), ("dense-walk", (250, 350)), ("sparse", 4)],
+)
+def test_cuda_op_kept_launchers_match_the_jit(monkeypatch, op, other_shape):
     """The chunked op's second call, through the kept launchers, gives the first's bits, forward
     and backward. A call on another grid (twice the sequences, or packed sequences of other
     lengths) gives the JIT's bits too; the dense op's goes through the kernels kept before."""
@@ -155,7 +161,8 @@ def test_cuda_op_kept_launchers_match_the_jit(op, other_shape):
     from tests.utils import make_inputs, offsets_of, run_with_grads
 
     launchers = set(op_launches(op))
-    M, topk = (256, None) if op == "dense" else (1024, 16)
+    monkeypatch.setattr(launch, "DQK_WALK_MAX_V", 1 << 30 if op == "dense-walk" else 0)
+    M, topk = (256, None) if op.startswith("dense") else (1024, 16)
 
     def run(shape, dout=None, dht=None):
         """shape: B rows of 300 tokens, or the lengths of sequences packed in one row."""
@@ -178,7 +185,7 @@ def test_cuda_op_kept_launchers_match_the_jit(op, other_shape):
     assert_same_bits(run(first_shape, *first[3:]), first)
     kept = sum(len(launcher.launchers) for launcher in launchers)
     other = run(other_shape)
-    if op == "dense":  # the ints that change (B T H, or none when packed) are multiples of 16 both times
+    if op.startswith("dense"):  # the ints that change (B T H, or none when packed) are multiples of 16 both times
         assert sum(len(launcher.launchers) for launcher in launchers) == kept
     for launcher in launchers:
         launcher.launchers.clear()

@@ -20,11 +20,16 @@ the others' gradients on the logits, as computed directly it is a difference of 
 numbers.
 
 Three kernels, so that none holds more than a few [BT, BT] tiles:
-1. ``chunk_bwd_dominant_kernel``: each chunk's pair products <do_t, v_s>, which every block of
-   rows of kernel 2 reads, and <D_t[j], h_{t-1}[j]> for the dominant rows (most chunks have
-   none).
-2. ``chunk_bwd_dqk_kernel``, per (chunk, head, block of rows): dphi, dtheta, and from them the
-   gradient on alpha; the gradients on logits, eta and mu when one block holds all M rows.
+1. ``chunk_bwd_dominant_kernel``: <D_t[j], h_{t-1}[j]> for the dominant rows (most chunks have
+   none), and for the levels of kernel 2 each chunk's pair products <do_t, v_s>, which every
+   block of rows reads.
+2. Per (chunk, head, block of rows): dphi, dtheta, and from them the gradient on alpha; the
+   gradients on logits, eta and mu when one block holds all M rows. In one of two forms
+   (``launch.dqk_walks``): ``chunk_bwd_dqk_kernel`` forms the intra-chunk pairs by levels, with
+   matrix products; ``chunk_bwd_dqk_walk_kernel`` walks the chunk token by token, forward for
+   h_t and back for D_t, element-wise in float32 with no [BT, BT] tiles at all: BT * V
+   multiply-adds a row and token each way, which beat the levels' chains of scans and products
+   only while V is small.
 3. ``chunk_bwd_dv_kernel``, per (chunk, head): dv, from the intra-chunk scores the forward
    stored, and with several blocks of rows the softmax backward over whole rows from kernel 2's
    scratch.
@@ -35,6 +40,7 @@ import triton.language as tl
 
 from fla_factmem.ops.factorization_memory.chunk_kernels import (
     VARLEN_SWITCH,
+    chunk_coordinates,
     chunk_gates,
     chunk_tokens,
     level_pairs,
@@ -102,7 +108,7 @@ def partial_sum_ptrs(partial_sums, k, i_m, tok, n_entries, NM: tl.constexpr):
     return partial_sums + tl.cast(k * NM + i_m, tl.int64) * n_entries + tok
 
 
-@triton.heuristics(VARLEN_SWITCH)
+@triton.heuristics(VARLEN_SWITCH | {"STORE_PAIRS": lambda args: args["pair_products"] is not None})
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_bwd_dominant_kernel(
     v,
@@ -126,27 +132,72 @@ def chunk_bwd_dominant_kernel(
     BT: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STORE_PAIRS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """pair_products: [B, T, H, BT] float32, row t holds <do_t, v_s> for the tokens s of t's
-    chunk (0 past the sequence's end). x_dom: [B, T, H] float32, <D_t[j], h_{t-1}[j]> at the
-    tokens with a dominant row j (dominant[t] >= 0); the other tokens are left unwritten."""
+    """pair_products (STORE_PAIRS, for ``chunk_bwd_dqk_kernel``): [B, T, H, BT] float32, row t
+    holds <do_t, v_s> for the tokens s of t's chunk (0 past the sequence's end). x_dom: [B, T, H]
+    float32, <D_t[j], h_{t-1}[j]> at the tokens with a dominant row j (dominant[t] >= 0); the other
+    tokens are left unwritten."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_v = tl.arange(0, BV)
+    tokens = tok[:, None] * V + o_v[None, :]
     m_tv = m_t[:, None] & (o_v < V)[None, :]
-    v_t = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    do_t = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    do_v = tl.dot(do_t, tl.trans(v_t), input_precision=DOT_PRECISION)
-    tl.store(pair_products + tok[:, None] * BT + tl.arange(0, BT)[None, :], do_v, mask=m_t[:, None])
+    if STORE_PAIRS:
+        v_t = tl.load(v + tokens, mask=m_tv, other=0.0).to(tl.float32)
+        do_t = tl.load(do + tokens, mask=m_tv, other=0.0).to(tl.float32)
+        do_v = tl.dot(do_t, tl.trans(v_t), input_precision=DOT_PRECISION)
+        tl.store(pair_products + tok[:, None] * BT + tl.arange(0, BT)[None, :], do_v, mask=m_t[:, None])
     j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
     if tl.max(j_dom, 0) >= 0:
+        # loaded again under STORE_PAIRS (from the cache): Triton takes no tensor defined in one
+        # branch into another
+        v_t = tl.load(v + tokens, mask=m_tv, other=0.0).to(tl.float32)
+        do_t = tl.load(do + tokens, mask=m_tv, other=0.0).to(tl.float32)
         state_row0 = (i_tc.to(tl.int64) * H + i_h) * M
         x = dominant_row_products(
             v_t, do_t, logits, lse, eta, mu, states, grad_states, tok, m_t, m_next, j_dom, state_row0,
             H, M, V, BT, BV, DOT_PRECISION,
         )  # fmt: skip
         tl.store(x_dom + tok, x, mask=j_dom >= 0)
+
+
+@triton.jit
+def store_row_gradients(
+    alpha, theta, dphi, dk, dg, eta_t, mu_t, tok, m_t, o_m, m_m, i_m, dominant, x_dom,
+    dlogits, deta, dmu, dalpha, partial_sums, n_entries, M: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    """The end of the dq/dk kernels, for a block of rows (the last axis) of one token (tok and
+    m_t [1], eta_t and mu_t scalars, the rest [BM]) or of a chunk's tokens ([BT] and [BT, BM]):
+    from dphi, dk = <D_t, v_t> and dg = (1 - theta) <D_t, h_{t-1}>, dtheta; then the gradients
+    on logits, eta and mu when the block holds all M rows, else dalpha and the block's partial
+    sums, which ``chunk_bwd_dv_kernel`` finishes (``chunk_bwd_dqk_kernel``'s docstring gives their
+    layouts)."""
+    j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
+    x = tl.load(x_dom + tok, mask=j_dom >= 0, other=0.0)
+    is_dom = o_m == tl.expand_dims(j_dom, -1)
+    dtheta = dk - tl.where(is_dom, tl.expand_dims(x, -1), dg / tl.where(is_dom, 1.0, 1.0 - theta))
+    rows = tl.expand_dims(tok, -1) * M + o_m
+    m_rows = tl.expand_dims(m_t, -1) & m_m
+    dalpha_t = tl.expand_dims(mu_t, -1) * dphi + tl.expand_dims(eta_t, -1) * dtheta
+    dmu_t = tl.sum(alpha * dphi, -1)
+    deta_t = tl.sum(alpha * dtheta, -1)
+    if M <= BM:
+        total = mu_t * dmu_t + eta_t * deta_t  # sum_j alpha dalpha
+        grad = alpha * (dalpha_t - tl.expand_dims(total, -1))
+        top = is_top_row(alpha)
+        grad = tl.where(top, -tl.expand_dims(tl.sum(tl.where(top, 0.0, grad), -1), -1), grad)
+        tl.store(dlogits + rows, grad.to(dlogits.dtype.element_ty), mask=m_rows)
+        tl.store(deta + tok, deta_t.to(deta.dtype.element_ty), mask=m_t)
+        tl.store(dmu + tok, dmu_t.to(dmu.dtype.element_ty), mask=m_t)
+    else:
+        tl.store(dalpha + rows, dalpha_t, mask=m_rows)
+        NM: tl.constexpr = (M + BM - 1) // BM
+        tl.store(partial_sum_ptrs(partial_sums, 0, i_m, tok, n_entries, NM), dmu_t, mask=m_t)
+        tl.store(partial_sum_ptrs(partial_sums, 1, i_m, tok, n_entries, NM), deta_t, mask=m_t)
+        # the block's part of the softmax's sum_j alpha dalpha, from the very values stored
+        tl.store(partial_sum_ptrs(partial_sums, 2, i_m, tok, n_entries, NM), tl.sum(alpha * dalpha_t, -1), mask=m_t)
 
 
 @triton.heuristics(VARLEN_SWITCH)
@@ -237,29 +288,113 @@ def chunk_bwd_dqk_kernel(
 
     # dg_t = (1 - theta_t) <D_t, h_{t-1}>: the suffix sum of phi dq - theta dk plus <dh, h_end>
     dg = tl.cumsum(phi * dq - theta * dk, 0, reverse=True) + dh_h_end[None, :]
-    j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
-    x = tl.load(x_dom + tok, mask=j_dom >= 0, other=0.0)
-    is_dom = o_m[None, :] == j_dom[:, None]
-    dtheta = dk - tl.where(is_dom, x[:, None], dg / tl.where(is_dom, 1.0, 1.0 - theta))
-    m_tm = m_t[:, None] & m_m[None, :]
-    dalpha_t = mu_t[:, None] * dq + eta_t[:, None] * dtheta
-    dmu_t = tl.sum(alpha * dq, 1)
-    deta_t = tl.sum(alpha * dtheta, 1)
-    if M <= BM:
-        total = mu_t * dmu_t + eta_t * deta_t  # sum_j alpha dalpha
-        grad = alpha * (dalpha_t - total[:, None])
-        top = is_top_row(alpha)
-        grad = tl.where(top, -tl.sum(tl.where(top, 0.0, grad), 1)[:, None], grad)
-        tl.store(dlogits + tok[:, None] * M + o_m[None, :], grad.to(dlogits.dtype.element_ty), mask=m_tm)
-        tl.store(deta + tok, deta_t.to(deta.dtype.element_ty), mask=m_t)
-        tl.store(dmu + tok, dmu_t.to(dmu.dtype.element_ty), mask=m_t)
-    else:
-        tl.store(dalpha + tok[:, None] * M + o_m[None, :], dalpha_t, mask=m_tm)
-        NM: tl.constexpr = (M + BM - 1) // BM
-        tl.store(partial_sum_ptrs(partial_sums, 0, i_m, tok, n_entries, NM), dmu_t, mask=m_t)
-        tl.store(partial_sum_ptrs(partial_sums, 1, i_m, tok, n_entries, NM), deta_t, mask=m_t)
-        # the block's part of the softmax's sum_j alpha dalpha, from the very values stored
-        tl.store(partial_sum_ptrs(partial_sums, 2, i_m, tok, n_entries, NM), tl.sum(alpha * dalpha_t, 1), mask=m_t)
+    store_row_gradients(
+        alpha, theta, dq, dk, dg, eta_t, mu_t, tok, m_t, o_m, m_m, i_m, dominant, x_dom,
+        dlogits, deta, dmu, dalpha, partial_sums, n_entries, M, BM,
+    )  # fmt: skip
+
+
+@triton.jit
+def token_routing(logits, lse, eta, mu, tk, o_m, m_m, M: tl.constexpr):
+    """alpha over rows o_m of one token (tk its flat (token, head) index): [BM] float32, 0 on masked
+    rows; and the token's eta and mu."""
+    x = tl.load(logits + tk * M + o_m, mask=m_m, other=float("-inf")).to(tl.float32)
+    top = tl.load(lse + 2 * tk)
+    log_total = tl.load(lse + 2 * tk + 1)
+    alpha = tl.exp((x - top) - log_total)
+    return alpha, tl.load(eta + tk).to(tl.float32), tl.load(mu + tk).to(tl.float32)
+
+
+@triton.heuristics(VARLEN_SWITCH)
+@triton.jit(do_not_specialize=["T", "NT", "n_entries"])
+def chunk_bwd_dqk_walk_kernel(
+    v,
+    logits,
+    lse,
+    eta,
+    mu,
+    dominant,
+    x_dom,
+    do,
+    states,
+    grad_states,
+    dlogits,
+    deta,
+    dmu,
+    dalpha,
+    partial_sums,
+    chunk_indices,
+    cu_seqlens,
+    T,
+    NT,
+    n_entries,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """states: [NT_total, H, M, V] memory at each chunk's start; grad_states: [NT_total, H, M, V]
+    gradient on the memory at each chunk's end from the tokens after it (both
+    ``launch.chunk_state_dtype``). One block of BM rows per program, all V columns: it walks its
+    chunk token by token, forward for dphi_t = <do_t, h_t> and back for dtheta, element-wise in
+    float32, each row's sums over V within one warp. dalpha: [B, T, H, M] float32,
+    the forward walk's dphi, then (several blocks of rows) dalpha; partial_sums [3, NM,
+    n_entries] float32 (n_entries = B * T * H), the block's sums of alpha * dphi, alpha * dtheta
+    and alpha * dalpha, for ``chunk_bwd_dv_kernel`` to finish. When one block holds all M rows it
+    writes dlogits, deta and dmu in their inputs' layouts instead."""
+    i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    first = bos + i_c * BT
+    n = tl.minimum(eos - first, BT).to(tl.int32)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_v = tl.arange(0, BV)
+    m_v = o_v < V
+    rows = ((i_tc.to(tl.int64) * H + i_h) * M + o_m)[:, None] * V + o_v[None, :]
+    m_rows = m_m[:, None] & m_v[None, :]
+    gates = (logits, lse, eta, mu)
+
+    # forward: h_t = d_t h_{t-1} + theta_t v_t from the chunk's start, dphi_t = <do_t, h_t>
+    h = tl.load(states + rows, mask=m_rows, other=0.0).to(tl.float32)
+    for t in range(n):
+        tk = (first + t) * H + i_h
+        alpha, eta_t, _ = token_routing(*gates, tk, o_m, m_m, M)
+        theta = eta_t * alpha
+        v_t = tl.load(v + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        do_t = tl.load(do + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        h = (1.0 - theta)[:, None] * h + theta[:, None] * v_t[None, :]
+        tl.store(dalpha + tk * M + o_m, tl.sum(h * do_t[None, :], 1), mask=m_m)
+    tl.debug_barrier()  # the back walk reads dphi where other threads of the row stored it
+
+    # back: D_t = phi_t do_t + d_{t+1} D_{t+1} from the chunk's end, dk_t = <D_t, v_t>, and
+    # dg_t = (1 - theta_t) <D_t, h_{t-1}> = phi_t dphi_t - theta_t dk_t + dg_{t+1} from <dh, h_end>
+    grad_h = tl.load(grad_states + rows, mask=m_rows, other=0.0).to(tl.float32)
+    dg = tl.sum(grad_h * h, 1)
+    d_after = tl.full([BM], 1.0, dtype=tl.float32)
+    for i in range(n):
+        tk = (first + n - 1 - i) * H + i_h
+        alpha, eta_t, mu_t = token_routing(*gates, tk, o_m, m_m, M)
+        theta = eta_t * alpha
+        phi = mu_t * alpha
+        v_t = tl.load(v + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        do_t = tl.load(do + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        grad_h = d_after[:, None] * grad_h + phi[:, None] * do_t[None, :]
+        dk = tl.sum(grad_h * v_t[None, :], 1)
+        dphi = tl.load(dalpha + tk * M + o_m, mask=m_m, other=0.0)
+        dg += phi * dphi - theta * dk
+        if M > BM:
+            # dalpha_t overwrites dphi_t: with several warps, one warp's store must not overtake
+            # another's load (1 warp by default, launch.chunk_bwd)
+            tl.debug_barrier()
+        # the token as [1] tensors: the interpreter takes no 0-d mask where it broadcasts
+        store_row_gradients(
+            alpha, theta, dphi, dk, dg, eta_t, mu_t, tk[None], tl.full([1], True, tl.int1), o_m, m_m, i_m,
+            dominant, x_dom, dlogits, deta, dmu, dalpha, partial_sums, n_entries, M, BM,
+        )  # fmt: skip
+        d_after = 1.0 - theta
 
 
 @triton.heuristics(VARLEN_SWITCH)
@@ -294,8 +429,8 @@ def chunk_bwd_dv_kernel(
 ):
     """dv_s = sum_j theta_s[j] d_{s+1}[j] ... d_last[j] dh[j] + sum_{t>=s} A[t, s] do_t, over
     blocks of BM rows, with A the forward's scores (``scores`` [B, T, H, BT] float32, row t of
-    its chunk's A). With several blocks (M > BM), also the softmax backward from
-    ``chunk_bwd_dqk_kernel``'s dalpha and partial sums: dlogits, deta, dmu."""
+    its chunk's A). With several blocks (M > BM), also the softmax backward from the dq/dk
+    kernel's dalpha and partial sums (either form): dlogits, deta, dmu."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)

@@ -11,6 +11,7 @@ from fla_factmem.ops.compiled_launch import CompiledLauncher, KeptKernel, is_int
 from fla_factmem.ops.factorization_memory.chunk_bwd_kernels import (
     chunk_bwd_dominant_kernel,
     chunk_bwd_dqk_kernel,
+    chunk_bwd_dqk_walk_kernel,
     chunk_bwd_dv_kernel,
 )
 from fla_factmem.ops.factorization_memory.chunk_kernels import (
@@ -49,6 +50,7 @@ STATE_SCAN = CompiledLauncher(chunk_state_scan_kernel)
 FWD_O = CompiledLauncher(chunk_fwd_o_kernel)
 BWD_DOMINANT = CompiledLauncher(chunk_bwd_dominant_kernel)
 BWD_DQK = CompiledLauncher(chunk_bwd_dqk_kernel)
+BWD_DQK_WALK = CompiledLauncher(chunk_bwd_dqk_walk_kernel)
 BWD_DV = CompiledLauncher(chunk_bwd_dv_kernel)
 
 
@@ -72,6 +74,18 @@ def dot_block(n: int, limit: int) -> int:
 # session 32). The dv kernel keeps whole rows: blocks of V there recompute its gates per block
 # (2.5 ms against 1.1 ms at V = 256).
 DQK_BLOCK_V = 16
+
+# The dq/dk kernel's two forms: at small V a walk through each chunk token by token, element-wise
+# in float32 over [BM, V] tiles, whose work grows with M * V per token; else the levels, whose
+# matrix products grow more slowly with V (chunk_bwd_kernels.py). Not yet timed: the bound is a
+# guess from compiled instruction counts (benchmarks/ops/NOTES.md, session 37).
+DQK_WALK_MAX_V = 64
+
+
+def dqk_walks(V: int) -> bool:
+    """Whether the dense backward's dq/dk kernel walks its chunks token by token (at V <= 64)
+    rather than by levels."""
+    return V <= DQK_WALK_MAX_V
 
 
 class ChunkLayout(NamedTuple):
@@ -620,11 +634,13 @@ def chunk_bwd(
     needs_dh0: bool,
     block_m: int | None = None,
     num_warps: int | None = None,
+    walk: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Dense backward from the forward's inputs and ``saved``: ``(dv, dlogits, deta, dmu, dh0)``
     in the layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``).
     ``block_m`` sets the blocks of rows of the dq/dk and dv kernels (and with it whether dalpha goes
-    through a scratch); ``num_warps`` overrides the dq/dk kernel's warps (for tuning)."""
+    through a scratch); ``num_warps`` overrides the dq/dk kernel's warps and ``walk`` its form
+    (``dqk_walks``), for tuning."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens)
@@ -638,33 +654,55 @@ def chunk_bwd(
     chunks = (layout.NT_total, H)
     common = dict(H=H, M=M, V=V, BT=CHUNK, BV=BV, DOT_PRECISION=dot_precision(v.dtype))
     x_dom = torch.empty(v.shape[:-1], dtype=torch.float32, device=v.device)
-    # <do_t, v_s> within each chunk, [B, T, H, CHUNK] float32: formed once, read by every block of
-    # rows; the product contracts over V, whose block must be at least 16 (``dot_block``)
-    pair_products = torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device)
+    walk = dqk_walks(V) if walk is None else walk
+    # for the levels, <do_t, v_s> within each chunk, [B, T, H, CHUNK] float32: formed once, read by
+    # every block of rows; the product contracts over V, whose block must be at least 16 (``dot_block``)
+    pair_products = None if walk else torch.empty(*v.shape[:-1], CHUNK, dtype=torch.float32, device=v.device)
     BWD_DOMINANT.launch(
         chunks,
         v, logits, lse, eta, mu, dominant, do, states, grad_states, pair_products, x_dom,
         layout.chunk_indices, cu_seqlens, T, layout.NT, **common | dict(BV=dot_block(V, BV)), num_warps=4,
     )  # fmt: skip
 
-    # best measured on an H200 (benchmarks/ops/NOTES.md, session 32): blocks of 32 rows in 2 warps
-    # for the dq/dk kernel (at 255 registers, four such programs share an SM; 64 rows in 8 warps,
-    # one program an SM, took 1.2x the backward's time at V = 64, 2x at V = 256), 4 warps for dv
-    BM = dot_block(M, block_m or 32)
+    # best measured on an H200 (benchmarks/ops/NOTES.md, session 32) for the levels: blocks of 32
+    # rows in 2 warps (at 255 registers, four such programs share an SM; 64 rows in 8 warps, one
+    # program an SM, took 1.2x the backward's time at V = 64, 2x at V = 256), 4 warps for dv. The
+    # walk's rows stay in one warp, so that its sums over a token's rows cross no warps, and its
+    # [BM, V] float32 tiles within 128 registers a thread
+    BM = dot_block(M, block_m or (16 if walk and BV > 128 else 32))
     NM = cdiv(M, BM)
     # the softmax needs whole rows: with several blocks of rows, dalpha and the per-block sums
-    # over rows wait in a scratch for the dv kernel
-    dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if NM > 1 else None
+    # over rows wait in a scratch for the dv kernel; the walk also keeps dphi there between its
+    # two passes
+    dalpha = torch.empty(logits.shape, dtype=torch.float32, device=v.device) if NM > 1 or walk else None
     partial_sums = torch.empty(3, NM, eta.numel(), dtype=torch.float32, device=v.device) if NM > 1 else None
-    BWD_DQK.launch(
-        (*chunks, NM),
-        v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, pair_products, dlogits,
-        deta, dmu, dalpha, partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
-        **common | dict(BV=DQK_BLOCK_V), LEVELS=LEVELS, BM=BM, num_warps=num_warps or 2,
-    )  # fmt: skip
+    dqk_outputs_and_sizes = (
+        dlogits,
+        deta,
+        dmu,
+        dalpha,
+        partial_sums,
+        layout.chunk_indices,
+        cu_seqlens,
+        T,
+        layout.NT,
+        eta.numel(),
+    )
+    if walk:
+        BWD_DQK_WALK.launch(
+            (*chunks, NM),
+            v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, *dqk_outputs_and_sizes,
+            H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, num_warps=num_warps or 1,
+        )  # fmt: skip
+    else:
+        BWD_DQK.launch(
+            (*chunks, NM),
+            v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, pair_products, *dqk_outputs_and_sizes,
+            **common | dict(BV=DQK_BLOCK_V), LEVELS=LEVELS, BM=BM, num_warps=num_warps or 2,
+        )  # fmt: skip
     BWD_DV.launch(
         chunks,
-        logits, lse, eta, mu, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha,
+        logits, lse, eta, mu, do, grad_states, scores, dv, dlogits, deta, dmu, dalpha if NM > 1 else None,
         partial_sums, layout.chunk_indices, cu_seqlens, T, layout.NT, eta.numel(),
         **common, BM=BM, num_warps=4,
     )  # fmt: skip

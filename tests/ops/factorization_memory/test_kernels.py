@@ -7,6 +7,7 @@ import torch
 import triton
 
 from fla_factmem.ops import chunk_factorization_memory, fused_recurrent_factorization_memory, naive_factorization_memory
+from fla_factmem.ops.factorization_memory import launch
 from fla_factmem.ops.factorization_memory.chunk import ChunkFactorizationMemoryFunction
 from fla_factmem.ops.factorization_memory.chunk_torch import chunk_factorization_memory_torch
 from fla_factmem.ops.factorization_memory.launch import chunk_fwd, fused_recurrent_fwd
@@ -20,6 +21,13 @@ def chunk_kernels_forward(*args):
 
 
 KERNELS = [chunk_kernels_forward, fused_recurrent_fwd]
+
+
+@pytest.fixture(params=["walk", "levels"])
+def dqk_form(request, monkeypatch):
+    """The backward's dq/dk kernel in both forms (``launch.dqk_walks``), whatever V."""
+    monkeypatch.setattr(launch, "DQK_WALK_MAX_V", 1 << 30 if request.param == "walk" else 0)
+    return request.param
 
 
 def triton_chunk(v, logits, eta, mu, topk=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -128,6 +136,7 @@ def test_kernel_edge_numerics(kernel, case):
     assert_close("final state", ht, ht_ref, 1e-5)
 
 
+@pytest.mark.usefixtures("dqk_form")
 @pytest.mark.parametrize(
     ("B", "T", "H", "M", "V"),
     # T = 1; a partial chunk; M and V not powers of two; several chunks, several blocks of M rows;
@@ -149,12 +158,14 @@ def test_chunk_kernels_gradients(B, T, H, M, V, with_state):
     assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4)
 
 
+@pytest.mark.usefixtures("dqk_form")
 def test_chunk_kernels_gradients_varlen():
     offsets = torch.tensor([0, 18, 18, 19, 90], dtype=torch.int32)
     inputs = make_inputs(1, 90, 2, 16, 16, N=4)
     assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4, cu_seqlens=offsets)
 
 
+@pytest.mark.usefixtures("dqk_form")
 @pytest.mark.parametrize(
     ("case", "M"),
     # M = 80: the dominant rows fall in every block of rows
@@ -210,6 +221,7 @@ def assert_matches_float64(fn, inputs, fwd_tol, bwd_tol, cu_seqlens=None, topk=N
 GRAD_TOLERANCES = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 1e-2), (torch.float16, 1e-2, 1e-2)]
 
 
+@pytest.mark.usefixtures("dqk_form")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunk_kernels_half_inputs(dtype):
     """Half inputs through the kernels: their loads, the chunk states (bf16 for bf16 inputs:
@@ -220,6 +232,7 @@ def test_chunk_kernels_half_inputs(dtype):
     assert_matches_float64(triton_chunk, inputs, 1e-2, 1e-2)
 
 
+@pytest.mark.usefixtures("dqk_form")
 def test_chunk_kernels_fp16_gradient_states_past_fp16_range():
     """fp16 inputs under loss scaling (do = 300): with slow decays (eta = 0.002, mostly one row)
     the gradient on the memory grows to about |do| mu / eta, 8e4 here, past fp16's 65504, while
@@ -242,6 +255,7 @@ def test_chunk_kernels_fp16_gradient_states_past_fp16_range():
         assert_close(name, g, ref, 1e-2)
 
 
+@pytest.mark.usefixtures("dqk_form")
 @pytest.mark.cuda
 @pytest.mark.parametrize(("B", "T", "H", "M", "V"), CUDA_SHAPES)
 @pytest.mark.parametrize(("dtype", "fwd_tol", "bwd_tol"), GRAD_TOLERANCES)
@@ -250,6 +264,7 @@ def test_cuda_chunk_backward(B, T, H, M, V, dtype, fwd_tol, bwd_tol):
     assert_matches_float64(chunk_factorization_memory, inputs, fwd_tol, bwd_tol)
 
 
+@pytest.mark.usefixtures("dqk_form")
 @pytest.mark.cuda
 def test_cuda_varlen_and_states():
     offsets = torch.tensor([0, 700, 701, 701, 2000, 2100], device="cuda")
@@ -262,11 +277,27 @@ def test_cuda_varlen_and_states():
     assert_close("fused_recurrent final state", ht, ht_ref, 1e-5)
 
 
+@pytest.mark.usefixtures("dqk_form")
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["overwrite", "eta_zero", "near_one_hot", "saturating", "offset", "top_gap"])
 def test_cuda_edge_numerics(case):
     inputs = edge_case_inputs(case, 1, 4096, 2, 64, 64, "cuda")
     assert_matches_float64(chunk_factorization_memory, inputs, 1e-5, 1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_warps", [1, 2, 4, 8])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_cuda_walk_launches(num_warps, block_m):
+    """The dq/dk walk at launches other than its default (its rows over several warps, where
+    dalpha overwrites dphi in place), against the levels' gradients."""
+    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(2, 300, 2, 256, 64, device="cuda", logit_scale=2.0))
+    do = torch.randn_like(v)
+    _, _, saved = chunk_fwd(v, logits, eta, mu, h0, False, None)
+    found = launch.chunk_bwd(v, logits, eta, mu, saved, do, None, None, True, block_m, num_warps, walk=True)
+    wanted = launch.chunk_bwd(v, logits, eta, mu, saved, do, None, None, True, walk=False)
+    for name, g, ref in zip(GRAD_NAMES, found, wanted):
+        assert_close(name, g, ref, 1e-4)
 
 
 @pytest.mark.cuda
