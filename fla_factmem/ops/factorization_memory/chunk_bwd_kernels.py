@@ -305,6 +305,21 @@ def token_routing(logits, lse, eta, mu, tk, o_m, m_m, M: tl.constexpr):
     return alpha, tl.load(eta + tk).to(tl.float32), tl.load(mu + tk).to(tl.float32)
 
 
+@triton.jit
+def token_columns(v, do, tk, o_v, m_v, V: tl.constexpr):
+    """v_t and do_t of one token (tk its flat (token, head) index) over columns o_v [SLICES, W], as
+    float32 [1, SLICES, W] tiles for the walk's rows to broadcast along."""
+    v_t = tl.load(v + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    do_t = tl.load(do + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    return v_t[None, :, :], do_t[None, :, :]
+
+
+@triton.jit
+def sum_over_columns(x):
+    """[BM]: the sums over each row's columns of x [BM, SLICES, W]."""
+    return tl.sum(tl.sum(x, 2), 1)
+
+
 @triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT", "n_entries"])
 def chunk_bwd_dqk_walk_kernel(
@@ -334,16 +349,18 @@ def chunk_bwd_dqk_walk_kernel(
     BT: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
+    SLICES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """states: [NT_total, H, M, V] memory at each chunk's start; grad_states: [NT_total, H, M, V]
     gradient on the memory at each chunk's end from the tokens after it (both
     ``launch.chunk_state_dtype``). One block of BM rows per program, all V columns: it walks its
     chunk token by token, forward for dphi_t = <do_t, h_t> and back for dtheta, element-wise in
-    float32, each row's sums over V within one warp. dalpha: [B, T, H, M] float32,
-    the forward walk's dphi, then (several blocks of rows) dalpha; partial_sums [3, NM,
-    n_entries] float32 (n_entries = B * T * H), the block's sums of alpha * dphi, alpha * dtheta
-    and alpha * dalpha, for ``chunk_bwd_dv_kernel`` to finish. When one block holds all M rows it
+    float32, its columns in SLICES slices of BV / SLICES (``launch.walk_slices``); with one warp
+    (the default launch) each row's sums over V stay within it. dalpha: [B, T, H, M] float32, the
+    forward walk's dphi, then (several blocks of rows) dalpha; partial_sums [3, NM, n_entries]
+    float32 (n_entries = B * T * H), the block's sums of alpha * dphi, alpha * dtheta and alpha *
+    dalpha, for ``chunk_bwd_dv_kernel`` to finish. When one block holds all M rows it
     writes dlogits, deta and dmu in their inputs' layouts instead."""
     i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
@@ -351,10 +368,20 @@ def chunk_bwd_dqk_walk_kernel(
     n = tl.minimum(eos - first, BT).to(tl.int32)
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
-    o_v = tl.arange(0, BV)
+    # the tiles are [BM, SLICES, BV / SLICES]: a row's columns in slices, which in one warp (the
+    # default launch) each thread holds its columns of, so that fewer threads share a row than
+    # in a [BM, BV] tile (whose layout the states' 16-byte loads fix): fewer shuffles a sum over
+    # V and fewer threads forming each row's gates, for more of v_t and do_t converted in each
+    # (``launch.walk_slices``). Keep the third axis at one slice too: at 32 rows in one warp
+    # Triton 3.6 then forms the gates one row a thread and moves them through shared memory,
+    # where for [BM, BV] tiles it formed them in each of the 8 threads sharing a row, for 19%
+    # more instructions a step (benchmarks/ops/NOTES.md, session 39)
+    tl.static_assert(SLICES <= BV, "the walk's column slices must be at least one column wide")
+    W: tl.constexpr = BV // SLICES
+    o_v = tl.arange(0, SLICES)[:, None] * W + tl.arange(0, W)[None, :]  # [SLICES, W]
     m_v = o_v < V
-    rows = ((i_tc.to(tl.int64) * H + i_h) * M + o_m)[:, None] * V + o_v[None, :]
-    m_rows = m_m[:, None] & m_v[None, :]
+    rows = ((i_tc.to(tl.int64) * H + i_h) * M + o_m)[:, None, None] * V + o_v[None, :, :]
+    m_rows = m_m[:, None, None] & m_v[None, :, :]
     gates = (logits, lse, eta, mu)
 
     # forward: h_t = d_t h_{t-1} + theta_t v_t from the chunk's start, dphi_t = <do_t, h_t>
@@ -363,26 +390,24 @@ def chunk_bwd_dqk_walk_kernel(
         tk = (first + t) * H + i_h
         alpha, eta_t, _ = token_routing(*gates, tk, o_m, m_m, M)
         theta = eta_t * alpha
-        v_t = tl.load(v + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        do_t = tl.load(do + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        h = (1.0 - theta)[:, None] * h + theta[:, None] * v_t[None, :]
-        tl.store(dalpha + tk * M + o_m, tl.sum(h * do_t[None, :], 1), mask=m_m)
+        v_t, do_t = token_columns(v, do, tk, o_v, m_v, V)
+        h = (1.0 - theta)[:, None, None] * h + theta[:, None, None] * v_t
+        tl.store(dalpha + tk * M + o_m, sum_over_columns(h * do_t), mask=m_m)
     tl.debug_barrier()  # the back walk reads dphi where other threads of the row stored it
 
     # back: D_t = phi_t do_t + d_{t+1} D_{t+1} from the chunk's end, dk_t = <D_t, v_t>, and
     # dg_t = (1 - theta_t) <D_t, h_{t-1}> = phi_t dphi_t - theta_t dk_t + dg_{t+1} from <dh, h_end>
     grad_h = tl.load(grad_states + rows, mask=m_rows, other=0.0).to(tl.float32)
-    dg = tl.sum(grad_h * h, 1)
+    dg = sum_over_columns(grad_h * h)
     d_after = tl.full([BM], 1.0, dtype=tl.float32)
     for i in range(n):
         tk = (first + n - 1 - i) * H + i_h
         alpha, eta_t, mu_t = token_routing(*gates, tk, o_m, m_m, M)
         theta = eta_t * alpha
         phi = mu_t * alpha
-        v_t = tl.load(v + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        do_t = tl.load(do + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        grad_h = d_after[:, None] * grad_h + phi[:, None] * do_t[None, :]
-        dk = tl.sum(grad_h * v_t[None, :], 1)
+        v_t, do_t = token_columns(v, do, tk, o_v, m_v, V)
+        grad_h = d_after[:, None, None] * grad_h + phi[:, None, None] * do_t
+        dk = sum_over_columns(grad_h * v_t)
         dphi = tl.load(dalpha + tk * M + o_m, mask=m_m, other=0.0)
         dg += phi * dphi - theta * dk
         if M > BM:

@@ -88,6 +88,17 @@ def dqk_walks(V: int) -> bool:
     return V <= DQK_WALK_MAX_V
 
 
+def walk_slices(BV: int, state_bytes: int) -> int:
+    """Slices of the dq/dk walk's columns (``chunk_bwd_dqk_walk_kernel``): 128 bytes of chunk
+    states a row and slice, so that 8 threads of 16-byte loads share each row, as they do for
+    bf16 states at V = 64; where 16 threads shared a row of float32 states, each sum over V took
+    one more round of shuffles and each row's gates were formed in twice the threads. Up to
+    ``DQK_WALK_MAX_V`` that is 1 slice, or 2 for float32 states above V = 32; more only where the
+    walk is forced. Chosen from compiled instruction counts (benchmarks/ops/NOTES.md, session 39),
+    not yet timed."""
+    return max(1, BV * state_bytes // 128)
+
+
 class ChunkLayout(NamedTuple):
     """How the sequences split into chunks: NT chunks per sequence (equal lengths), or the
     chunk_indices [NT_total, 2] and chunk_offsets [N + 1] of FLA for packed sequences."""
@@ -668,7 +679,7 @@ def chunk_bwd(
     # rows in 2 warps (at 255 registers, four such programs share an SM; 64 rows in 8 warps, one
     # program an SM, took 1.2x the backward's time at V = 64, 2x at V = 256), 4 warps for dv. The
     # walk's rows stay in one warp, so that its sums over a token's rows cross no warps, and its
-    # [BM, V] float32 tiles within 128 registers a thread
+    # float32 tiles of BM x V within 128 registers a thread
     BM = dot_block(M, block_m or (16 if walk and BV > 128 else 32))
     NM = cdiv(M, BM)
     # the softmax needs whole rows: with several blocks of rows, dalpha and the per-block sums
@@ -692,7 +703,8 @@ def chunk_bwd(
         BWD_DQK_WALK.launch(
             (*chunks, NM),
             v, logits, lse, eta, mu, dominant, x_dom, do, states, grad_states, *dqk_outputs_and_sizes,
-            H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, num_warps=num_warps or 1,
+            H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, SLICES=walk_slices(BV, states.element_size()),
+            num_warps=num_warps or 1,
         )  # fmt: skip
     else:
         BWD_DQK.launch(

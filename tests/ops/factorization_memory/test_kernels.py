@@ -158,6 +158,31 @@ def test_chunk_kernels_gradients(B, T, H, M, V, with_state):
     assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4)
 
 
+def test_walk_slices_divide_the_columns():
+    for V in range(1, 1025):
+        BV = next_power_of_2(V)
+        for state_bytes in (2, 4):
+            slices = launch.walk_slices(BV, state_bytes)
+            assert slices >= 1 and BV % slices == 0, (V, state_bytes, slices)
+    assert (launch.walk_slices(64, 2), launch.walk_slices(64, 4), launch.walk_slices(32, 4)) == (1, 2, 1)
+
+
+@pytest.mark.parametrize("slices", [2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_walk_column_slices(slices, dtype, monkeypatch):
+    """The dq/dk walk with its columns in slices (``launch.walk_slices``) that its inputs would
+    not get: V = 24 of 32 columns, at 8 slices two of them wholly masked; two blocks of rows;
+    packed sequences, one empty and one of a token; float32 and bf16 chunk states."""
+    monkeypatch.setattr(launch, "DQK_WALK_MAX_V", 1 << 30)
+    monkeypatch.setattr(launch, "walk_slices", lambda BV, state_bytes: slices)
+    offsets = torch.tensor([0, 18, 18, 19, 70], dtype=torch.int32)
+    inputs = make_inputs(1, 70, 2, 40, 24, dtype=dtype, logit_scale=2.0, N=4)
+    if dtype == torch.float32:
+        assert_matches(triton_chunk, naive_factorization_memory, inputs, None, 1e-5, 1e-4, cu_seqlens=offsets)
+    else:
+        assert_matches_float64(triton_chunk, inputs, 1e-2, 1e-2, cu_seqlens=offsets)
+
+
 @pytest.mark.usefixtures("dqk_form")
 def test_chunk_kernels_gradients_varlen():
     offsets = torch.tensor([0, 18, 18, 19, 90], dtype=torch.int32)
@@ -286,11 +311,16 @@ def test_cuda_edge_numerics(case):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("num_warps", [1, 2, 4, 8])
-@pytest.mark.parametrize("block_m", [16, 32])
-def test_cuda_walk_launches(num_warps, block_m):
+@pytest.mark.parametrize(
+    ("num_warps", "block_m", "slices"),
+    [(w, m, None) for w in (1, 2, 4, 8) for m in (16, 32)] + [(1, 32, 2), (1, 32, 4), (4, 32, 2), (8, 16, 4)],
+)
+def test_cuda_walk_launches(num_warps, block_m, slices, monkeypatch):
     """The dq/dk walk at launches other than its default (its rows over several warps, where
-    dalpha overwrites dphi in place), against the levels' gradients."""
+    dalpha overwrites dphi in place; its columns in slices other than its pick), against the
+    levels' gradients."""
+    if slices is not None:
+        monkeypatch.setattr(launch, "walk_slices", lambda BV, state_bytes: slices)
     v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(2, 300, 2, 256, 64, device="cuda", logit_scale=2.0))
     do = torch.randn_like(v)
     _, _, saved = chunk_fwd(v, logits, eta, mu, h0, False, None)
