@@ -295,23 +295,21 @@ def chunk_bwd_dqk_kernel(
 
 
 @triton.jit
-def token_routing(logits, lse, eta, mu, tk, o_m, m_m, M: tl.constexpr):
-    """alpha over rows o_m of one token (tk its flat (token, head) index): [BM] float32, 0 on masked
-    rows; and the token's eta and mu."""
-    x = tl.load(logits + tk * M + o_m, mask=m_m, other=float("-inf")).to(tl.float32)
+def token_loads(logits, lse, eta, mu, v, do, tk, o_m, m_m, o_v, m_v, M: tl.constexpr, V: tl.constexpr):
+    """One token's inputs to the walk, as loaded (tk its flat (token, head) index): its logits over
+    rows o_m, log-sum-exp, eta, mu, and v and do over columns o_v [SLICES, W]."""
+    x = tl.load(logits + tk * M + o_m, mask=m_m, other=float("-inf"))
     top = tl.load(lse + 2 * tk)
     log_total = tl.load(lse + 2 * tk + 1)
-    alpha = tl.exp((x - top) - log_total)
-    return alpha, tl.load(eta + tk).to(tl.float32), tl.load(mu + tk).to(tl.float32)
+    v_t = tl.load(v + tk * V + o_v, mask=m_v, other=0.0)
+    do_t = tl.load(do + tk * V + o_v, mask=m_v, other=0.0)
+    return x, top, log_total, tl.load(eta + tk), tl.load(mu + tk), v_t, do_t
 
 
 @triton.jit
-def token_columns(v, do, tk, o_v, m_v, V: tl.constexpr):
-    """v_t and do_t of one token (tk its flat (token, head) index) over columns o_v [SLICES, W], as
-    float32 [1, SLICES, W] tiles for the walk's rows to broadcast along."""
-    v_t = tl.load(v + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-    do_t = tl.load(do + tk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-    return v_t[None, :, :], do_t[None, :, :]
+def as_row_tile(x):
+    """[1, SLICES, W] float32 of a token's columns x [SLICES, W], for the walk's rows to broadcast along."""
+    return x.to(tl.float32)[None, :, :]
 
 
 @triton.jit
@@ -382,17 +380,22 @@ def chunk_bwd_dqk_walk_kernel(
     m_v = o_v < V
     rows = ((i_tc.to(tl.int64) * H + i_h) * M + o_m)[:, None, None] * V + o_v[None, :, :]
     m_rows = m_m[:, None, None] & m_v[None, :, :]
-    gates = (logits, lse, eta, mu)
+    inputs = (logits, lse, eta, mu, v, do)
+    # each step loads the next token's inputs before it works on its own, so that the loads'
+    # latency overlaps a step's arithmetic; the last step loads its own token again rather than
+    # one past the chunk
 
     # forward: h_t = d_t h_{t-1} + theta_t v_t from the chunk's start, dphi_t = <do_t, h_t>
     h = tl.load(states + rows, mask=m_rows, other=0.0).to(tl.float32)
+    tk = first * H + i_h
+    x, top, log_total, eta_t, mu_t, v_t, do_t = token_loads(*inputs, tk, o_m, m_m, o_v, m_v, M, V)
     for t in range(n):
-        tk = (first + t) * H + i_h
-        alpha, eta_t, _ = token_routing(*gates, tk, o_m, m_m, M)
-        theta = eta_t * alpha
-        v_t, do_t = token_columns(v, do, tk, o_v, m_v, V)
-        h = (1.0 - theta)[:, None, None] * h + theta[:, None, None] * v_t
-        tl.store(dalpha + tk * M + o_m, sum_over_columns(h * do_t), mask=m_m)
+        nxt = token_loads(*inputs, tk + tl.where(t + 1 < n, H, 0), o_m, m_m, o_v, m_v, M, V)
+        theta = eta_t.to(tl.float32) * tl.exp((x.to(tl.float32) - top) - log_total)
+        h = (1.0 - theta)[:, None, None] * h + theta[:, None, None] * as_row_tile(v_t)
+        tl.store(dalpha + tk * M + o_m, sum_over_columns(h * as_row_tile(do_t)), mask=m_m)
+        tk += H
+        x, top, log_total, eta_t, mu_t, v_t, do_t = nxt
     tl.debug_barrier()  # the back walk reads dphi where other threads of the row stored it
 
     # back: D_t = phi_t do_t + d_{t+1} D_{t+1} from the chunk's end, dk_t = <D_t, v_t>, and
@@ -400,14 +403,17 @@ def chunk_bwd_dqk_walk_kernel(
     grad_h = tl.load(grad_states + rows, mask=m_rows, other=0.0).to(tl.float32)
     dg = sum_over_columns(grad_h * h)
     d_after = tl.full([BM], 1.0, dtype=tl.float32)
+    tk = (first + n - 1) * H + i_h
+    x, top, log_total, eta_t, mu_t, v_t, do_t = token_loads(*inputs, tk, o_m, m_m, o_v, m_v, M, V)
     for i in range(n):
-        tk = (first + n - 1 - i) * H + i_h
-        alpha, eta_t, mu_t = token_routing(*gates, tk, o_m, m_m, M)
+        nxt = token_loads(*inputs, tk - tl.where(i + 1 < n, H, 0), o_m, m_m, o_v, m_v, M, V)
+        alpha = tl.exp((x.to(tl.float32) - top) - log_total)
+        eta_t = eta_t.to(tl.float32)
+        mu_t = mu_t.to(tl.float32)
         theta = eta_t * alpha
         phi = mu_t * alpha
-        v_t, do_t = token_columns(v, do, tk, o_v, m_v, V)
-        grad_h = d_after[:, None, None] * grad_h + phi[:, None, None] * do_t
-        dk = sum_over_columns(grad_h * v_t)
+        grad_h = d_after[:, None, None] * grad_h + phi[:, None, None] * as_row_tile(do_t)
+        dk = sum_over_columns(grad_h * as_row_tile(v_t))
         dphi = tl.load(dalpha + tk * M + o_m, mask=m_m, other=0.0)
         dg += phi * dphi - theta * dk
         if M > BM:
@@ -420,6 +426,8 @@ def chunk_bwd_dqk_walk_kernel(
             dominant, x_dom, dlogits, deta, dmu, dalpha, partial_sums, n_entries, M, BM,
         )  # fmt: skip
         d_after = 1.0 - theta
+        tk -= H
+        x, top, log_total, eta_t, mu_t, v_t, do_t = nxt
 
 
 @triton.heuristics(VARLEN_SWITCH)
