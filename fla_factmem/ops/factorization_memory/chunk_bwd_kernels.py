@@ -358,8 +358,8 @@ def chunk_bwd_dqk_walk_kernel(
     (the default launch) each row's sums over V stay within it. dalpha: [B, T, H, M] float32, the
     forward walk's dphi, then (several blocks of rows) dalpha; partial_sums [3, NM, n_entries]
     float32 (n_entries = B * T * H), the block's sums of alpha * dphi, alpha * dtheta and alpha *
-    dalpha, for ``chunk_bwd_dv_kernel`` to finish. When one block holds all M rows it
-    writes dlogits, deta and dmu in their inputs' layouts instead."""
+    dalpha, for ``chunk_bwd_dv_kernel`` to finish. When one block holds all M rows it writes
+    dlogits, deta and dmu in their inputs' layouts instead."""
     i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
     first = bos + i_c * BT

@@ -78,14 +78,16 @@ DQK_BLOCK_V = 16
 # The dq/dk kernel's two forms: at small V a walk through each chunk token by token, element-wise
 # in float32 over [BM, V] tiles, whose work grows with M * V per token; else the levels, whose
 # matrix products grow more slowly with V (chunk_bwd_kernels.py). Measured on an H200 (B=4,
-# T=4096, H=8, kernels' forward+backward, benchmarks/ops/NOTES.md, session 39): bf16 at M=256
-# 2538 us walking against 2902 by levels at V = 64 and 2003 against 2543 at V = 32, at M=64 873
-# against 933; float32 inputs 4768 against 9863 (M=256, V=64). Above V = 64 not yet timed.
+# T=4096, H=8, kernels' forward+backward, benchmarks/ops/NOTES.md, session 39): bf16 at M=256,
+# V=64 2538 us walking (as launched here) against 2902 by levels; the walk without the cap, 2003
+# against 2543 at V = 32 and 873 against 933 at M=64; float32 inputs 4768 against 9863 (M=256,
+# V=64, the walk capped, without its prefetch, which was timed in bf16 only). Above V = 64 not
+# yet timed.
 DQK_WALK_MAX_V = 64
 # The walk's register cap: at 128 (125 without spills for bf16 states, where 160 are taken
 # uncapped) 16 warps share an SM instead of 12, and their loads' latency hides better. H200, bf16,
-# M=256, V=64: 2538 against 2620 us capped and not (the walk alone: 2778 against 2987); float32
-# inputs 4768 against 4998 (4 bytes of spills)
+# M=256, V=64: 2538 against 2620 us capped and not (without the prefetch: 2778 against 2987);
+# float32 inputs 4768 against 4998 (4 bytes of spills)
 WALK_MAX_REGISTERS = 128
 
 
