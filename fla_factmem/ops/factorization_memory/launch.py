@@ -81,8 +81,10 @@ DQK_BLOCK_V = 16
 # T=4096, H=8, kernels' forward+backward, benchmarks/ops/NOTES.md, session 39): bf16 at M=256,
 # V=64 2538 us walking (as launched here) against 2902 by levels; the walk without the cap, 2003
 # against 2543 at V = 32 and 873 against 933 at M=64; float32 inputs 4768 against 9863 (M=256,
-# V=64, the walk capped, without its prefetch, which was timed in bf16 only). Above V = 64 not
-# yet timed.
+# V=64, the walk capped, without its prefetch, which was timed in bf16 only). Session 40, as
+# launched here: fp16 at M=256 2899 against 3158 and at M=64 935 against 1010; bf16 at M=128 1407
+# against 1593 and at B=1, T=16384, H=4 1739 against 1923; but the walk loses above V = 64, at
+# B=4, T=8192, H=4, M=256: V=128 7866 against 4367 by levels and V=256 15785 against 7087.
 DQK_WALK_MAX_V = 64
 # The walk's register cap: at 128 (125 without spills for bf16 states, where 160 are taken
 # uncapped) 16 warps share an SM instead of 12, and their loads' latency hides better. H200, bf16,
