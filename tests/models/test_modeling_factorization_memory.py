@@ -274,7 +274,13 @@ def test_torch_compile_calls_our_functions_eagerly_with_eagers_results(device, o
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
     ours = ("fla_factmem/ops/", "fla_factmem/modules/")
-    traced_into = [r.reason for r in explanation.break_reasons if any(p in r.user_stack[-1].filename for p in ours)]
+    # a module of ours that calls a disabled op (ShortConvolution on CUDA) breaks there, at the call
+    at_a_call = "torch.compiler.disable()`d function"
+    traced_into = [
+        r.reason
+        for r in explanation.break_reasons
+        if any(p in r.user_stack[-1].filename for p in ours) and at_a_call not in r.reason
+    ]
     assert not traced_into, traced_into
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="inductor" if device == "cuda" else "aot_eager")
