@@ -48,6 +48,7 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     pair_decay_factors,
     product,
     routing_gates,
+    routing_weight,
 )
 
 
@@ -361,7 +362,7 @@ def chunk_bwd_dqk_walk_kernel(
     dalpha, for ``chunk_bwd_dv_kernel`` to finish. When one block holds all M rows it writes
     dlogits, deta and dmu in their inputs' layouts instead."""
     i_tc, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    _, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
     first = bos + i_c * BT
     n = tl.minimum(eos - first, BT).to(tl.int32)
     o_m = i_m * BM + tl.arange(0, BM)
@@ -391,7 +392,7 @@ def chunk_bwd_dqk_walk_kernel(
     x, top, log_total, eta_t, mu_t, v_t, do_t = token_loads(*inputs, tk, o_m, m_m, o_v, m_v, M, V)
     for t in range(n):
         nxt = token_loads(*inputs, tk + tl.where(t + 1 < n, H, 0), o_m, m_m, o_v, m_v, M, V)
-        theta = eta_t.to(tl.float32) * tl.exp((x.to(tl.float32) - top) - log_total)
+        theta = eta_t.to(tl.float32) * routing_weight(x, top, log_total)
         h = (1.0 - theta)[:, None, None] * h + theta[:, None, None] * as_row_tile(v_t)
         tl.store(dalpha + tk * M + o_m, sum_over_columns(h * as_row_tile(do_t)), mask=m_m)
         tk += H
@@ -407,7 +408,7 @@ def chunk_bwd_dqk_walk_kernel(
     x, top, log_total, eta_t, mu_t, v_t, do_t = token_loads(*inputs, tk, o_m, m_m, o_v, m_v, M, V)
     for i in range(n):
         nxt = token_loads(*inputs, tk - tl.where(i + 1 < n, H, 0), o_m, m_m, o_v, m_v, M, V)
-        alpha = tl.exp((x.to(tl.float32) - top) - log_total)
+        alpha = routing_weight(x, top, log_total)
         eta_t = eta_t.to(tl.float32)
         mu_t = mu_t.to(tl.float32)
         theta = eta_t * alpha

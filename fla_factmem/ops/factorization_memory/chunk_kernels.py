@@ -107,6 +107,13 @@ def chunk_tokens(
 
 
 @triton.jit
+def routing_weight(x, top, log_total):
+    """alpha = softmax weight of logits x, float32, from the log-sum-exp's two parts (broadcast to
+    x's shape by the caller): the exponent is never positive."""
+    return tl.exp((x.to(tl.float32) - top) - log_total)
+
+
+@triton.jit
 def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
     """alpha, theta, phi and the decay d = 1 - theta as [len(tok), BM] float32 tiles, and eta, mu
     of the tokens; tok holds flat (token, head) indices. Masked tokens and rows get
@@ -116,7 +123,7 @@ def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
     log_total = tl.load(lse + 2 * tok + 1, mask=m_t, other=0.0)
     eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
     mu_t = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
-    alpha = tl.exp((x.to(tl.float32) - top[:, None]) - log_total[:, None])
+    alpha = routing_weight(x, top[:, None], log_total[:, None])
     theta = eta_t[:, None] * alpha
     phi = mu_t[:, None] * alpha
     return alpha, theta, phi, 1.0 - theta, eta_t, mu_t
