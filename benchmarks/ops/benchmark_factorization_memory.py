@@ -25,7 +25,8 @@ model's decode graph), beside the replay of a one-step graph (which adds that gr
 eager wall time of the public function, and achieved bandwidth (of the bytes each step must
 move: for sparse, the M logits and K rows read and written per head).
 Kernels that fail on the installed Triton are reported with their error, not dropped.
-Prints the tables, writes CSV and a PNG, and names the GPU.
+Prints the tables, writes CSV (rewritten after every row, so that a run stopped early keeps
+what it measured) and a PNG, and names the GPU.
 """
 
 import argparse
@@ -289,6 +290,15 @@ def sparse_case(B, T, H, M, V, topk, op):
         return nan, nan, nan, nan, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
+def write_csv(path: str, table_rows: list[dict]) -> None:
+    """The table so far to ``path``; rewritten after every row, so that a run stopped early (FLA's
+    first autotuning at a shape takes minutes) keeps what it measured."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+        w.writeheader()
+        w.writerows(table_rows)
+
+
 def plot_decode(plt, decode: list[dict], gpu: str, path: str) -> None:
     """Bars of the decode table's graph and eager times per (M, K) and op, log scale, to ``path``."""
     cases = list(dict.fromkeys((d["M"], d["K"]) for d in decode))
@@ -361,6 +371,7 @@ def main():
                     continue  # sdpa does not depend on M
                 fwd, both, err = time_case(fn)
                 rows.append(dict(T=T, M=M, op=name, fwd_ms=fwd, fwd_bwd_ms=both, error=err))
+                write_csv(os.path.join(args.out, "training.csv"), rows)
                 print(f"T={T:6d} M={M:4d} {name:12s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  {err}", flush=True)
             torch.cuda.empty_cache()
 
@@ -382,6 +393,7 @@ def main():
                     error=err,
                 )  # fmt: skip
             )
+            write_csv(os.path.join(args.out, "sparse.csv"), sparse)
             print(
                 f"sparse T={T:6d} M={M:4d} K={K:4d} {op:10s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  "
                 f"(kernels {kernels:8.3f} ms)  peak {peak:8.1f} MB  {err}",
@@ -406,6 +418,7 @@ def main():
                     GBps=nbytes / (g_ms * 1e-3) / 1e9,
                 )
             )
+            write_csv(os.path.join(args.out, "decode.csv"), decode)
             print(
                 f"decode M={M:4d} K={K or M:4d} {name:20s} graph {g_ms * 1e3:7.1f} us (one-step graph "
                 f"{one_ms * 1e3:7.1f})  eager {w_ms * 1e3:7.1f} us  {decode[-1]['GBps']:7.0f} GB/s",
@@ -413,13 +426,6 @@ def main():
             )
         del cases, fns  # DECODE_GRAPH_STEPS states of each op: some 27 GB at M = 4096, graph pools included
         torch.cuda.empty_cache()
-
-    for table, table_rows in (("training", rows), ("sparse", sparse), ("decode", decode)):
-        if table_rows:
-            with open(os.path.join(args.out, f"{table}.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(table_rows[0]))
-                w.writeheader()
-                w.writerows(table_rows)
 
     ops = list(dict.fromkeys(r["op"] for r in rows))
     if rows:
