@@ -86,10 +86,12 @@ DQK_BLOCK_V = 16
 # against 1593 and at B=1, T=16384, H=4 1739 against 1923; but the walk loses above V = 64, at
 # B=4, T=8192, H=4, M=256: V=128 7866 against 4367 by levels and V=256 15785 against 7087.
 DQK_WALK_MAX_V = 64
-# The walk's register cap: at 128 (125 without spills for bf16 states, where 160 are taken
-# uncapped) 16 warps share an SM instead of 12, and their loads' latency hides better. H200, bf16,
-# M=256, V=64: 2538 against 2620 us capped and not (without the prefetch: 2778 against 2987);
-# float32 inputs 4768 against 4998 (4 bytes of spills)
+# The walk's register cap: at 128, 16 warps share an SM instead of 12, and their loads' latency
+# hides better. H200, bf16, M=256, V=64: 2538 against 2620 us capped and not (without the
+# prefetch: 2778 against 2987); float32 inputs, without the prefetch, 4768 against 4998. Compiled
+# for sm_90a (M=256, V=64, session 40), as launched: bf16 states 12 bytes of spills (2 local loads
+# and 2 stores a forward step; 157 registers uncapped), float32 states 24 bytes (167 uncapped);
+# without the prefetch 125 registers and no spills, and 4 bytes for float32
 WALK_MAX_REGISTERS = 128
 
 
