@@ -50,6 +50,8 @@ def fm_weights(logits, eta, mu):
 
 
 def training_cases(B, T, H, M, V, dtype):
+    """The training table's ops at one shape: {name: forward callable}, and every leaf tensor that
+    their backwards write gradients to."""
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gla import chunk_gla
     from fla.ops.simple_gla import chunk_simple_gla
@@ -74,7 +76,7 @@ def training_cases(B, T, H, M, V, dtype):
         phi, theta, g = fm_weights(logits, eta, mu)
         return chunk_gla(phi.to(dtype), theta.to(dtype), v, g, scale=1.0)[0]
 
-    return {
+    cases = {
         "fm": lambda: chunk_factorization_memory(v, logits, eta, mu)[0],
         "fm_via_gla": fm_via_gla,
         "gla": lambda: chunk_gla(q, k, v, gk, scale=1.0)[0],
@@ -82,16 +84,20 @@ def training_cases(B, T, H, M, V, dtype):
         "delta_rule": lambda: chunk_delta_rule(q, kn, v, beta, scale=1.0)[0],
         "sdpa": lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True),
     }
+    return cases, [v, logits, eta, mu, q, k, gk, gs, kn, beta, qa, ka, va]
 
 
-def time_case(fn):
-    """(forward ms, forward+backward ms, error or '')."""
+def time_case(fn, leaves):
+    """(forward ms, forward+backward ms, error or ''). The leaves' gradients are cleared before
+    each timed backward (outside the timing), so that every op's backward writes them afresh
+    rather than adding them in place to the last one's: that addition costs each op in
+    proportion to its own inputs (bare chunk_gla's q, k and float32 gk against our logits)."""
     try:
         fwd = triton.testing.do_bench(lambda: fn(), warmup=25, rep=100, return_mode="median")
         out = fn()
         grad = torch.randn_like(out)
         both = triton.testing.do_bench(
-            lambda: fn().backward(grad), warmup=25, rep=100, return_mode="median", grad_to_none=None
+            lambda: fn().backward(grad), warmup=25, rep=100, return_mode="median", grad_to_none=leaves
         )
         return fwd, both, ""
     except Exception as e:  # a kernel refused or miscompiled by the installed Triton
@@ -366,10 +372,11 @@ def main():
     selected_ops = args.ops or (["fm", "fm_via_gla", "gla"] if args.quick else None)
     for T in () if args.no_training else Ts:
         for M in Ms:
-            for name, fn in training_cases(4, T, 8, M, 64, torch.bfloat16).items():
+            cases, leaves = training_cases(4, T, 8, M, 64, torch.bfloat16)
+            for name, fn in cases.items():
                 if (name == "sdpa" and M != Ms[0]) or (selected_ops and name not in selected_ops):
                     continue  # sdpa does not depend on M
-                fwd, both, err = time_case(fn)
+                fwd, both, err = time_case(fn, leaves)
                 rows.append(dict(T=T, M=M, op=name, fwd_ms=fwd, fwd_bwd_ms=both, error=err))
                 write_csv(os.path.join(args.out, "training.csv"), rows)
                 print(f"T={T:6d} M={M:4d} {name:12s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  {err}", flush=True)
