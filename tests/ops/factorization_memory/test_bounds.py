@@ -1,7 +1,8 @@
 """No Triton kernel of the op loads or stores outside its tensors: run by the interpreter on the
 CPU, every lane that a mask lets through must fall in the storage of one of the kernel's tensor
-arguments (tests/interpreter_bounds.py). Masks at every edge: packed sequences with an empty and
-a one-token one, sequences shorter than a chunk and not a multiple of it, M and V not powers of 2
+arguments (tests/interpreter_bounds.py). tests/conftest.py checks this around every test; these
+cases put every kernel's masks at their edges at once: packed sequences with an empty and a
+one-token one, sequences shorter than a chunk and not a multiple of it, M and V not powers of 2
 with M over one block of rows, initial and final states, gradients on both."""
 
 import os
@@ -58,6 +59,7 @@ def test_decode_kernels_stay_in_bounds(topk):
     assert not lanes
 
 
+@pytest.mark.out_of_bounds
 def test_the_check_sees_a_lane_out_of_bounds():
     """The check itself: a kernel that loads one element past its tensor is caught."""
 
