@@ -13,11 +13,7 @@ import contextlib
 from collections import Counter
 
 import numpy as np
-
-try:
-    from triton.runtime import interpreter
-except ImportError:  # pragma: no cover - every Triton this package supports has one
-    interpreter = None
+from triton.runtime import interpreter
 
 HOOKS = (
     "GridExecutor._init_args_hst",
@@ -29,8 +25,6 @@ HOOKS = (
 
 def missing_hooks() -> list[str]:
     """The private parts of the interpreter that ``out_of_bounds_lanes`` uses and this Triton lacks."""
-    if interpreter is None:
-        return list(HOOKS)
     missing = []
     for name in HOOKS:
         owner = interpreter
@@ -47,14 +41,15 @@ def out_of_bounds_lanes():
     tensor argument's storage, filled while the block runs."""
     bad: Counter = Counter()
     ranges: list[tuple[int, int]] = []
-    kernel = [None]
+    kernel = None
     executor, builder = interpreter.GridExecutor, interpreter.InterpreterBuilder
     init_args, load, store = executor._init_args_hst, builder.create_masked_load, builder.create_masked_store
 
     def init_args_checked(self, args_dev, kwargs):
+        nonlocal kernel
         args, kw = init_args(self, args_dev, kwargs)
         ranges.clear()
-        kernel[0] = self.fn.__name__
+        kernel = self.fn.__name__
         for x in (*args, *kw.values()):
             if hasattr(x, "untyped_storage"):
                 storage = x.untyped_storage()
@@ -69,7 +64,7 @@ def out_of_bounds_lanes():
             for lo, hi in ranges:
                 inside |= (lanes >= lo) & (lanes + size <= hi)
             if not inside.all():
-                bad[(kernel[0], kind)] += int((~inside).sum())
+                bad[(kernel, kind)] += int((~inside).sum())
 
     def load_checked(self, ptrs, mask, *args):
         check("load", ptrs, mask)
