@@ -7,14 +7,14 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; it must be on before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.interpreter_bounds import missing_hooks, out_of_bounds_lanes  # noqa: E402
+from tests.interpreter_bounds import MISSING_HOOKS, out_of_bounds_lanes  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def kernels_stay_in_bounds(request):
     """Under the interpreter, no Triton kernel that a test runs loads or stores outside its tensors
     (tests/interpreter_bounds.py); tests marked ``out_of_bounds`` do so on purpose."""
-    if os.environ.get("TRITON_INTERPRET") != "1" or missing_hooks() or request.node.get_closest_marker("out_of_bounds"):
+    if os.environ.get("TRITON_INTERPRET") != "1" or MISSING_HOOKS or request.node.get_closest_marker("out_of_bounds"):
         yield
         return
     with out_of_bounds_lanes() as lanes:

@@ -4,7 +4,7 @@ The interpreter runs a masked load or store on whatever addresses its unmasked l
 does not check them; on a GPU such a lane may fault or read another tensor's memory. Within
 ``out_of_bounds_lanes()`` every interpreted load and store records its unmasked lanes that fall
 outside the storage of every tensor argument of the running kernel. It relies on private parts
-of Triton's interpreter; ``missing_hooks`` names those a Triton lacks, for tests to skip on.
+of Triton's interpreter; ``MISSING_HOOKS`` names those a Triton lacks, for tests to skip on.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ def missing_hooks() -> list[str]:
         if owner is None:
             missing.append(name)
     return missing
+
+
+# looked up once: the autouse fixture in tests/conftest.py asks before every test
+MISSING_HOOKS = missing_hooks()
 
 
 @contextlib.contextmanager

@@ -14,14 +14,14 @@ import triton.language as tl
 
 from fla_factmem.ops.factorization_memory import launch
 from fla_factmem.ops.factorization_memory.launch import fused_recurrent_fwd
-from tests.interpreter_bounds import missing_hooks, out_of_bounds_lanes
+from tests.interpreter_bounds import MISSING_HOOKS, out_of_bounds_lanes
 from tests.ops.factorization_memory.test_kernels import triton_chunk
 from tests.ops.factorization_memory.test_sparse_kernels import triton_sparse_chunk
 from tests.utils import make_inputs, offsets_of, run_with_grads
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="checks the interpreter's lanes"),
-    pytest.mark.skipif(bool(missing_hooks()), reason=f"this Triton's interpreter lacks {missing_hooks()}"),
+    pytest.mark.skipif(bool(MISSING_HOOKS), reason=f"this Triton's interpreter lacks {MISSING_HOOKS}"),
 ]
 
 # an empty sequence, one of one token, one shorter than a chunk, one past a chunk
