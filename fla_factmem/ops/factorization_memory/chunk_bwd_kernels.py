@@ -319,8 +319,8 @@ def token_loads(logits, lse, eta, mu, v, do, tk, o_m, m_m, o_v, m_v, M: tl.const
 def back_row_loads(dalpha, dominant, x_dom, tk, o_m, m_m, M: tl.constexpr):
     """What the walk's back step reads of token tk besides its inputs: dphi, which the forward
     walk left in dalpha [BM], and the ``dominant_row_terms`` [1]. The back step loads them a token
-    ahead, as the inputs (``token_loads``): loaded where used, each waited in full, the dominant
-    row's x after the row itself."""
+    ahead, as its inputs (``token_loads``), rather than where it uses them: there each load was
+    waited for in full, and x_dom only once the dominant row had come."""
     j_dom, x = dominant_row_terms(dominant, x_dom, tk[None], tl.full([1], True, tl.int1))
     return tl.load(dalpha + tk * M + o_m, mask=m_m, other=0.0), j_dom, x
 
