@@ -138,8 +138,9 @@ def chunk_bwd_dominant_kernel(
 ):
     """pair_products (STORE_PAIRS, for ``chunk_bwd_dqk_kernel``): [B, T, H, BT] float32, row t
     holds <do_t, v_s> for the tokens s of t's chunk (0 past the sequence's end). x_dom: [B, T, H]
-    float32, <D_t[j], h_{t-1}[j]> at the tokens with a dominant row j (dominant[t] >= 0); the other
-    tokens are left unwritten."""
+    float32, <D_t[j], h_{t-1}[j]> at the tokens with a dominant row j (dominant[t] >= 0), 0 at the
+    others: written for every token, so that the dq/dk walk can load it a token ahead without
+    waiting for the token's dominant row first."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_v = tl.arange(0, BV)
@@ -151,6 +152,7 @@ def chunk_bwd_dominant_kernel(
         do_v = tl.dot(do_t, tl.trans(v_t), input_precision=DOT_PRECISION)
         tl.store(pair_products + tok[:, None] * BT + tl.arange(0, BT)[None, :], do_v, mask=m_t[:, None])
     j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
+    x = tl.zeros([BT], dtype=tl.float32)
     if tl.max(j_dom, 0) >= 0:
         # loaded again under STORE_PAIRS (from the cache): Triton takes no tensor defined in one
         # branch into another
@@ -161,22 +163,27 @@ def chunk_bwd_dominant_kernel(
             v_t, do_t, logits, lse, eta, mu, states, grad_states, tok, m_t, m_next, j_dom, state_row0,
             H, M, V, BT, BV, DOT_PRECISION,
         )  # fmt: skip
-        tl.store(x_dom + tok, x, mask=j_dom >= 0)
+    tl.store(x_dom + tok, x, mask=m_t)
+
+
+@triton.jit
+def dominant_row_terms(dominant, x_dom, tok, m_t):
+    """The tokens' dominant row (-1 where none) and their x_dom (``chunk_bwd_dominant_kernel``),
+    as loaded, in tok's shape."""
+    return tl.load(dominant + tok, mask=m_t, other=-1), tl.load(x_dom + tok, mask=m_t, other=0.0)
 
 
 @triton.jit
 def store_row_gradients(
-    alpha, theta, dphi, dk, dg, eta_t, mu_t, tok, m_t, o_m, m_m, i_m, dominant, x_dom,
+    alpha, theta, dphi, dk, dg, eta_t, mu_t, j_dom, x, tok, m_t, o_m, m_m, i_m,
     dlogits, deta, dmu, dalpha, partial_sums, n_entries, M: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
-    """The end of the dq/dk kernels, for a block of rows (the last axis) of one token (tok and
-    m_t [1], eta_t and mu_t scalars, the rest [BM]) or of a chunk's tokens ([BT] and [BT, BM]):
-    from dphi, dk = <D_t, v_t> and dg = (1 - theta) <D_t, h_{t-1}>, dtheta; then the gradients
-    on logits, eta and mu when the block holds all M rows, else dalpha and the block's partial
-    sums, which ``chunk_bwd_dv_kernel`` finishes (``chunk_bwd_dqk_kernel``'s docstring gives their
-    layouts)."""
-    j_dom = tl.load(dominant + tok, mask=m_t, other=-1)
-    x = tl.load(x_dom + tok, mask=j_dom >= 0, other=0.0)
+    """The end of the dq/dk kernels, for a block of rows (the last axis) of one token (tok, m_t,
+    j_dom and x [1], eta_t and mu_t scalars, the rest [BM]) or of a chunk's tokens ([BT] and
+    [BT, BM]): from dphi, dk = <D_t, v_t> and dg = (1 - theta) <D_t, h_{t-1}>, dtheta (with the
+    ``dominant_row_terms`` j_dom and x); then the gradients on logits, eta and mu when the block
+    holds all M rows, else dalpha and the block's partial sums, which ``chunk_bwd_dv_kernel``
+    finishes (``chunk_bwd_dqk_kernel``'s docstring gives their layouts)."""
     is_dom = o_m == tl.expand_dims(j_dom, -1)
     dtheta = dk - tl.where(is_dom, tl.expand_dims(x, -1), dg / tl.where(is_dom, 1.0, 1.0 - theta))
     rows = tl.expand_dims(tok, -1) * M + o_m
@@ -289,8 +296,9 @@ def chunk_bwd_dqk_kernel(
 
     # dg_t = (1 - theta_t) <D_t, h_{t-1}>: the suffix sum of phi dq - theta dk plus <dh, h_end>
     dg = tl.cumsum(phi * dq - theta * dk, 0, reverse=True) + dh_h_end[None, :]
+    j_dom, x = dominant_row_terms(dominant, x_dom, tok, m_t)
     store_row_gradients(
-        alpha, theta, dq, dk, dg, eta_t, mu_t, tok, m_t, o_m, m_m, i_m, dominant, x_dom,
+        alpha, theta, dq, dk, dg, eta_t, mu_t, j_dom, x, tok, m_t, o_m, m_m, i_m,
         dlogits, deta, dmu, dalpha, partial_sums, n_entries, M, BM,
     )  # fmt: skip
 
@@ -305,6 +313,16 @@ def token_loads(logits, lse, eta, mu, v, do, tk, o_m, m_m, o_v, m_v, M: tl.const
     v_t = tl.load(v + tk * V + o_v, mask=m_v, other=0.0)
     do_t = tl.load(do + tk * V + o_v, mask=m_v, other=0.0)
     return x, top, log_total, tl.load(eta + tk), tl.load(mu + tk), v_t, do_t
+
+
+@triton.jit
+def back_row_loads(dalpha, dominant, x_dom, tk, o_m, m_m, M: tl.constexpr):
+    """What the walk's back step reads of token tk besides its inputs: dphi, which the forward
+    walk left in dalpha [BM], and the ``dominant_row_terms`` [1]. The back step loads them a token
+    ahead, as its inputs (``token_loads``), rather than where it uses them: there each load was
+    waited for in full, and x_dom only once the dominant row had come."""
+    j_dom, x = dominant_row_terms(dominant, x_dom, tk[None], tl.full([1], True, tl.int1))
+    return tl.load(dalpha + tk * M + o_m, mask=m_m, other=0.0), j_dom, x
 
 
 @triton.jit
@@ -406,8 +424,11 @@ def chunk_bwd_dqk_walk_kernel(
     d_after = tl.full([BM], 1.0, dtype=tl.float32)
     tk = (first + n - 1) * H + i_h
     x, top, log_total, eta_t, mu_t, v_t, do_t = token_loads(*inputs, tk, o_m, m_m, o_v, m_v, M, V)
+    dphi, j_dom, x_j = back_row_loads(dalpha, dominant, x_dom, tk, o_m, m_m, M)
     for i in range(n):
-        nxt = token_loads(*inputs, tk - tl.where(i + 1 < n, H, 0), o_m, m_m, o_v, m_v, M, V)
+        tk_next = tk - tl.where(i + 1 < n, H, 0)
+        nxt = token_loads(*inputs, tk_next, o_m, m_m, o_v, m_v, M, V)
+        rows_next = back_row_loads(dalpha, dominant, x_dom, tk_next, o_m, m_m, M)
         alpha = routing_weight(x, top, log_total)
         eta_t = eta_t.to(tl.float32)
         mu_t = mu_t.to(tl.float32)
@@ -415,20 +436,20 @@ def chunk_bwd_dqk_walk_kernel(
         phi = mu_t * alpha
         grad_h = d_after[:, None, None] * grad_h + phi[:, None, None] * as_row_tile(do_t)
         dk = sum_over_columns(grad_h * as_row_tile(v_t))
-        dphi = tl.load(dalpha + tk * M + o_m, mask=m_m, other=0.0)
         dg += phi * dphi - theta * dk
         if M > BM:
             # dalpha_t overwrites dphi_t: with several warps, one warp's store must not overtake
-            # another's load (1 warp by default, launch.chunk_bwd)
+            # another's load, made a step before (1 warp by default, launch.chunk_bwd)
             tl.debug_barrier()
         # the token as [1] tensors: the interpreter takes no 0-d mask where it broadcasts
         store_row_gradients(
-            alpha, theta, dphi, dk, dg, eta_t, mu_t, tk[None], tl.full([1], True, tl.int1), o_m, m_m, i_m,
-            dominant, x_dom, dlogits, deta, dmu, dalpha, partial_sums, n_entries, M, BM,
+            alpha, theta, dphi, dk, dg, eta_t, mu_t, j_dom, x_j, tk[None], tl.full([1], True, tl.int1), o_m, m_m, i_m,
+            dlogits, deta, dmu, dalpha, partial_sums, n_entries, M, BM,
         )  # fmt: skip
         d_after = 1.0 - theta
-        tk -= H
+        tk = tk_next
         x, top, log_total, eta_t, mu_t, v_t, do_t = nxt
+        dphi, j_dom, x_j = rows_next
 
 
 @triton.heuristics(VARLEN_SWITCH)
