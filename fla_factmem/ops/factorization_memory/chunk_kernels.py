@@ -9,7 +9,8 @@ written to memory.
    memory, sum_s theta_s d_{s+1} ... d_last v_s, and its decay d_1 ... d_last.
 2. ``chunk_state_scan_kernel``, parallel over sequences, heads and blocks of the state: an
    element-wise scan over chunks that turns the increments into the memory at the start of
-   every chunk (and the final state).
+   every chunk (and the final state). With enough sequences and heads to fill the GPU,
+   ``chunk_state_walk_kernel`` does 1 and 2 in one pass instead.
 3. ``chunk_fwd_o_kernel``, parallel over chunks: o = (phi * P) h + A v, with h the memory at
    the chunk's start, P_t = d_1 ... d_t and the intra-chunk scores
    A[t, s] = sum_j phi_t[j] theta_s[j] d_{s+1}[j] ... d_t[j] for s <= t.
@@ -96,9 +97,15 @@ def chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN: tl.cons
 def chunk_tokens(
     chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr
 ):
-    """The chunk's flat (token, head) indices, which of them exist, and which have a next token
-    in the chunk."""
+    """Global chunk i_tc's flat (token, head) indices, which of them exist, and which have a next
+    token in the chunk."""
     i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    return tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
+
+
+@triton.jit
+def tokens_of_chunk(i_c, bos, eos, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """``chunk_tokens`` for chunk i_c of the sequence of flat tokens [bos, eos)."""
     o_t = tl.arange(0, BT)
     rows = i_c * BT + o_t
     m_t = rows < eos - bos
@@ -207,6 +214,26 @@ def logsumexp_kernel(logits, eta, lse, dominant, n_rows, M: tl.constexpr, BR: tl
     tl.store(dominant + rows, tl.where(theta_top > 0.5, tl.argmax(x, 1), -1), mask=m_r)
 
 
+@triton.jit
+def chunk_increment(
+    x, logits, lse, eta, mu, tok, m_t, m_next, o_m, m_m, o_v, m_v,
+    H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One chunk's increment on rows o_m and columns o_v, [BM, BV] float32, and its decay
+    d_1 ... d_last, [BM]. Forward (x = v): the memory the chunk adds, sum_s theta_s d_{s+1} ...
+    d_last v_s. GRAD (x = do): the gradient the chunk adds on the memory before it,
+    sum_u phi_u d_1 ... d_u do_u."""
+    gates = (logits, lse, eta, mu)
+    theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
+    x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    if GRAD:
+        w = phi * tl.cumprod(d, 0)
+    else:
+        _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
+        w = theta * tl.cumprod(d_next, 0, reverse=True)
+    return tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION), product(d, 0)
+
+
 @triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_state_increment_kernel(
@@ -231,30 +258,40 @@ def chunk_state_increment_kernel(
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """increments: [NT_total, H, M, V] float32, decays: [NT_total, H, M] float32.
-    Forward (x = v): the memory a chunk adds, sum_s theta_s d_{s+1} ... d_last v_s.
-    GRAD (x = do): the gradient a chunk adds on the memory before it, sum_u phi_u d_1 ... d_u do_u.
-    Both store the chunk's decay d_1 ... d_last."""
+    """increments: [NT_total, H, M, V] float32, decays: [NT_total, H, M] float32: every chunk's
+    increment and decay (``chunk_increment``), in parallel over chunks."""
     i_mv, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V
-
-    gates = (logits, lse, eta, mu)
-    theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
-    x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    if GRAD:
-        w = phi * tl.cumprod(d, 0)
-    else:
-        _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
-        w = theta * tl.cumprod(d_next, 0, reverse=True)
-    inc = tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION)
+    inc, decay = chunk_increment(
+        x, logits, lse, eta, mu, tok, m_t, m_next, o_m, m_m, o_v, m_v, H, M, V, GRAD, DOT_PRECISION
+    )
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
     tl.store(increments + row[:, None] * V + o_v[None, :], inc, mask=m_m[:, None] & m_v[None, :])
     if i_v == 0:
-        tl.store(decays + row, product(d, 0), mask=m_m)
+        tl.store(decays + row, decay, mask=m_m)
+
+
+@triton.jit
+def state_tile(
+    i_mv, i_n, i_h, h0, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+):  # fmt: skip
+    """The block of the state that program (i_mv, sequence i_n, head i_h) of a walk over chunks
+    carries: its rows and columns with their masks, its offsets in an [N, H, M, V] state, and
+    its start, [BM, BV] float32 (h0's block, or zeros)."""
+    i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_m, m_v = o_m < M, o_v < V
+    state_offsets = ((i_n.to(tl.int64) * H + i_h) * M + o_m[:, None]) * V + o_v[None, :]
+    s = tl.zeros([BM, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        s += tl.load(h0 + state_offsets, mask=m_m[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    return o_m, o_v, m_m, m_v, state_offsets, s
 
 
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
@@ -286,17 +323,9 @@ def chunk_state_scan_kernel(
     with the gradient on the memory at the end of chunk c from everything after it, ht gets
     the gradient on the initial state."""
     i_mv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
     first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_m, m_v = o_m < M, o_v < V
+    o_m, o_v, m_m, m_v, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
     m_state = m_m[:, None] & m_v[None, :]
-    state_offsets = ((i_n.to(tl.int64) * H + i_h) * M + o_m[:, None]) * V + o_v[None, :]
-
-    s = tl.zeros([BM, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        s += tl.load(h0 + state_offsets, mask=m_state, other=0.0).to(tl.float32)
     # the walk is latency-bound: the next chunk's increment is loaded before this one is used
     step = -1 if REVERSE else 1
     c = first + (count - 1) * (step < 0)
@@ -315,6 +344,60 @@ def chunk_state_scan_kernel(
         tl.store(states + row[:, None] * V + o_v[None, :], s.to(states.dtype.element_ty), mask=m_state)
         s = s * decay[:, None] + inc
         c, row, inc, decay = c_next, row_next, inc_next, decay_next
+    if STORE_FINAL_STATE:
+        tl.store(ht + state_offsets, s, mask=m_state)
+
+
+@triton.heuristics(STATE_AND_VARLEN_SWITCHES)
+@triton.jit(do_not_specialize=["T", "NT"])
+def chunk_state_walk_kernel(
+    x,
+    logits,
+    lse,
+    eta,
+    mu,
+    states,
+    h0,
+    ht,
+    chunk_offsets,
+    cu_seqlens,
+    T,
+    NT,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The increments and the scan in one pass (FLA's ``chunk_fwd_h``): one program per (block of
+    rows and columns, sequence, head) walks the sequence's chunks, forms each one's increment
+    (``chunk_increment``) and folds it in, so that no increment goes through memory. ``states``,
+    h0 and ht as in ``chunk_state_scan_kernel``; REVERSE walks from the last chunk, with x = do.
+    Its programs are one per block of the state, so it needs many sequences and heads
+    (``launch.chunk_states``)."""
+    i_mv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_m, o_v, m_m, m_v, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
+    m_state = m_m[:, None] & m_v[None, :]
+    for i in range(count):
+        if REVERSE:
+            i_c = count - 1 - i
+        else:
+            i_c = i
+        tok, m_t, m_next = tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
+        row = ((first + i_c) * H + i_h) * M + o_m
+        tl.store(states + row[:, None] * V + o_v[None, :], s.to(states.dtype.element_ty), mask=m_state)
+        inc, decay = chunk_increment(
+            x, logits, lse, eta, mu, tok, m_t, m_next, o_m, m_m, o_v, m_v, H, M, V, REVERSE, DOT_PRECISION
+        )
+        s = s * decay[:, None] + inc
     if STORE_FINAL_STATE:
         tl.store(ht + state_offsets, s, mask=m_state)
 
