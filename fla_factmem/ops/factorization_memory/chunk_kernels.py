@@ -121,16 +121,23 @@ def routing_weight(x, top, log_total):
 
 
 @triton.jit
+def routing_alpha(logits, lse, tok, m_t, o_m, m_m, M: tl.constexpr):
+    """alpha as a [len(tok), BM] float32 tile over memory rows o_m; tok holds flat (token, head)
+    indices. Masked tokens and rows get alpha = 0."""
+    x = tl.load(logits + tok[:, None] * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :], other=float("-inf"))
+    top = tl.load(lse + 2 * tok, mask=m_t, other=0.0)
+    log_total = tl.load(lse + 2 * tok + 1, mask=m_t, other=0.0)
+    return routing_weight(x, top[:, None], log_total[:, None])
+
+
+@triton.jit
 def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
     """alpha, theta, phi and the decay d = 1 - theta as [len(tok), BM] float32 tiles, and eta, mu
     of the tokens; tok holds flat (token, head) indices. Masked tokens and rows get
     alpha = 0, hence theta = phi = 0 and d = 1: they leave the memory as it is."""
-    x = tl.load(logits + tok[:, None] * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :], other=float("-inf"))
-    top = tl.load(lse + 2 * tok, mask=m_t, other=0.0)
-    log_total = tl.load(lse + 2 * tok + 1, mask=m_t, other=0.0)
+    alpha = routing_alpha(logits, lse, tok, m_t, o_m, m_m, M)
     eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
     mu_t = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
-    alpha = routing_weight(x, top[:, None], log_total[:, None])
     theta = eta_t[:, None] * alpha
     phi = mu_t[:, None] * alpha
     return alpha, theta, phi, 1.0 - theta, eta_t, mu_t
@@ -215,21 +222,37 @@ def logsumexp_kernel(logits, eta, lse, dominant, n_rows, M: tl.constexpr, BR: tl
 
 
 @triton.jit
+def chunk_rates(eta, mu, tok, m_t, m_next, H: tl.constexpr, GRAD: tl.constexpr):
+    """The rates ``chunk_increment`` takes, two [len(tok)] float32: eta of the chunk's tokens and
+    (GRAD) their mu, or (forward) eta of their next tokens in the chunk (0 past it). Loaded apart
+    from the logits because Triton pipelines a walk's loads of logits and lse into shared memory
+    on its own, but not these: at 2 bytes a token's element they are too narrow for an async copy."""
+    eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
+    if GRAD:
+        other = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
+    else:
+        other = tl.load(eta + tok + H, mask=m_next, other=0.0).to(tl.float32)
+    return eta_t, other
+
+
+@triton.jit
 def chunk_increment(
-    x, logits, lse, eta, mu, tok, m_t, m_next, o_m, m_m, o_v, m_v,
+    x, logits, lse, rates, tok, m_t, m_next, o_m, m_m, o_v, m_v,
     H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One chunk's increment on rows o_m and columns o_v, [BM, BV] float32, and its decay
-    d_1 ... d_last, [BM]. Forward (x = v): the memory the chunk adds, sum_s theta_s d_{s+1} ...
-    d_last v_s. GRAD (x = do): the gradient the chunk adds on the memory before it,
-    sum_u phi_u d_1 ... d_u do_u."""
-    gates = (logits, lse, eta, mu)
-    theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
+    d_1 ... d_last, [BM], with the chunk's ``chunk_rates``. Forward (x = v): the memory the chunk
+    adds, sum_s theta_s d_{s+1} ... d_last v_s. GRAD (x = do): the gradient the chunk adds on the
+    memory before it, sum_u phi_u d_1 ... d_u do_u."""
+    eta_t, other = rates
+    alpha = routing_alpha(logits, lse, tok, m_t, o_m, m_m, M)
     x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    theta = eta_t[:, None] * alpha
+    d = 1.0 - theta
     if GRAD:
-        w = phi * tl.cumprod(d, 0)
+        w = other[:, None] * alpha * tl.cumprod(d, 0)  # phi_u d_1 ... d_u
     else:
-        _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
+        d_next = 1.0 - other[:, None] * routing_alpha(logits, lse, tok + H, m_next, o_m, m_m, M)
         w = theta * tl.cumprod(d_next, 0, reverse=True)
     return tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION), product(d, 0)
 
@@ -266,8 +289,9 @@ def chunk_state_increment_kernel(
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V
+    rates = chunk_rates(eta, mu, tok, m_t, m_next, H, GRAD)
     inc, decay = chunk_increment(
-        x, logits, lse, eta, mu, tok, m_t, m_next, o_m, m_m, o_v, m_v, H, M, V, GRAD, DOT_PRECISION
+        x, logits, lse, rates, tok, m_t, m_next, o_m, m_m, o_v, m_v, H, M, V, GRAD, DOT_PRECISION
     )
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
     tl.store(increments + row[:, None] * V + o_v[None, :], inc, mask=m_m[:, None] & m_v[None, :])
@@ -386,18 +410,26 @@ def chunk_state_walk_kernel(
     bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     o_m, o_v, m_m, m_v, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
     m_state = m_m[:, None] & m_v[None, :]
+    # each step loads the next chunk's rates before it works on its own, so that their latency
+    # overlaps a step (Triton pipelines the other loads itself: ``chunk_rates``); the last step
+    # loads its own chunk's again rather than one past the sequence
+    if REVERSE:
+        step, i_c = -1, count - 1
+    else:
+        step, i_c = 1, count * 0
+    tok, m_t, m_next = tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
+    rates = chunk_rates(eta, mu, tok, m_t, m_next, H, REVERSE)
     for i in range(count):
-        if REVERSE:
-            i_c = count - 1 - i
-        else:
-            i_c = i
-        tok, m_t, m_next = tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
+        i_next = i_c + tl.where(i + 1 < count, step, 0)
+        tok_next, m_t_next, m_next_next = tokens_of_chunk(i_next, bos, eos, i_h, H, BT)
+        rates_next = chunk_rates(eta, mu, tok_next, m_t_next, m_next_next, H, REVERSE)
         row = ((first + i_c) * H + i_h) * M + o_m
         tl.store(states + row[:, None] * V + o_v[None, :], s.to(states.dtype.element_ty), mask=m_state)
         inc, decay = chunk_increment(
-            x, logits, lse, eta, mu, tok, m_t, m_next, o_m, m_m, o_v, m_v, H, M, V, REVERSE, DOT_PRECISION
+            x, logits, lse, rates, tok, m_t, m_next, o_m, m_m, o_v, m_v, H, M, V, REVERSE, DOT_PRECISION
         )
         s = s * decay[:, None] + inc
+        i_c, tok, m_t, m_next, rates = i_next, tok_next, m_t_next, m_next_next, rates_next
     if STORE_FINAL_STATE:
         tl.store(ht + state_offsets, s, mask=m_state)
 
