@@ -414,7 +414,8 @@ def chunk_state_walk_kernel(
     # overlaps a step (Triton pipelines the other loads itself: ``chunk_rates``); the last step
     # loads its own chunk's again rather than one past the sequence
     if REVERSE:
-        step, i_c = -1, count - 1
+        # an empty packed sequence starts at chunk 0, not -1, whose tokens would pass the masks
+        step, i_c = -1, tl.maximum(count - 1, 0)
     else:
         step, i_c = 1, count * 0
     tok, m_t, m_next = tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
