@@ -45,7 +45,10 @@ def states_both_ways(B, T, H, M, V, offsets, dtype, reverse, device, start=True,
 def test_walk_matches_increments_and_scan(B, T, H, M, V, offsets, dtype, reverse):
     (states, end), (states_ref, end_ref) = states_both_ways(B, T, H, M, V, offsets, dtype, reverse, "cpu")
     assert states.dtype == states_ref.dtype and end.dtype == torch.float32
-    assert_close("states", states.float(), states_ref.float(), 1e-6)
+    # bf16 states round float32 ones that may differ in their last bits (the two ways' products
+    # are over blocks of other sizes), and a rounding may then go the other way: at most one bf16
+    # ulp, 2^-8 of the value
+    assert_close("states", states.float(), states_ref.float(), 1e-6 if dtype == torch.float32 else 2**-8)
     assert_close("far end", end, end_ref, 1e-6)
 
 
