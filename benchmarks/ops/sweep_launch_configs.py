@@ -6,6 +6,7 @@ against the default, and splits the default forward and backward into their stag
 """
 
 import argparse
+import functools
 import itertools
 import sys
 
@@ -60,11 +61,14 @@ def stages(B, T, H, M, V, v, lg, e, m, h0):
     *_, saved = chunk_fwd(v, lg, e, m, h0, True, None)
     parts = {
         "logsumexp": lambda: logsumexp(lg, e),
-        "fwd states (increment+scan)": lambda: chunk_states(v, lg, lse, e, m, h0, True, layout, None, B, False),
         "fwd total": lambda: chunk_fwd(v, lg, e, m, h0, True, None),
-        "bwd states (increment+scan)": lambda: chunk_states(do, lg, lse, e, m, None, True, layout, None, B, True),
         "bwd total": lambda: chunk_bwd(v, lg, e, m, saved, do, None, None, True),
     }
+    for walk, way in ((False, "increments+scan"), (True, "walk")):
+        for direction, x, start, reverse in (("fwd", v, h0, False), ("bwd", do, None, True)):
+            parts[f"{direction} states ({way})"] = functools.partial(
+                chunk_states, x, lg, lse, e, m, start, True, layout, None, B, reverse, walk
+            )
     for name, fn in parts.items():
         print(f"M={M} {name:30s} {bench(fn) * 1e3:9.1f} us", flush=True)
 

@@ -9,7 +9,8 @@ written to memory.
    memory, sum_s theta_s d_{s+1} ... d_last v_s, and its decay d_1 ... d_last.
 2. ``chunk_state_scan_kernel``, parallel over sequences, heads and blocks of the state: an
    element-wise scan over chunks that turns the increments into the memory at the start of
-   every chunk (and the final state).
+   every chunk (and the final state). With enough sequences and heads to fill the GPU,
+   ``chunk_state_walk_kernel`` does 1 and 2 in one pass instead.
 3. ``chunk_fwd_o_kernel``, parallel over chunks: o = (phi * P) h + A v, with h the memory at
    the chunk's start, P_t = d_1 ... d_t and the intra-chunk scores
    A[t, s] = sum_j phi_t[j] theta_s[j] d_{s+1}[j] ... d_t[j] for s <= t.
@@ -96,9 +97,15 @@ def chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN: tl.cons
 def chunk_tokens(
     chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr
 ):
-    """The chunk's flat (token, head) indices, which of them exist, and which have a next token
-    in the chunk."""
+    """Global chunk i_tc's flat (token, head) indices, which of them exist, and which have a next
+    token in the chunk."""
     i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    return tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
+
+
+@triton.jit
+def tokens_of_chunk(i_c, bos, eos, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """``chunk_tokens`` for chunk i_c of the sequence of flat tokens [bos, eos)."""
     o_t = tl.arange(0, BT)
     rows = i_c * BT + o_t
     m_t = rows < eos - bos
@@ -114,16 +121,23 @@ def routing_weight(x, top, log_total):
 
 
 @triton.jit
+def routing_alpha(logits, lse, tok, m_t, o_m, m_m, M: tl.constexpr):
+    """alpha as a [len(tok), BM] float32 tile over memory rows o_m; tok holds flat (token, head)
+    indices. Masked tokens and rows get alpha = 0."""
+    x = tl.load(logits + tok[:, None] * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :], other=float("-inf"))
+    top = tl.load(lse + 2 * tok, mask=m_t, other=0.0)
+    log_total = tl.load(lse + 2 * tok + 1, mask=m_t, other=0.0)
+    return routing_weight(x, top[:, None], log_total[:, None])
+
+
+@triton.jit
 def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
     """alpha, theta, phi and the decay d = 1 - theta as [len(tok), BM] float32 tiles, and eta, mu
     of the tokens; tok holds flat (token, head) indices. Masked tokens and rows get
     alpha = 0, hence theta = phi = 0 and d = 1: they leave the memory as it is."""
-    x = tl.load(logits + tok[:, None] * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :], other=float("-inf"))
-    top = tl.load(lse + 2 * tok, mask=m_t, other=0.0)
-    log_total = tl.load(lse + 2 * tok + 1, mask=m_t, other=0.0)
+    alpha = routing_alpha(logits, lse, tok, m_t, o_m, m_m, M)
     eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
     mu_t = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
-    alpha = routing_weight(x, top[:, None], log_total[:, None])
     theta = eta_t[:, None] * alpha
     phi = mu_t[:, None] * alpha
     return alpha, theta, phi, 1.0 - theta, eta_t, mu_t
@@ -207,6 +221,42 @@ def logsumexp_kernel(logits, eta, lse, dominant, n_rows, M: tl.constexpr, BR: tl
     tl.store(dominant + rows, tl.where(theta_top > 0.5, tl.argmax(x, 1), -1), mask=m_r)
 
 
+@triton.jit
+def chunk_rates(eta, mu, tok, m_t, m_next, H: tl.constexpr, GRAD: tl.constexpr):
+    """The rates ``chunk_increment`` takes, two [len(tok)] float32: eta of the chunk's tokens and
+    (GRAD) their mu, or (forward) eta of their next tokens in the chunk (0 past it). Loaded apart
+    from the logits because Triton pipelines a walk's loads of logits and lse into shared memory
+    on its own, but not these: at 2 bytes a token's element they are too narrow for an async copy."""
+    eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
+    if GRAD:
+        other = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
+    else:
+        other = tl.load(eta + tok + H, mask=m_next, other=0.0).to(tl.float32)
+    return eta_t, other
+
+
+@triton.jit
+def chunk_increment(
+    x, logits, lse, rates, tok, m_t, m_next, o_m, m_m, o_v, m_v,
+    H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One chunk's increment on rows o_m and columns o_v, [BM, BV] float32, and its decay
+    d_1 ... d_last, [BM], with the chunk's ``chunk_rates``. Forward (x = v): the memory the chunk
+    adds, sum_s theta_s d_{s+1} ... d_last v_s. GRAD (x = do): the gradient the chunk adds on the
+    memory before it, sum_u phi_u d_1 ... d_u do_u."""
+    eta_t, other = rates
+    alpha = routing_alpha(logits, lse, tok, m_t, o_m, m_m, M)
+    x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    theta = eta_t[:, None] * alpha
+    d = 1.0 - theta
+    if GRAD:
+        w = other[:, None] * alpha * tl.cumprod(d, 0)  # phi_u d_1 ... d_u
+    else:
+        d_next = 1.0 - other[:, None] * routing_alpha(logits, lse, tok + H, m_next, o_m, m_m, M)
+        w = theta * tl.cumprod(d_next, 0, reverse=True)
+    return tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION), product(d, 0)
+
+
 @triton.heuristics(VARLEN_SWITCH)
 @triton.jit(do_not_specialize=["T", "NT"])
 def chunk_state_increment_kernel(
@@ -231,30 +281,41 @@ def chunk_state_increment_kernel(
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """increments: [NT_total, H, M, V] float32, decays: [NT_total, H, M] float32.
-    Forward (x = v): the memory a chunk adds, sum_s theta_s d_{s+1} ... d_last v_s.
-    GRAD (x = do): the gradient a chunk adds on the memory before it, sum_u phi_u d_1 ... d_u do_u.
-    Both store the chunk's decay d_1 ... d_last."""
+    """increments: [NT_total, H, M, V] float32, decays: [NT_total, H, M] float32: every chunk's
+    increment and decay (``chunk_increment``), in parallel over chunks."""
     i_mv, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V
-
-    gates = (logits, lse, eta, mu)
-    theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
-    x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    if GRAD:
-        w = phi * tl.cumprod(d, 0)
-    else:
-        _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
-        w = theta * tl.cumprod(d_next, 0, reverse=True)
-    inc = tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION)
+    rates = chunk_rates(eta, mu, tok, m_t, m_next, H, GRAD)
+    inc, decay = chunk_increment(
+        x, logits, lse, rates, tok, m_t, m_next, o_m, m_m, o_v, m_v, H, M, V, GRAD, DOT_PRECISION
+    )
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
     tl.store(increments + row[:, None] * V + o_v[None, :], inc, mask=m_m[:, None] & m_v[None, :])
     if i_v == 0:
-        tl.store(decays + row, product(d, 0), mask=m_m)
+        tl.store(decays + row, decay, mask=m_m)
+
+
+@triton.jit
+def state_tile(
+    i_mv, i_n, i_h, h0, H: tl.constexpr, M: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+):  # fmt: skip
+    """The block of the state that program (i_mv, sequence i_n, head i_h) of a walk over chunks
+    carries: its rows and columns with their masks, its offsets in an [N, H, M, V] state, and
+    its start, [BM, BV] float32 (h0's block, or zeros)."""
+    i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_m, m_v = o_m < M, o_v < V
+    state_offsets = ((i_n.to(tl.int64) * H + i_h) * M + o_m[:, None]) * V + o_v[None, :]
+    s = tl.zeros([BM, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        s += tl.load(h0 + state_offsets, mask=m_m[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    return o_m, o_v, m_m, m_v, state_offsets, s
 
 
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
@@ -286,17 +347,9 @@ def chunk_state_scan_kernel(
     with the gradient on the memory at the end of chunk c from everything after it, ht gets
     the gradient on the initial state."""
     i_mv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
     first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_m, m_v = o_m < M, o_v < V
+    o_m, o_v, m_m, m_v, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
     m_state = m_m[:, None] & m_v[None, :]
-    state_offsets = ((i_n.to(tl.int64) * H + i_h) * M + o_m[:, None]) * V + o_v[None, :]
-
-    s = tl.zeros([BM, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        s += tl.load(h0 + state_offsets, mask=m_state, other=0.0).to(tl.float32)
     # the walk is latency-bound: the next chunk's increment is loaded before this one is used
     step = -1 if REVERSE else 1
     c = first + (count - 1) * (step < 0)
@@ -315,6 +368,69 @@ def chunk_state_scan_kernel(
         tl.store(states + row[:, None] * V + o_v[None, :], s.to(states.dtype.element_ty), mask=m_state)
         s = s * decay[:, None] + inc
         c, row, inc, decay = c_next, row_next, inc_next, decay_next
+    if STORE_FINAL_STATE:
+        tl.store(ht + state_offsets, s, mask=m_state)
+
+
+@triton.heuristics(STATE_AND_VARLEN_SWITCHES)
+@triton.jit(do_not_specialize=["T", "NT"])
+def chunk_state_walk_kernel(
+    x,
+    logits,
+    lse,
+    eta,
+    mu,
+    states,
+    h0,
+    ht,
+    chunk_offsets,
+    cu_seqlens,
+    T,
+    NT,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The increments and the scan in one pass (FLA's ``chunk_fwd_h``): one program per (block of
+    rows and columns, sequence, head) walks the sequence's chunks, forms each one's increment
+    (``chunk_increment``) and folds it in, so that no increment goes through memory. ``states``,
+    h0 and ht as in ``chunk_state_scan_kernel``; REVERSE walks from the last chunk, with x = do.
+    Its programs are one per block of the state, so it needs many sequences and heads
+    (``launch.chunk_states``)."""
+    i_mv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_m, o_v, m_m, m_v, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
+    m_state = m_m[:, None] & m_v[None, :]
+    # each step loads the next chunk's rates before it works on its own, so that their latency
+    # overlaps a step (Triton pipelines the other loads itself: ``chunk_rates``); the last step
+    # loads its own chunk's again rather than one past the sequence
+    if REVERSE:
+        # an empty packed sequence starts at chunk 0, not -1, whose tokens would pass the masks
+        step, i_c = -1, tl.maximum(count - 1, 0)
+    else:
+        step, i_c = 1, count * 0
+    tok, m_t, m_next = tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
+    rates = chunk_rates(eta, mu, tok, m_t, m_next, H, REVERSE)
+    for i in range(count):
+        i_next = i_c + tl.where(i + 1 < count, step, 0)
+        tok_next, m_t_next, m_next_next = tokens_of_chunk(i_next, bos, eos, i_h, H, BT)
+        rates_next = chunk_rates(eta, mu, tok_next, m_t_next, m_next_next, H, REVERSE)
+        row = ((first + i_c) * H + i_h) * M + o_m
+        tl.store(states + row[:, None] * V + o_v[None, :], s.to(states.dtype.element_ty), mask=m_state)
+        inc, decay = chunk_increment(
+            x, logits, lse, rates, tok, m_t, m_next, o_m, m_m, o_v, m_v, H, M, V, REVERSE, DOT_PRECISION
+        )
+        s = s * decay[:, None] + inc
+        i_c, tok, m_t, m_next, rates = i_next, tok_next, m_t_next, m_next_next, rates_next
     if STORE_FINAL_STATE:
         tl.store(ht + state_offsets, s, mask=m_state)
 

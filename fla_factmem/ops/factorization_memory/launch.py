@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,7 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     chunk_fwd_o_kernel,
     chunk_state_increment_kernel,
     chunk_state_scan_kernel,
+    chunk_state_walk_kernel,
     logsumexp_kernel,
 )
 from fla_factmem.ops.factorization_memory.chunk_sparse_kernels import (
@@ -47,6 +49,7 @@ LEVELS = CHUNK.bit_length() - 1  # levels of intra-chunk pairs (chunk_kernels.py
 LOGSUMEXP = CompiledLauncher(logsumexp_kernel)
 STATE_INCREMENT = CompiledLauncher(chunk_state_increment_kernel)
 STATE_SCAN = CompiledLauncher(chunk_state_scan_kernel)
+STATE_WALK = CompiledLauncher(chunk_state_walk_kernel)
 FWD_O = CompiledLauncher(chunk_fwd_o_kernel)
 BWD_DOMINANT = CompiledLauncher(chunk_bwd_dominant_kernel)
 BWD_DQK = CompiledLauncher(chunk_bwd_dqk_kernel)
@@ -145,6 +148,27 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or INTERPRETED else "tf32"
 
 
+@functools.cache
+def multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def walk_fills_gpu(programs: int, x: torch.Tensor, cu_seqlens: torch.Tensor | None, reverse: bool) -> bool:
+    """Whether ``chunk_state_walk_kernel``'s one pass beats the increments and the scan, which
+    write and read every chunk's increment once more: where its programs, one per block of the
+    state of each sequence and head, are at least 3 per SM, and in reverse only up to 64 columns.
+    Timed on an H200 (benchmarks/ops/NOTES.md, session 36, bf16, against the two kernels, forward /
+    reverse): B=4, T=4096, H=8, V=64, M=256 (512 programs, 3.9 per SM) -13 / -50 us; M=128 (1.9
+    per SM) +63 / +31 us; B=4, T=8192, H=4, V=256, M=256 (7.8 per SM) -81 / +281 us. Packed
+    sequences keep the two kernels: the walk lasts as long as the longest sequence, however many
+    short ones fill the grid. So do interpreted kernels."""
+    if cu_seqlens is not None or x.device.type != "cuda" or INTERPRETED:
+        return False
+    if reverse and x.shape[-1] > 64:
+        return False
+    return programs >= 3 * multiprocessor_count(x.device.index)
+
+
 def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the chunk states the dense op keeps between its kernels: bf16 for bf16 inputs
     (as FLA keeps its chunk states in the inputs' dtype), which halves what the backward saves
@@ -234,6 +258,7 @@ def chunk_states(
     cu_seqlens: torch.Tensor | None,
     N: int,
     reverse: bool,
+    walk: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-chunk states ``[NT_total, H, M, V]`` in ``chunk_state_dtype(x.dtype)`` and the state at
     the far end ``[N, H, M, V]`` float32.
@@ -241,10 +266,28 @@ def chunk_states(
     Forward (``x = v``, ``start`` = initial state): the memory at each chunk's start, and the
     final state. ``reverse`` (``x = do``, ``start`` = gradient on the final state): the gradient
     on the memory at each chunk's end from the tokens after it, and the gradient on the
-    initial state.
+    initial state. ``walk`` picks the one-pass walk (True) or the increments and the scan
+    (False); None lets ``walk_fills_gpu`` choose.
     """
     _, T, H, V = x.shape
     M = logits.shape[-1]
+    dtype = chunk_state_dtype(x.dtype)
+    end = torch.empty(N, H, M, V, dtype=torch.float32, device=x.device) if store_end else None
+    # the walk's exact float32 dots run on the FMA units: with 64 columns they spilled 504 bytes
+    # (compiled for sm_90a, session 35), with 32 none
+    BM, BV = min(next_power_of_2(M), 16), min(next_power_of_2(V), 32 if x.dtype == torch.float32 else 64)
+    grid = (cdiv(M, BM) * cdiv(V, BV), N, H)
+    if walk is None:
+        walk = walk_fills_gpu(grid[0] * N * H, x, cu_seqlens, reverse)
+    if walk:
+        states = torch.empty(layout.NT_total, H, M, V, dtype=dtype, device=x.device)
+        STATE_WALK.launch(
+            grid,
+            x, logits, lse, eta, mu, states, start, end, layout.chunk_offsets, cu_seqlens, T, layout.NT,
+            H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, REVERSE=reverse, DOT_PRECISION=dot_precision(x.dtype),
+            num_warps=2,
+        )  # fmt: skip
+        return states, end
     increments = torch.empty(layout.NT_total, H, M, V, dtype=torch.float32, device=x.device)
     decays = torch.empty(layout.NT_total, H, M, dtype=torch.float32, device=x.device)
     BM, BV = min(next_power_of_2(M), 64), min(next_power_of_2(V), 64)
@@ -260,9 +303,7 @@ def chunk_states(
     # only the stored states are rounded: the increments, the walk over chunks, every sum and the
     # far end stay float32, and the kernels widen the states as they load them (their products
     # in tf32, as before); float32 states overwrite the increments
-    dtype = chunk_state_dtype(x.dtype)
     states = increments if dtype == torch.float32 else torch.empty_like(increments, dtype=dtype)
-    end = torch.empty(N, H, M, V, dtype=torch.float32, device=x.device) if store_end else None
     BM, BV = min(next_power_of_2(M), 16), min(next_power_of_2(V), 32)
     grid = (cdiv(M, BM) * cdiv(V, BV), N, H)
     STATE_SCAN.launch(
@@ -298,17 +339,21 @@ def chunk_fwd(
     store_scores: bool = True,
     block_m: int | None = None,
     num_warps: int | None = None,
+    state_walk: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, SavedForBackward]:
     """Dense forward. Shapes as in ``chunk_factorization_memory``; returns ``(o, final state or
     None, what the backward needs)``; without ``store_scores`` (no backward will run) the saved
     scores are None. ``block_m`` and ``num_warps`` set the output kernel's launch (for tuning:
-    ``benchmarks/ops/sweep_launch_configs.py``)."""
+    ``benchmarks/ops/sweep_launch_configs.py``); ``state_walk`` the way to the chunk states
+    (``chunk_states``' ``walk``)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, h0, N = _prepare(v, logits, eta, mu, initial_state, cu_seqlens)
     lse, dominant = logsumexp(logits, eta)
     layout = chunk_layout(B, T, cu_seqlens)
-    states, ht = chunk_states(v, logits, lse, eta, mu, h0, output_final_state, layout, cu_seqlens, N, reverse=False)
+    states, ht = chunk_states(
+        v, logits, lse, eta, mu, h0, output_final_state, layout, cu_seqlens, N, reverse=False, walk=state_walk
+    )
 
     # best measured on an H200 (benchmarks/ops/NOTES.md, session 32): blocks of 32 rows in 2 warps
     BM = dot_block(M, block_m or 32)
@@ -660,19 +705,23 @@ def chunk_bwd(
     block_m: int | None = None,
     num_warps: int | None = None,
     walk: bool | None = None,
+    state_walk: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Dense backward from the forward's inputs and ``saved``: ``(dv, dlogits, deta, dmu, dh0)``
     in the layouts and dtypes of the inputs (dh0 float32, None unless ``needs_dh0``).
     ``block_m`` sets the blocks of rows of the dq/dk and dv kernels (and with it whether dalpha goes
     through a scratch); ``num_warps`` overrides the dq/dk kernel's warps and ``walk`` its form
-    (``dqk_walks``), for tuning."""
+    (``dqk_walks``), for tuning; ``state_walk`` the way to the gradient states (``chunk_states``'
+    ``walk``)."""
     B, T, H, V = v.shape
     M = logits.shape[-1]
     v, logits, eta, mu, _, N = _prepare(v, logits, eta, mu, None, cu_seqlens)
     do = do.contiguous()
     dht = dht.contiguous() if dht is not None else None
     lse, dominant, states, scores, layout = saved
-    grad_states, dh0 = chunk_states(do, logits, lse, eta, mu, dht, needs_dh0, layout, cu_seqlens, N, reverse=True)
+    grad_states, dh0 = chunk_states(
+        do, logits, lse, eta, mu, dht, needs_dh0, layout, cu_seqlens, N, reverse=True, walk=state_walk
+    )
 
     dv, dlogits, deta, dmu = (torch.empty_like(x) for x in (v, logits, eta, mu))
     BV = next_power_of_2(V)

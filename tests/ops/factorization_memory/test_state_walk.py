@@ -1,0 +1,109 @@
+"""The one-pass walk to the chunk states (``chunk_state_walk_kernel``) against the increments and
+the scan: the same states and far ends, both directions, with packed sequences, initial states,
+partial chunks and bf16 states; and the dense op's gradients through it."""
+
+import pytest
+import torch
+
+from fla_factmem.ops.factorization_memory.launch import (
+    chunk_bwd,
+    chunk_fwd,
+    chunk_layout,
+    chunk_states,
+    logsumexp,
+    walk_fills_gpu,
+)
+from tests.utils import GRAD_NAMES, assert_close, make_inputs
+
+CASES = [  # B, T, H, M, V, cu_seqlens
+    (2, 1, 2, 16, 16, None),
+    (2, 70, 2, 24, 20, None),
+    (1, 50, 2, 16, 16, [0, 18, 18, 19, 50]),
+    (1, 40, 1, 128, 32, None),
+    (1, 80, 2, 40, 80, None),  # several blocks of columns (64 or 32 of them a program)
+]
+
+
+def states_both_ways(B, T, H, M, V, offsets, dtype, reverse, device, start=True, store_end=True):
+    N = len(offsets) - 1 if offsets else None
+    v, logits, eta, mu, h0 = (
+        x.detach() for x in make_inputs(B, T, H, M, V, dtype=dtype, device=device, logit_scale=2.0, N=N)
+    )
+    cu_seqlens = torch.tensor(offsets, device=device) if offsets else None
+    lse, _ = logsumexp(logits, eta)
+    layout = chunk_layout(B, T, cu_seqlens)
+    h0 = h0 if start else None
+    return [
+        chunk_states(v, logits, lse, eta, mu, h0, store_end, layout, cu_seqlens, N or B, reverse, walk=walk)
+        for walk in (True, False)
+    ]
+
+
+@pytest.mark.parametrize(("B", "T", "H", "M", "V", "offsets"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_walk_matches_increments_and_scan(B, T, H, M, V, offsets, dtype, reverse):
+    (states, end), (states_ref, end_ref) = states_both_ways(B, T, H, M, V, offsets, dtype, reverse, "cpu")
+    assert states.dtype == states_ref.dtype and end.dtype == torch.float32
+    # bf16 states round float32 ones that may differ in their last bits (the two ways' products
+    # are over blocks of other sizes), and a rounding may then go the other way: at most one bf16
+    # ulp, 2^-8 of the value
+    assert_close("states", states.float(), states_ref.float(), 1e-6 if dtype == torch.float32 else 2**-8)
+    assert_close("far end", end, end_ref, 1e-6)
+
+
+@pytest.mark.parametrize(("start", "store_end"), [(False, True), (True, False), (False, False)])
+def test_walk_without_start_or_far_end(start, store_end):
+    (states, end), (states_ref, end_ref) = states_both_ways(
+        1, 45, 2, 16, 16, None, torch.float32, False, "cpu", start, store_end
+    )
+    assert_close("states", states, states_ref, 1e-6)
+    assert (end is None) == (end_ref is None) == (not store_end)
+    if store_end:
+        assert_close("far end", end, end_ref, 1e-6)
+
+
+def test_interpreted_or_packed_calls_take_the_two_kernels():
+    x = torch.zeros(1, 1, 1, 1)
+    for reverse in (False, True):
+        assert not walk_fills_gpu(10**6, x, None, reverse)
+        assert not walk_fills_gpu(10**6, x, torch.tensor([0, 1]), reverse)
+
+
+@pytest.mark.cuda
+def test_cuda_walk_needs_three_programs_per_sm_and_at_most_64_columns_in_reverse():
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    narrow, wide = torch.zeros(1, 1, 1, 64, device="cuda"), torch.zeros(1, 1, 1, 256, device="cuda")
+    assert walk_fills_gpu(3 * sms, narrow, None, False) and walk_fills_gpu(3 * sms, narrow, None, True)
+    assert not walk_fills_gpu(3 * sms - 1, narrow, None, False)
+    assert walk_fills_gpu(3 * sms, wide, None, False) and not walk_fills_gpu(3 * sms, wide, None, True)
+
+
+@pytest.mark.parametrize("walk", [True, False])
+def test_op_gradients_match_either_way(walk):
+    """The dense forward and backward with either way to the states, against the walk's other."""
+    offsets = torch.tensor([0, 18, 18, 19, 70])
+    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(1, 70, 2, 16, 16, logit_scale=2.0, N=4))
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+
+    def run(state_walk):
+        o, ht, saved = chunk_fwd(v, logits, eta, mu, h0, True, offsets, state_walk=state_walk)
+        grads = chunk_bwd(v, logits, eta, mu, saved, do, dht, offsets, True, state_walk=state_walk)
+        return (o, ht, *grads)
+
+    names = ("o", "final state", *GRAD_NAMES)
+    for name, x, ref in zip(names, run(walk), run(not walk)):
+        assert_close(name, x, ref, 1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("B", "T", "H", "M", "V", "offsets"), [(4, 4096, 8, 256, 64, None), (1, 5000, 4, 64, 64, [0, 700, 701, 4000, 5000])]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_walk_matches_increments_and_scan(B, T, H, M, V, offsets, dtype, reverse):
+    (states, end), (states_ref, end_ref) = states_both_ways(B, T, H, M, V, offsets, dtype, reverse, "cuda")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close("states", states.float(), states_ref.float(), tol)
+    assert_close("far end", end, end_ref, 1e-5)
