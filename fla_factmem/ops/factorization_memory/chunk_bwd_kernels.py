@@ -286,7 +286,8 @@ def chunk_bwd_dqk_kernel(
         pairs_t = level_pairs(o_t[None, :], o_t[:, None], 1 << l)  # [s, t]
         dq += qx * level_product(tl.where(pairs, do_v, 0.0), theta * kx, DOT_PRECISION)
         dk += kx * level_product(tl.where(pairs_t, v_do, 0.0), phi * qx, DOT_PRECISION)
-        qx, kx = next_level_factors(qx, kx, d, 1 << l, BT, BM)
+        if l + 1 < LEVELS:  # the last step would give tl.cumprod(d, 0) and decay_out again
+            qx, kx = next_level_factors(qx, kx, d, 1 << l, BT, BM)
 
     # dg_t = (1 - theta_t) <D_t, h_{t-1}>: the suffix sum of phi dq - theta dk plus <dh, h_end>
     dg = tl.cumsum(phi * dq - theta * dk, 0, reverse=True) + dh_h_end[None, :]

@@ -17,7 +17,8 @@ written to memory.
 Decays are running products of factors in [0, 1], never exp of a sum of logs: no exponent at
 all, so none is positive (SPEC section 3), theta = 1 is an exact 0 that cuts the spans holding
 it and leaves every other span untouched, and no product is ever divided by a factor (which may
-be 0): products "after s" start from the next token's d, loaded shifted.
+be 0): products "after s" start from the next token's d, loaded shifted, or (the levels below)
+gathered from the chunk's own d.
 
 The scores are matrix products. Every pair s < t of a chunk belongs to exactly one level l: the
 aligned block of 2L tokens (L = 2^l) that holds both, with s in its first half and t in its
@@ -28,9 +29,9 @@ second. Split at the end r of the first half,
 two factors, each a product over one half-block. Level l's pairs are then one product
 (phi * qx_l) (theta * kx_l)^T, masked to its pairs. The factors of all levels are the steps of
 one Sklansky scan along the tokens (``next_level_factors``), whose last step gives the chunk's
-d_1 ... d_t: a gather a level, where scans restricted to each level's blocks cost Triton a
-shuffle a token and stage (900 of the output kernel's 2679 instructions a block of rows,
-compiled for sm_90a). The backward pass (``chunk_bwd_kernels.py``) uses the same levels.
+d_1 ... d_t: one gather a level, where a scan restricted to each level's blocks costs a shuffle
+a token at every stage of every level (benchmarks/ops/NOTES.md, session 43). The backward pass
+(``chunk_bwd_kernels.py``) uses the same levels.
 """
 
 import triton
@@ -183,6 +184,7 @@ def intra_chunk_scores(
     """scores plus one block of rows' part of A[t, s] = sum_j phi_t[j] theta_s[j] d_{s+1}[j] ... d_t[j]
     for s < t, over all levels: [BT, BT]; and the chunk's decays d_1 ... d_t through every token t,
     [BT, BM], which the levels' scan ends with."""
+    tl.static_assert((1 << LEVELS) == BT, "the levels' scan ends with d_1 ... d_t only over the whole chunk")
     o_t = tl.arange(0, BT)
     qx, kx = d, tl.full([BT, BM], 1.0, tl.float32)
     for l in tl.static_range(LEVELS):
@@ -376,9 +378,9 @@ def chunk_fwd_o_kernel(
         theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
         row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
         m_state = m_m[:, None] & m_v[None, :]
-        h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_state, other=0.0).to(tl.float32)
         own += tl.sum(phi * theta, 1)
         scores, decay_in = intra_chunk_scores(scores, theta, phi, d, BT, BM, LEVELS, DOT_PRECISION)
+        h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_state, other=0.0).to(tl.float32)
         out = tl.dot(phi * decay_in, h, out, input_precision=DOT_PRECISION)
     scores += tl.where(o_t[:, None] == o_t[None, :], own[:, None], 0.0)
     if STORE_SCORES and i_v == 0:
