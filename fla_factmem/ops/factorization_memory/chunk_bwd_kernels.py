@@ -249,7 +249,7 @@ def chunk_bwd_dqk_kernel(
     m_m = o_m < M
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
 
-    alpha, theta, phi, d, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    alpha, theta, phi, d, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M, True)
     _, _, d_next = chunk_gates(logits, lse, eta, mu, tok + H, m_next, o_m, m_m, M)
     decay_out = tl.cumprod(d_next, 0, reverse=True)
     w_end = theta * decay_out

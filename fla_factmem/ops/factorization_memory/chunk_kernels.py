@@ -118,26 +118,40 @@ def routing_weight(x, top, log_total):
 
 
 @triton.jit
-def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
+def formed_once(x):
+    """x itself, through an identity gather along its first axis. Triton 3.6 forms a value afresh
+    in every layout its consumers take it in rather than convert it; it never forms a gather's
+    result twice, so what comes out of this is formed once, in the layout Triton picks for the
+    gather (with the levels' scan, ``next_level_factors``: the scan's own)."""
+    return tl.gather(x, tl.broadcast_to(tl.arange(0, x.shape[0])[:, None], x.shape), 0)
+
+
+@triton.jit
+def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr, FORMED_ONCE: tl.constexpr = False):
     """alpha, theta, phi and the decay d = 1 - theta as [len(tok), BM] float32 tiles, and eta, mu
     of the tokens; tok holds flat (token, head) indices. Masked tokens and rows get
-    alpha = 0, hence theta = phi = 0 and d = 1: they leave the memory as it is."""
+    alpha = 0, hence theta = phi = 0 and d = 1: they leave the memory as it is. FORMED_ONCE
+    passes alpha through ``formed_once``: kernels with the levels' scan formed it from the
+    logits in four layouts otherwise, an exp an element each (benchmarks/ops/NOTES.md,
+    session 43)."""
     x = tl.load(logits + tok[:, None] * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :], other=float("-inf"))
     top = tl.load(lse + 2 * tok, mask=m_t, other=0.0)
     log_total = tl.load(lse + 2 * tok + 1, mask=m_t, other=0.0)
     eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
     mu_t = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
     alpha = routing_weight(x, top[:, None], log_total[:, None])
+    if FORMED_ONCE:
+        alpha = formed_once(alpha)
     theta = eta_t[:, None] * alpha
     phi = mu_t[:, None] * alpha
     return alpha, theta, phi, 1.0 - theta, eta_t, mu_t
 
 
 @triton.jit
-def chunk_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
+def chunk_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr, FORMED_ONCE: tl.constexpr = False):
     """theta, phi and d = 1 - theta as [len(tok), BM] float32 tiles over memory rows o_m, from the
-    logits and the log-sum-exp."""
-    _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    logits and the log-sum-exp (FORMED_ONCE as in ``routing_gates``)."""
+    _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M, FORMED_ONCE)
     return theta, phi, d
 
 
@@ -375,7 +389,7 @@ def chunk_fwd_o_kernel(
     for i_m in range(tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < M
-        theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
+        theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M, True)
         row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
         m_state = m_m[:, None] & m_v[None, :]
         own += tl.sum(phi * theta, 1)
