@@ -45,7 +45,7 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     chunk_tokens,
     level_pairs,
     level_product,
-    pair_decay_factors,
+    next_level_factors,
     product,
     routing_gates,
     routing_weight,
@@ -256,7 +256,7 @@ def chunk_bwd_dqk_kernel(
     m_m = o_m < M
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
 
-    alpha, theta, phi, d, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    alpha, theta, phi, d, eta_t, mu_t = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M, True)
     _, _, d_next = chunk_gates(logits, lse, eta, mu, tok + H, m_next, o_m, m_m, M)
     decay_out = tl.cumprod(d_next, 0, reverse=True)
     w_end = theta * decay_out
@@ -287,12 +287,14 @@ def chunk_bwd_dqk_kernel(
     # the chunk's start and end through every token, and within it the pairs of each level
     dq = tl.cumprod(d, 0) * dq + do_v_own[:, None] * theta
     dk = decay_out * dk + do_v_own[:, None] * phi
+    qx, kx = d, tl.full([BT, BM], 1.0, tl.float32)
     for l in tl.static_range(LEVELS):
-        qx, kx = pair_decay_factors(d, d_next, 1 << l, BT, BM)
         pairs = level_pairs(o_t[:, None], o_t[None, :], 1 << l)  # [t, s]
         pairs_t = level_pairs(o_t[None, :], o_t[:, None], 1 << l)  # [s, t]
         dq += qx * level_product(tl.where(pairs, do_v, 0.0), theta * kx, DOT_PRECISION)
         dk += kx * level_product(tl.where(pairs_t, v_do, 0.0), phi * qx, DOT_PRECISION)
+        if l + 1 < LEVELS:  # the last step would give tl.cumprod(d, 0) and decay_out again
+            qx, kx = next_level_factors(qx, kx, d, 1 << l, BT, BM)
 
     # dg_t = (1 - theta_t) <D_t, h_{t-1}>: the suffix sum of phi dq - theta dk plus <dh, h_end>
     dg = tl.cumsum(phi * dq - theta * dk, 0, reverse=True) + dh_h_end[None, :]

@@ -18,7 +18,8 @@ written to memory.
 Decays are running products of factors in [0, 1], never exp of a sum of logs: no exponent at
 all, so none is positive (SPEC section 3), theta = 1 is an exact 0 that cuts the spans holding
 it and leaves every other span untouched, and no product is ever divided by a factor (which may
-be 0): products "after s" start from the next token's d, loaded shifted.
+be 0): products "after s" start from the next token's d, loaded shifted, or (the levels below)
+gathered from the chunk's own d.
 
 The scores are matrix products. Every pair s < t of a chunk belongs to exactly one level l: the
 aligned block of 2L tokens (L = 2^l) that holds both, with s in its first half and t in its
@@ -26,9 +27,12 @@ second. Split at the end r of the first half,
 
     d_{s+1} ... d_t = (d_{r+1} ... d_t) * (d_{s+1} ... d_r),
 
-two factors, each a product over one half-block computed by a scan restricted to it. Level l's
-pairs are then one product (phi * qx_l) (theta * kx_l)^T, masked to its pairs. The backward
-pass (``chunk_bwd_kernels.py``) uses the same levels.
+two factors, each a product over one half-block. Level l's pairs are then one product
+(phi * qx_l) (theta * kx_l)^T, masked to its pairs. The factors of all levels are the steps of
+one Sklansky scan along the tokens (``next_level_factors``), whose last step gives the chunk's
+d_1 ... d_t: one gather a level, where a scan restricted to each level's blocks costs a shuffle
+a token at every stage of every level (benchmarks/ops/NOTES.md, session 43). The backward pass
+(``chunk_bwd_kernels.py``) uses the same levels.
 """
 
 import triton
@@ -131,11 +135,25 @@ def routing_alpha(logits, lse, tok, m_t, o_m, m_m, M: tl.constexpr):
 
 
 @triton.jit
-def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
+def formed_once(x):
+    """x itself, through an identity gather along its first axis. Triton 3.6 forms a value afresh
+    in every layout its consumers take it in rather than convert it; it never forms a gather's
+    result twice, so what comes out of this is formed once, in the layout Triton picks for the
+    gather (with the levels' scan, ``next_level_factors``: the scan's own)."""
+    return tl.gather(x, tl.broadcast_to(tl.arange(0, x.shape[0])[:, None], x.shape), 0)
+
+
+@triton.jit
+def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr, FORMED_ONCE: tl.constexpr = False):
     """alpha, theta, phi and the decay d = 1 - theta as [len(tok), BM] float32 tiles, and eta, mu
     of the tokens; tok holds flat (token, head) indices. Masked tokens and rows get
-    alpha = 0, hence theta = phi = 0 and d = 1: they leave the memory as it is."""
+    alpha = 0, hence theta = phi = 0 and d = 1: they leave the memory as it is. FORMED_ONCE
+    passes alpha through ``formed_once``: kernels with the levels' scan formed it from the
+    logits in four layouts otherwise, an exp an element each (benchmarks/ops/NOTES.md,
+    session 43)."""
     alpha = routing_alpha(logits, lse, tok, m_t, o_m, m_m, M)
+    if FORMED_ONCE:
+        alpha = formed_once(alpha)
     eta_t = tl.load(eta + tok, mask=m_t, other=0.0).to(tl.float32)
     mu_t = tl.load(mu + tok, mask=m_t, other=0.0).to(tl.float32)
     theta = eta_t[:, None] * alpha
@@ -144,22 +162,27 @@ def routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
 
 
 @triton.jit
-def chunk_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr):
+def chunk_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M: tl.constexpr, FORMED_ONCE: tl.constexpr = False):
     """theta, phi and d = 1 - theta as [len(tok), BM] float32 tiles over memory rows o_m, from the
-    logits and the log-sum-exp."""
-    _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M)
+    logits and the log-sum-exp (FORMED_ONCE as in ``routing_gates``)."""
+    _, theta, phi, d, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, m_m, M, FORMED_ONCE)
     return theta, phi, d
 
 
 @triton.jit
-def pair_decay_factors(d, d_next, L: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
-    """For aligned blocks of L tokens: qx[t] = product of d from t's block start through t and
-    kx[s] = product of d after s through its block's end, both [BT, BM] in [0, 1]."""
-    last = (tl.arange(0, BT) % L == L - 1)[:, None]
-    qx = tl.reshape(tl.cumprod(tl.reshape(d, [BT // L, L, BM]), 1), [BT, BM])
-    d_after = tl.where(last, 1.0, d_next)
-    kx = tl.reshape(tl.cumprod(tl.reshape(d_after, [BT // L, L, BM]), 1, reverse=True), [BT, BM])
-    return qx, kx
+def next_level_factors(qx, kx, d, L: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
+    """One step of a Sklansky scan along the chunk's tokens. In: for aligned blocks of L tokens,
+    qx[t] = product of d from t's block start through t and kx[s] = product of d after s through
+    its block's end, both [BT, BM] in [0, 1]. Out: the same for blocks of 2L. A token in the
+    second half of its 2L block takes in the first half's product (qx at its last token), one in
+    the first half the second half's (d * kx at its first token): one gather for both, and no
+    division, so an exact 0 of d stays where it is."""
+    o_t = tl.arange(0, BT)
+    second = (o_t // L) % 2 == 1
+    middle = o_t // (2 * L) * (2 * L) + L  # the first token of the 2L block's second half
+    partner = tl.where(second, middle - 1, middle)
+    halves = tl.gather(tl.where(second[:, None], d * kx, qx), tl.broadcast_to(partner[:, None], [BT, BM]), 0)
+    return tl.where(second[:, None], qx * halves, qx), tl.where(second[:, None], kx, kx * halves)
 
 
 @triton.jit
@@ -184,16 +207,19 @@ def level_product(a, b, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def intra_chunk_scores(
-    scores, theta, phi, d, d_next, BT: tl.constexpr, BM: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr
+    scores, theta, phi, d, BT: tl.constexpr, BM: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr
 ):
     """scores plus one block of rows' part of A[t, s] = sum_j phi_t[j] theta_s[j] d_{s+1}[j] ... d_t[j]
-    for s < t, over all levels: [BT, BT]."""
+    for s < t, over all levels: [BT, BT]; and the chunk's decays d_1 ... d_t through every token t,
+    [BT, BM], which the levels' scan ends with."""
+    tl.static_assert((1 << LEVELS) == BT, "the levels' scan ends with d_1 ... d_t only over the whole chunk")
     o_t = tl.arange(0, BT)
+    qx, kx = d, tl.full([BT, BM], 1.0, tl.float32)
     for l in tl.static_range(LEVELS):
-        qx, kx = pair_decay_factors(d, d_next, 1 << l, BT, BM)
         level = level_product(phi * qx, tl.trans(theta * kx), DOT_PRECISION)
         scores += tl.where(level_pairs(o_t[:, None], o_t[None, :], 1 << l), level, 0.0)
-    return scores
+        qx, kx = next_level_factors(qx, kx, d, 1 << l, BT, BM)
+    return scores, qx
 
 
 @triton.jit
@@ -467,7 +493,7 @@ def chunk_fwd_o_kernel(
     (chunk, head, block of value columns) loops over blocks of BM rows, accumulating (phi * P) h
     and the scores A; LEVELS = log2(BT)."""
     i_tc, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
+    tok, m_t, _ = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -479,14 +505,13 @@ def chunk_fwd_o_kernel(
     for i_m in range(tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < M
-        theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M)
-        _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
+        theta, phi, d = chunk_gates(*gates, tok, m_t, o_m, m_m, M, True)
         row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
         m_state = m_m[:, None] & m_v[None, :]
-        h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_state, other=0.0).to(tl.float32)
-        out = tl.dot(phi * tl.cumprod(d, 0), h, out, input_precision=DOT_PRECISION)
         own += tl.sum(phi * theta, 1)
-        scores = intra_chunk_scores(scores, theta, phi, d, d_next, BT, BM, LEVELS, DOT_PRECISION)
+        scores, decay_in = intra_chunk_scores(scores, theta, phi, d, BT, BM, LEVELS, DOT_PRECISION)
+        h = tl.load(states + row[:, None] * V + o_v[None, :], mask=m_state, other=0.0).to(tl.float32)
+        out = tl.dot(phi * decay_in, h, out, input_precision=DOT_PRECISION)
     scores += tl.where(o_t[:, None] == o_t[None, :], own[:, None], 0.0)
     if STORE_SCORES and i_v == 0:
         tl.store(scores_out + tok[:, None] * BT + o_t[None, :], scores, mask=m_t[:, None])
