@@ -93,13 +93,34 @@ def chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN: tl.cons
 
 
 @triton.jit
+def chunk_positions(BT: tl.constexpr, LAST_FIRST: tl.constexpr):
+    """The positions 0 ... BT-1 of a chunk's tokens, or BT-1 ... 0 with LAST_FIRST. Kernels that
+    need products over the tokens after each one take their tokens last first and scan forward:
+    Triton 3.6 compiles tl.cumprod(..., reverse=True) over a chunk with about five times the
+    shuffles of a forward scan (compiled for sm_90a: 402 against 82 in the increments kernel)."""
+    o_t = tl.arange(0, BT)
+    if LAST_FIRST:
+        o_t = BT - 1 - o_t
+    return o_t
+
+
+@triton.jit
 def chunk_tokens(
-    chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr
+    chunk_indices,
+    cu_seqlens,
+    i_tc,
+    i_h,
+    T,
+    NT,
+    H: tl.constexpr,
+    BT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    LAST_FIRST: tl.constexpr = False,
 ):
     """The chunk's flat (token, head) indices, which of them exist, and which have a next token
-    in the chunk."""
+    in the chunk; LAST_FIRST lists them from the chunk's last token (``chunk_positions``)."""
     i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
-    o_t = tl.arange(0, BT)
+    o_t = chunk_positions(BT, LAST_FIRST)
     rows = i_c * BT + o_t
     m_t = rows < eos - bos
     m_next = (o_t < BT - 1) & (rows + 1 < eos - bos)
@@ -237,7 +258,8 @@ def chunk_state_increment_kernel(
     Both store the chunk's decay d_1 ... d_last."""
     i_mv, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
-    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
+    # the forward's products after each token as a forward scan: its tokens last first
+    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN, not GRAD)
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V
@@ -249,7 +271,7 @@ def chunk_state_increment_kernel(
         w = phi * tl.cumprod(d, 0)
     else:
         _, _, d_next = chunk_gates(*gates, tok + H, m_next, o_m, m_m, M)
-        w = theta * tl.cumprod(d_next, 0, reverse=True)
+        w = theta * tl.cumprod(d_next, 0)  # d_{s+1} ... d_last: the tokens come last first
     inc = tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION)
     row = (i_tc.to(tl.int64) * H + i_h) * M + o_m
     tl.store(increments + row[:, None] * V + o_v[None, :], inc, mask=m_m[:, None] & m_v[None, :])
