@@ -467,8 +467,8 @@ def chunk_bwd_dv_kernel(
     its chunk's A). With several blocks (M > BM), also the softmax backward from the dq/dk
     kernel's dalpha and partial sums (either form): dlogits, deta, dmu."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
-    # tokens last first, for w_out's forward scan (``chunk_positions``); nothing else here
-    # depends on their order
+    # tokens last first, for w_out's forward scan (``chunk_positions``); the dots over tokens do
+    # not depend on their order, and the scores' columns are indexed by the same positions
     tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN, True)
     o_t = chunk_positions(BT, True)
     o_v = tl.arange(0, BV)

@@ -94,10 +94,11 @@ def chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN: tl.cons
 
 @triton.jit
 def chunk_positions(BT: tl.constexpr, LAST_FIRST: tl.constexpr):
-    """The positions 0 ... BT-1 of a chunk's tokens, or BT-1 ... 0 with LAST_FIRST. Kernels that
-    need products over the tokens after each one take their tokens last first and scan forward:
-    Triton 3.6 compiles tl.cumprod(..., reverse=True) over a chunk with about five times the
-    shuffles of a forward scan (compiled for sm_90a: 402 against 82 in the increments kernel)."""
+    """The positions 0 ... BT-1 of a chunk's tokens, or BT-1 ... 0 with LAST_FIRST. The increments
+    kernel's forward and the dv kernel need products over the tokens after each one: they take
+    their tokens last first and scan forward, as Triton 3.6 compiles tl.cumprod(..., reverse=True)
+    over a chunk with about five times the shuffles of a forward scan (benchmarks/ops/NOTES.md,
+    session 43)."""
     o_t = tl.arange(0, BT)
     if LAST_FIRST:
         o_t = BT - 1 - o_t
