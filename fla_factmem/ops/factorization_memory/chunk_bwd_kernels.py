@@ -42,6 +42,7 @@ from fla_factmem.ops.factorization_memory.chunk_kernels import (
     VARLEN_SWITCH,
     chunk_coordinates,
     chunk_gates,
+    chunk_positions,
     chunk_tokens,
     level_pairs,
     level_product,
@@ -489,8 +490,10 @@ def chunk_bwd_dv_kernel(
     its chunk's A). With several blocks (M > BM), also the softmax backward from the dq/dk
     kernel's dalpha and partial sums (either form): dlogits, deta, dmu."""
     i_tc, i_h = tl.program_id(0), tl.program_id(1)
-    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
-    o_t = tl.arange(0, BT)
+    # tokens last first, for w_out's forward scan (``chunk_positions``); the dots over tokens do
+    # not depend on their order, and the scores' columns are indexed by the same positions
+    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN, True)
+    o_t = chunk_positions(BT, True)
     o_v = tl.arange(0, BV)
     m_v = o_v < V
     state_row0 = (i_tc.to(tl.int64) * H + i_h) * M
@@ -504,7 +507,7 @@ def chunk_bwd_dv_kernel(
         row = state_row0 + o_m
         m_state = m_m[:, None] & m_v[None, :]
         dh = tl.load(grad_states + row[:, None] * V + o_v[None, :], mask=m_state, other=0.0).to(tl.float32)
-        w_out = theta * tl.cumprod(d_next, 0, reverse=True)
+        w_out = theta * tl.cumprod(d_next, 0)
         dv_acc = tl.dot(w_out, dh, dv_acc, input_precision=DOT_PRECISION)
     # [s, t]: A[t, s], loaded transposed (token t's row holds A[t, :])
     scores_t = tl.load(scores + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0)

@@ -98,19 +98,41 @@ def chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN: tl.cons
 
 
 @triton.jit
-def chunk_tokens(
-    chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr
-):
-    """Global chunk i_tc's flat (token, head) indices, which of them exist, and which have a next
-    token in the chunk."""
-    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
-    return tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
+def chunk_positions(BT: tl.constexpr, LAST_FIRST: tl.constexpr):
+    """The positions 0 ... BT-1 of a chunk's tokens, or BT-1 ... 0 with LAST_FIRST. The increments
+    kernel's forward and the dv kernel need products over the tokens after each one: they take
+    their tokens last first and scan forward, as Triton 3.6 compiles tl.cumprod(..., reverse=True)
+    over a chunk with about five times the shuffles of a forward scan (benchmarks/ops/NOTES.md,
+    session 43)."""
+    o_t = tl.arange(0, BT)
+    if LAST_FIRST:
+        o_t = BT - 1 - o_t
+    return o_t
 
 
 @triton.jit
-def tokens_of_chunk(i_c, bos, eos, i_h, H: tl.constexpr, BT: tl.constexpr):
+def chunk_tokens(
+    chunk_indices,
+    cu_seqlens,
+    i_tc,
+    i_h,
+    T,
+    NT,
+    H: tl.constexpr,
+    BT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    LAST_FIRST: tl.constexpr = False,
+):
+    """Global chunk i_tc's flat (token, head) indices, which of them exist, and which have a next
+    token in the chunk; LAST_FIRST lists them from the chunk's last token (``chunk_positions``)."""
+    i_n, i_c, bos, eos = chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN)
+    return tokens_of_chunk(i_c, bos, eos, i_h, H, BT, LAST_FIRST)
+
+
+@triton.jit
+def tokens_of_chunk(i_c, bos, eos, i_h, H: tl.constexpr, BT: tl.constexpr, LAST_FIRST: tl.constexpr):
     """``chunk_tokens`` for chunk i_c of the sequence of flat tokens [bos, eos)."""
-    o_t = tl.arange(0, BT)
+    o_t = chunk_positions(BT, LAST_FIRST)
     rows = i_c * BT + o_t
     m_t = rows < eos - bos
     m_next = (o_t < BT - 1) & (rows + 1 < eos - bos)
@@ -268,8 +290,8 @@ def chunk_increment(
 ):  # fmt: skip
     """One chunk's increment on rows o_m and columns o_v, [BM, BV] float32, and its decay
     d_1 ... d_last, [BM], with the chunk's ``chunk_rates``. Forward (x = v): the memory the chunk
-    adds, sum_s theta_s d_{s+1} ... d_last v_s. GRAD (x = do): the gradient the chunk adds on the
-    memory before it, sum_u phi_u d_1 ... d_u do_u."""
+    adds, sum_s theta_s d_{s+1} ... d_last v_s, with tok last first (``chunk_positions``). GRAD
+    (x = do): the gradient the chunk adds on the memory before it, sum_u phi_u d_1 ... d_u do_u."""
     eta_t, other = rates
     alpha = routing_alpha(logits, lse, tok, m_t, o_m, m_m, M)
     x_t = tl.load(x + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
@@ -279,7 +301,7 @@ def chunk_increment(
         w = other[:, None] * alpha * tl.cumprod(d, 0)  # phi_u d_1 ... d_u
     else:
         d_next = 1.0 - other[:, None] * routing_alpha(logits, lse, tok + H, m_next, o_m, m_m, M)
-        w = theta * tl.cumprod(d_next, 0, reverse=True)
+        w = theta * tl.cumprod(d_next, 0)  # d_{s+1} ... d_last: the forward's tokens come last first
     return tl.dot(tl.trans(w), x_t, input_precision=DOT_PRECISION), product(d, 0)
 
 
@@ -311,7 +333,8 @@ def chunk_state_increment_kernel(
     increment and decay (``chunk_increment``), in parallel over chunks."""
     i_mv, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
-    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN)
+    # the forward's products after each token as a forward scan: its tokens last first
+    tok, m_t, m_next = chunk_tokens(chunk_indices, cu_seqlens, i_tc, i_h, T, NT, H, BT, IS_VARLEN, not GRAD)
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V
@@ -444,11 +467,11 @@ def chunk_state_walk_kernel(
         step, i_c = -1, tl.maximum(count - 1, 0)
     else:
         step, i_c = 1, count * 0
-    tok, m_t, m_next = tokens_of_chunk(i_c, bos, eos, i_h, H, BT)
+    tok, m_t, m_next = tokens_of_chunk(i_c, bos, eos, i_h, H, BT, not REVERSE)
     rates = chunk_rates(eta, mu, tok, m_t, m_next, H, REVERSE)
     for i in range(count):
         i_next = i_c + tl.where(i + 1 < count, step, 0)
-        tok_next, m_t_next, m_next_next = tokens_of_chunk(i_next, bos, eos, i_h, H, BT)
+        tok_next, m_t_next, m_next_next = tokens_of_chunk(i_next, bos, eos, i_h, H, BT, not REVERSE)
         rates_next = chunk_rates(eta, mu, tok_next, m_t_next, m_next_next, H, REVERSE)
         row = ((first + i_c) * H + i_h) * M + o_m
         tl.store(states + row[:, None] * V + o_v[None, :], s.to(states.dtype.element_ty), mask=m_state)
