@@ -355,8 +355,10 @@ def chunk_fwd(
         v, logits, lse, eta, mu, h0, output_final_state, layout, cu_seqlens, N, reverse=False, walk=state_walk
     )
 
-    # best measured on an H200 (benchmarks/ops/NOTES.md, session 32): blocks of 32 rows in 2 warps
-    BM = dot_block(M, block_m or 32)
+    # blocks of 16 rows in 1 warp since the levels' factors come from one scan (session 45, H100, bf16,
+    # B=4 T=4096 H=8 V=64: forward 0.48 against 0.55 ms at M=256 with 32 rows in 2 warps, the best
+    # before it; benchmarks/ops/NOTES.md)
+    BM = dot_block(M, block_m or 16)
     BV = min(next_power_of_2(V), 64)
     o = torch.empty_like(v)
     # the intra-chunk scores, [B, T, H, CHUNK] float32: the backward's dv reads them back
@@ -365,7 +367,7 @@ def chunk_fwd(
         (layout.NT_total, H, cdiv(V, BV)),
         v, logits, lse, eta, mu, states, o, scores, layout.chunk_indices, cu_seqlens,
         T, layout.NT, H=H, M=M, V=V, BT=CHUNK, LEVELS=LEVELS, BM=BM, BV=BV,
-        DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_scores, num_warps=num_warps or 2,
+        DOT_PRECISION=dot_precision(v.dtype), STORE_SCORES=store_scores, num_warps=num_warps or 1,
     )  # fmt: skip
     return o, ht, SavedForBackward(lse, dominant, states, scores, layout)
 
