@@ -1,8 +1,8 @@
 """Triton backward kernels of dense Factorization Memory, parallel over chunks.
 
 With the memory at every chunk's start h (saved by the forward) and the gradient on the memory
-at every chunk's end dh (the reverse scan of ``chunk_kernels.py``), the gradients are, per row
-j and token t of a chunk, with D_t the gradient on h_t:
+at every chunk's end dh (``launch.chunk_states`` in reverse: the scan, or the walk), the
+gradients are, per row j and token t of a chunk, with D_t the gradient on h_t:
 
     dphi_t[j]   = <do_t, h_t[j]>
     dtheta_t[j] = <D_t[j], v_t> - <D_t[j], h_{t-1}[j]>
@@ -28,7 +28,7 @@ Three kernels, so that none holds more than a few [BT, BT] tiles:
    (``launch.dqk_walks``): ``chunk_bwd_dqk_kernel`` forms the intra-chunk pairs by levels, with
    matrix products; ``chunk_bwd_dqk_walk_kernel`` walks the chunk token by token, forward for
    h_t and back for D_t, element-wise in float32 with no [BT, BT] tiles at all: BT * V
-   multiply-adds a row and token each way, which beat the levels' chains of scans and products
+   multiply-adds a row and token each way, which beat the levels' [BT, BT] products
    only while V is small.
 3. ``chunk_bwd_dv_kernel``, per (chunk, head): dv, from the intra-chunk scores the forward
    stored, and with several blocks of rows the softmax backward over whole rows from kernel 2's

@@ -99,11 +99,11 @@ def chunk_coordinates(i_tc, chunk_indices, cu_seqlens, T, NT, IS_VARLEN: tl.cons
 
 @triton.jit
 def chunk_positions(BT: tl.constexpr, LAST_FIRST: tl.constexpr):
-    """The positions 0 ... BT-1 of a chunk's tokens, or BT-1 ... 0 with LAST_FIRST. The increments
-    kernel's forward and the dv kernel need products over the tokens after each one: they take
-    their tokens last first and scan forward, as Triton 3.6 compiles tl.cumprod(..., reverse=True)
-    over a chunk with about five times the shuffles of a forward scan (benchmarks/ops/NOTES.md,
-    session 43)."""
+    """The positions 0 ... BT-1 of a chunk's tokens, or BT-1 ... 0 with LAST_FIRST. The chunk
+    increments' forward (``chunk_increment``: the increments kernel and the state walk) and the dv
+    kernel need products over the tokens after each one: they take their tokens last first and
+    scan forward, as Triton 3.6 compiles tl.cumprod(..., reverse=True) over a chunk with about
+    five times the shuffles of a forward scan (benchmarks/ops/NOTES.md, session 43)."""
     o_t = tl.arange(0, BT)
     if LAST_FIRST:
         o_t = BT - 1 - o_t
@@ -399,7 +399,7 @@ def chunk_state_scan_kernel(
     first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
     o_m, o_v, m_m, m_v, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
     m_state = m_m[:, None] & m_v[None, :]
-    # the walk is latency-bound: the next chunk's increment is loaded before this one is used
+    # the scan is latency-bound: the next chunk's increment is loaded before this one is used
     step = -1 if REVERSE else 1
     c = first + (count - 1) * (step < 0)
     row = (c * H + i_h) * M + o_m

@@ -300,7 +300,7 @@ def chunk_states(
         T, layout.NT, H=H, M=M, V=V, BT=CHUNK, BM=BM, BV=BV, GRAD=reverse,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=2,
     )  # fmt: skip
-    # only the stored states are rounded: the increments, the walk over chunks, every sum and the
+    # only the stored states are rounded: the increments, the scan over chunks, every sum and the
     # far end stay float32, and the kernels widen the states as they load them (their products
     # in tf32, as before); float32 states overwrite the increments
     states = increments if dtype == torch.float32 else torch.empty_like(increments, dtype=dtype)

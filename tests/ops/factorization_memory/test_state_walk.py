@@ -2,9 +2,12 @@
 the scan: the same states and far ends, both directions, with packed sequences, initial states,
 partial chunks and bf16 states; and the dense op's gradients through it."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from fla_factmem.ops.factorization_memory import launch
 from fla_factmem.ops.factorization_memory.launch import (
     chunk_bwd,
     chunk_fwd,
@@ -63,11 +66,20 @@ def test_walk_without_start_or_far_end(start, store_end):
         assert_close("far end", end, end_ref, 1e-6)
 
 
-def test_interpreted_or_packed_calls_take_the_two_kernels():
-    x = torch.zeros(1, 1, 1, 1)
+def test_walk_rule_refuses_packed_cpu_and_interpreted_calls(monkeypatch):
+    """The rule on a stand-in for a CUDA tensor (one SM): it takes the walk there, and refuses
+    packed sequences, interpreted kernels, CPU tensors and, in reverse, more than 64 columns."""
+    monkeypatch.setattr(launch, "multiprocessor_count", lambda index: 1)
+    monkeypatch.setattr(launch, "INTERPRETED", False)
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 1, 1, 64))
+    wide = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 1, 1, 128))
     for reverse in (False, True):
-        assert not walk_fills_gpu(10**6, x, None, reverse)
-        assert not walk_fills_gpu(10**6, x, torch.tensor([0, 1]), reverse)
+        assert walk_fills_gpu(3, on_gpu, None, reverse)
+        assert not walk_fills_gpu(3, on_gpu, torch.tensor([0, 1]), reverse)
+        assert not walk_fills_gpu(3, torch.zeros(1, 1, 1, 64), None, reverse)
+    assert walk_fills_gpu(3, wide, None, False) and not walk_fills_gpu(3, wide, None, True)
+    monkeypatch.setattr(launch, "INTERPRETED", True)
+    assert not walk_fills_gpu(3, on_gpu, None, False)
 
 
 @pytest.mark.cuda
@@ -79,9 +91,8 @@ def test_cuda_walk_needs_three_programs_per_sm_and_at_most_64_columns_in_reverse
     assert walk_fills_gpu(3 * sms, wide, None, False) and not walk_fills_gpu(3 * sms, wide, None, True)
 
 
-@pytest.mark.parametrize("walk", [True, False])
-def test_op_gradients_match_either_way(walk):
-    """The dense forward and backward with either way to the states, against the walk's other."""
+def test_op_gradients_match_either_way():
+    """The dense forward and backward with the walk to the states, against the two kernels."""
     offsets = torch.tensor([0, 18, 18, 19, 70])
     v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(1, 70, 2, 16, 16, logit_scale=2.0, N=4))
     do, dht = torch.randn_like(v), torch.randn_like(h0)
@@ -92,7 +103,7 @@ def test_op_gradients_match_either_way(walk):
         return (o, ht, *grads)
 
     names = ("o", "final state", *GRAD_NAMES)
-    for name, x, ref in zip(names, run(walk), run(not walk)):
+    for name, x, ref in zip(names, run(True), run(False)):
         assert_close(name, x, ref, 1e-6)
 
 
@@ -107,3 +118,30 @@ def test_cuda_walk_matches_increments_and_scan(B, T, H, M, V, offsets, dtype, re
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert_close("states", states.float(), states_ref.float(), tol)
     assert_close("far end", end, end_ref, 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_op_takes_the_walk_by_default_and_matches_the_two_kernels(dtype, monkeypatch):
+    """At the benchmark's shape the rule takes the walk both ways (on a GPU of at most 170 SMs);
+    the op's outputs and gradients then match those through the two kernels."""
+    taken, rule = [], launch.walk_fills_gpu
+
+    def recorded_rule(*args):
+        taken.append(rule(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(launch, "walk_fills_gpu", recorded_rule)
+    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(4, 4096, 8, 256, 64, dtype, "cuda", 2.0))
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+
+    def run(state_walk):
+        o, ht, saved = chunk_fwd(v, logits, eta, mu, h0, True, None, state_walk=state_walk)
+        grads = chunk_bwd(v, logits, eta, mu, saved, do, dht, None, True, state_walk=state_walk)
+        return (o, ht, *grads)
+
+    found = run(None)
+    assert taken == [True, True]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, x, ref in zip(("o", "final state", *GRAD_NAMES), found, run(False)):
+        assert_close(name, x.float(), ref.float(), tol)
