@@ -91,20 +91,24 @@ def test_cuda_walk_needs_three_programs_per_sm_and_at_most_64_columns_in_reverse
     assert walk_fills_gpu(3 * sms, wide, None, False) and not walk_fills_gpu(3 * sms, wide, None, True)
 
 
-def test_op_gradients_match_either_way():
-    """The dense forward and backward with the walk to the states, against the two kernels."""
-    offsets = torch.tensor([0, 18, 18, 19, 70])
-    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(1, 70, 2, 16, 16, logit_scale=2.0, N=4))
+def assert_op_matches_the_two_kernels(inputs, offsets, tol, state_walk):
+    """The dense forward and backward (outputs, final state, gradients) with ``state_walk`` (the
+    walk, or None for the rule's choice) against those through the two kernels."""
+    v, logits, eta, mu, h0 = inputs
     do, dht = torch.randn_like(v), torch.randn_like(h0)
 
-    def run(state_walk):
-        o, ht, saved = chunk_fwd(v, logits, eta, mu, h0, True, offsets, state_walk=state_walk)
-        grads = chunk_bwd(v, logits, eta, mu, saved, do, dht, offsets, True, state_walk=state_walk)
-        return (o, ht, *grads)
+    def run(walk):
+        o, ht, saved = chunk_fwd(v, logits, eta, mu, h0, True, offsets, state_walk=walk)
+        return (o, ht, *chunk_bwd(v, logits, eta, mu, saved, do, dht, offsets, True, state_walk=walk))
 
-    names = ("o", "final state", *GRAD_NAMES)
-    for name, x, ref in zip(names, run(True), run(False)):
-        assert_close(name, x, ref, 1e-6)
+    for name, x, ref in zip(("o", "final state", *GRAD_NAMES), run(state_walk), run(False)):
+        assert_close(name, x.float(), ref.float(), tol)
+
+
+def test_op_gradients_match_either_way():
+    """The dense forward and backward with the walk to the states, against the two kernels."""
+    inputs = [x.detach() for x in make_inputs(1, 70, 2, 16, 16, logit_scale=2.0, N=4)]
+    assert_op_matches_the_two_kernels(inputs, torch.tensor([0, 18, 18, 19, 70]), 1e-6, True)
 
 
 @pytest.mark.cuda
@@ -132,16 +136,6 @@ def test_cuda_op_takes_the_walk_by_default_and_matches_the_two_kernels(dtype, mo
         return taken[-1]
 
     monkeypatch.setattr(launch, "walk_fills_gpu", recorded_rule)
-    v, logits, eta, mu, h0 = (x.detach() for x in make_inputs(4, 4096, 8, 256, 64, dtype, "cuda", 2.0))
-    do, dht = torch.randn_like(v), torch.randn_like(h0)
-
-    def run(state_walk):
-        o, ht, saved = chunk_fwd(v, logits, eta, mu, h0, True, None, state_walk=state_walk)
-        grads = chunk_bwd(v, logits, eta, mu, saved, do, dht, None, True, state_walk=state_walk)
-        return (o, ht, *grads)
-
-    found = run(None)
+    inputs = [x.detach() for x in make_inputs(4, 4096, 8, 256, 64, dtype, "cuda", 2.0)]
+    assert_op_matches_the_two_kernels(inputs, None, 1e-5 if dtype == torch.float32 else 1e-2, None)
     assert taken == [True, True]
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, x, ref in zip(("o", "final state", *GRAD_NAMES), found, run(False)):
-        assert_close(name, x.float(), ref.float(), tol)
