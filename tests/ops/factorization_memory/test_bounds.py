@@ -45,15 +45,14 @@ def test_dense_chunk_kernels_stay_in_bounds(walk, monkeypatch):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_state_walk_stays_in_bounds(reverse, monkeypatch):
+def test_state_walk_stays_in_bounds(reverse):
     """The one-pass walk over chunks, forced (``launch.walk_fills_gpu`` refuses packed sequences)."""
-    monkeypatch.setattr(launch, "walk_fills_gpu", lambda *args: True)
     (v, logits, eta, mu, h0), cu_seqlens = packed_inputs()
     v, logits, eta, mu, h0 = (x.detach() for x in (v, logits, eta, mu, h0))
     lse, _ = launch.logsumexp(logits, eta)
     layout = launch.chunk_layout(1, v.shape[1], cu_seqlens)
     with out_of_bounds_lanes() as lanes:
-        launch.chunk_states(v, logits, lse, eta, mu, h0, True, layout, cu_seqlens, len(LENGTHS), reverse)
+        launch.chunk_states(v, logits, lse, eta, mu, h0, True, layout, cu_seqlens, len(LENGTHS), reverse, walk=True)
     assert not lanes
 
 
