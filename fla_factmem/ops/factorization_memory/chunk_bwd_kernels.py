@@ -518,14 +518,12 @@ def chunk_bwd_dv_kernel(
 
     if M > BM:
         NM: tl.constexpr = (M + BM - 1) // BM
-        # stages ask Triton to load the next blocks while it works on this one: it pipelines only
-        # loads that feed a dot on its own, and without them each step of both loops waited for its
-        # loads in full (compiled for sm_90a: every load of both loops becomes an async copy, 110
-        # -> 128 registers, 4 programs an SM either way)
+        # plain loops: in tl.range with 3 stages (their loads as async copies) the kernel took 317 us
+        # against 270 at M=256 on an H100 (benchmarks/ops/NOTES.md, session 46)
         dmu_t = tl.zeros([BT], dtype=tl.float32)
         deta_t = tl.zeros([BT], dtype=tl.float32)
         total = tl.zeros([BT], dtype=tl.float32)  # sum_j alpha dalpha
-        for i_m in tl.range(NM, num_stages=3):
+        for i_m in range(NM):
             dmu_t += tl.load(partial_sum_ptrs(partial_sums, 0, i_m, tok, n_entries, NM), mask=m_t, other=0.0)
             deta_t += tl.load(partial_sum_ptrs(partial_sums, 1, i_m, tok, n_entries, NM), mask=m_t, other=0.0)
             total += tl.load(partial_sum_ptrs(partial_sums, 2, i_m, tok, n_entries, NM), mask=m_t, other=0.0)
@@ -534,7 +532,7 @@ def chunk_bwd_dv_kernel(
         # the top row (is_top_row), if a token has one, is stored last, as minus the others' sum
         others = tl.zeros([BT], dtype=tl.float32)
         top_row = tl.full([BT], -1, dtype=tl.int32)
-        for i_m in tl.range(NM, num_stages=3):
+        for i_m in range(NM):
             o_m = i_m * BM + tl.arange(0, BM)
             m_tm = m_t[:, None] & (o_m < M)[None, :]
             alpha, _, _, _, _, _ = routing_gates(logits, lse, eta, mu, tok, m_t, o_m, o_m < M, M)
