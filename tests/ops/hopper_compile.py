@@ -4,8 +4,8 @@ per launch compiled, each failure with its error on stderr, and exits with 1 if 
 
 Each launch compiles as the JIT would compile it on the GPU: positional ints equal to 1 become
 constants, tensors 16-byte aligned and ints that are multiples of 16 carry Triton's divisibility
-hint, None and bool arguments are constants, and the launch options (warps, stages, register
-cap) are passed on."""
+hint (ints only where the kernel does not ask ``do_not_specialize``), None and bool arguments
+are constants, and the launch options (warps, stages, register cap) are passed on."""
 
 import importlib
 import json
@@ -33,7 +33,8 @@ def source(record) -> ASTSource:
     fn = jit_function(record)
     signature, constexprs, attrs = {}, dict(record["constexprs"]), {}
     for i, (name, arg) in enumerate(zip(fn.arg_names, record["args"])):
-        if "constexpr" in arg or arg.get("int") == 1:
+        specialized = not fn.params[i].do_not_specialize
+        if "constexpr" in arg or (specialized and arg.get("int") == 1):
             constexprs[name] = arg.get("constexpr", arg.get("int"))
         elif "dtype" in arg:
             signature[name] = "*" + TRITON_DTYPES[arg["dtype"]]
@@ -41,7 +42,7 @@ def source(record) -> ASTSource:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif "int" in arg:
             signature[name] = "i32" if -(2**31) <= arg["int"] < 2**31 else "i64"
-            if arg["int"] % 16 == 0:
+            if specialized and arg["int"] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32"
