@@ -24,11 +24,10 @@ import torch
 from fla_factmem.modules import activations, convolution, norm
 from fla_factmem.ops.compiled_launch import CompiledLauncher
 from fla_factmem.ops.factorization_memory import launch
-from fla_factmem.ops.factorization_memory.chunk import (
-    ChunkFactorizationMemoryFunction,
-    ChunkSparseFactorizationMemoryFunction,
-)
-from tests.utils import make_inputs, offsets_of
+from tests.ops.factorization_memory.test_given_picks import picks_inputs, triton_given_picks
+from tests.ops.factorization_memory.test_kernels import triton_chunk
+from tests.ops.factorization_memory.test_sparse_kernels import triton_sparse_chunk
+from tests.utils import make_inputs, offsets_of, run_with_grads
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -82,26 +81,20 @@ def launch_record(kernel, args, keywords) -> dict:
 def dense_op(dtype, M, V, packed):
     """Forward and backward of the dense kernels (B=2, or two packed sequences) with an initial
     and a final state."""
-    B, T, H = (1, 45, 2) if packed else (2, 40, 2)
-    cu_seqlens = offsets_of([13, 32]) if packed else None
-    v, logits, eta, mu, h0 = make_inputs(B, T, H, M, V, dtype, N=2)
-    o, ht = ChunkFactorizationMemoryFunction.apply(v, logits, eta, mu, h0, True, cu_seqlens)
-    (o.float().sum() + ht.sum()).backward()
+    B, T, cu_seqlens = (1, 45, offsets_of([13, 32])) if packed else (2, 40, None)
+    run_with_grads(triton_chunk, make_inputs(B, T, 2, M, V, dtype, N=2), None, cu_seqlens=cu_seqlens)
 
 
-def sparse_op(dtype, M, topk, packed, given_picks):
-    """Forward and backward of the sparse kernels, from the logits' top K or from given picks."""
-    B, T, H, V = (1, 29, 2, 32) if packed else (2, 20, 2, 32)
-    cu_seqlens = offsets_of([9, 20]) if packed else None
-    v, logits, eta, mu, h0 = make_inputs(B, T, H, M, V, dtype, N=2)
-    picks = None
-    if given_picks:
-        picks = torch.randperm(M)[:topk].expand(B, T, H, topk).contiguous()
-        logits = logits[..., :topk].detach().requires_grad_()
-    o, ht = ChunkSparseFactorizationMemoryFunction.apply(
-        v, logits, eta, mu, None if given_picks else topk, picks, M, h0, True, cu_seqlens, True
-    )
-    (o.float().sum() + ht.sum()).backward()
+def sparse_op(dtype, M, topk, packed):
+    """Forward and backward of the sparse kernels from the logits' top K."""
+    B, T, cu_seqlens = (1, 29, offsets_of([9, 20])) if packed else (2, 20, None)
+    run_with_grads(triton_sparse_chunk, make_inputs(B, T, 2, M, 32, dtype, N=2), topk, cu_seqlens=cu_seqlens)
+
+
+def given_picks_op(dtype, M, K):
+    """Forward and backward of the sparse kernels from given picks, on two packed sequences."""
+    inputs, rows = picks_inputs(1, 29, 2, M, K, 32, dtype=dtype, N=2)
+    run_with_grads(triton_given_picks(rows, M), inputs, None, cu_seqlens=offsets_of([9, 20]))
 
 
 def decode(dtype, M, topk):
@@ -142,11 +135,11 @@ def recorded_launches(monkeypatch) -> list[dict]:
     dense_op(torch.float32, 24, 128, packed=False)  # dq/dk by levels (V > 64)
     dense_op(torch.float16, 256, 32, packed=False)
     for dtype in (torch.float32, torch.bfloat16):
-        sparse_op(dtype, 40, 3, packed=dtype == torch.float32, given_picks=False)
+        sparse_op(dtype, 40, 3, packed=dtype == torch.float32)
         decode(dtype, 64, None)
         decode(dtype, 64, 4)
         modules(dtype)
-    sparse_op(torch.bfloat16, 40, 5, packed=True, given_picks=True)
+    given_picks_op(torch.bfloat16, 40, 5)
     return records
 
 
