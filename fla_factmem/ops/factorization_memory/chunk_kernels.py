@@ -354,17 +354,18 @@ def state_tile(
     USE_INITIAL_STATE: tl.constexpr,
 ):  # fmt: skip
     """The block of the state that program (i_mv, sequence i_n, head i_h) of a walk over chunks
-    carries: its rows and columns with their masks, its offsets in an [N, H, M, V] state, and
-    its start, [BM, BV] float32 (h0's block, or zeros)."""
+    carries: its rows and columns with their masks, the block's mask and offsets in an
+    [N, H, M, V] state, and its start, [BM, BV] float32 (h0's block, or zeros)."""
     i_m, i_v = i_mv // tl.cdiv(V, BV), i_mv % tl.cdiv(V, BV)
     o_m = i_m * BM + tl.arange(0, BM)
     o_v = i_v * BV + tl.arange(0, BV)
     m_m, m_v = o_m < M, o_v < V
+    m_state = m_m[:, None] & m_v[None, :]
     state_offsets = ((i_n.to(tl.int64) * H + i_h) * M + o_m[:, None]) * V + o_v[None, :]
     s = tl.zeros([BM, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        s += tl.load(h0 + state_offsets, mask=m_m[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    return o_m, o_v, m_m, m_v, state_offsets, s
+        s += tl.load(h0 + state_offsets, mask=m_state, other=0.0).to(tl.float32)
+    return o_m, o_v, m_m, m_v, m_state, state_offsets, s
 
 
 @triton.heuristics(STATE_AND_VARLEN_SWITCHES)
@@ -397,8 +398,7 @@ def chunk_state_scan_kernel(
     the gradient on the initial state."""
     i_mv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
-    o_m, o_v, m_m, m_v, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
-    m_state = m_m[:, None] & m_v[None, :]
+    o_m, o_v, m_m, m_v, m_state, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
     # the scan is latency-bound: the next chunk's increment is loaded before this one is used
     step = -1 if REVERSE else 1
     c = first + (count - 1) * (step < 0)
@@ -457,8 +457,7 @@ def chunk_state_walk_kernel(
     i_mv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first, count = sequence_chunks(chunk_offsets, i_n, NT, IS_VARLEN)
     bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_m, o_v, m_m, m_v, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
-    m_state = m_m[:, None] & m_v[None, :]
+    o_m, o_v, m_m, m_v, m_state, state_offsets, s = state_tile(i_mv, i_n, i_h, h0, H, M, V, BM, BV, USE_INITIAL_STATE)
     # each step loads the next chunk's rates before it works on its own, so that their latency
     # overlaps a step (Triton pipelines the other loads itself: ``chunk_rates``); the last step
     # loads its own chunk's again rather than one past the sequence
