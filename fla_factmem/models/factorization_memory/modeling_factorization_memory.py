@@ -147,8 +147,10 @@ class FactorizationMemoryForCausalLM(
         self.post_init()
 
     def _compute_logits_and_loss(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if self.criterion is not None or hidden_states.is_cuda:
+        if self.criterion is not None:
             return super()._compute_logits_and_loss(hidden_states, *args, **kwargs)
+        if hidden_states.is_cuda:
+            return self._fused_logits_and_loss(hidden_states, *args, **kwargs)
         # FLA's default losses (fused, or fused with the head: fuse_linear_cross_entropy) are Triton
         # kernels: on the CPU the same loss from PyTorch, given to FLA as the criterion of this call
         # (it makes a summing copy for num_items_in_batch); set in __dict__, as nn.Module would
@@ -160,3 +162,13 @@ class FactorizationMemoryForCausalLM(
             )
         finally:
             self.__dict__["criterion"] = None
+
+    @torch.compiler.disable
+    def _fused_logits_and_loss(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """FLA's head and fused loss (Triton kernels) on CUDA, outside torch.compile's graphs. Compiled
+        with the model on an H100 under torch 2.11, this function's graph crashed in AOTAutograd's
+        runtime wrapper: it rebuilt an output view of the [B, T, vocab] logits from freed view
+        metadata (``shape '[140212315153889, 5609281603246184252, 64]' is invalid``; pytorch#177812
+        and #185630, a use-after-free fixed on PyTorch's main by #184774). Eager, it costs the
+        compiled graph only the head's GEMM, which inductor leaves to cuBLAS as eager does."""
+        return super()._compute_logits_and_loss(hidden_states, *args, **kwargs)
