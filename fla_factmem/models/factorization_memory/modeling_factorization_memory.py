@@ -170,5 +170,5 @@ class FactorizationMemoryForCausalLM(
         runtime wrapper: it rebuilt an output view of the [B, T, vocab] logits from freed view
         metadata (``shape '[140212315153889, 5609281603246184252, 64]' is invalid``; pytorch#177812
         and #185630, a use-after-free fixed on PyTorch's main by #184774). Eager, it costs the
-        compiled graph only the head's GEMM, which inductor leaves to cuBLAS as eager does."""
+        compiled graph only the head's GEMM, which inductor by default leaves to cuBLAS as eager does."""
         return super()._compute_logits_and_loss(hidden_states, *args, **kwargs)
