@@ -121,7 +121,11 @@ def test_cuda_walk_matches_increments_and_scan(B, T, H, M, V, offsets, dtype, re
     (states, end), (states_ref, end_ref) = states_both_ways(B, T, H, M, V, offsets, dtype, reverse, "cuda")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert_close("states", states.float(), states_ref.float(), tol)
-    assert_close("far end", end, end_ref, 1e-5)
+    # the far end is float32 either way, but with half inputs the products are tf32 dots (ieee
+    # ones for float32 inputs and interpreted kernels), and the two ways' far ends differ by more
+    # than float32's precision: 2.1e-5 of the norm once on an H100 (session 48). The bound is
+    # tf32's unit roundoff.
+    assert_close("far end", end, end_ref, 1e-5 if dtype == torch.float32 else 2**-11)
 
 
 @pytest.mark.cuda
